@@ -1,0 +1,317 @@
+"""Model configuration: HF DeepseekV3 field names plus moelm's own router and attention options.
+
+One dataclass describes a model. Field names follow transformers' `DeepseekV3Config` so a `config.json`
+published for DeepSeek-V3 maps onto it field for field; options plain HF cannot represent (softmax scoring,
+GQA attention, the expert backend) are moelm-only fields, saved under their own key in `config.json`.
+Every invalid value fails at construction with a `ConfigError` naming the field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MOELM_CONFIG_KEY = "moelm"
+SCORING_FUNCS = ("sigmoid", "softmax")
+ATTENTION_KINDS = ("mla", "gqa")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
+ROPE_TYPES = ("default", "yarn")
+HIDDEN_ACTS = ("silu",)
+
+# Fields that only moelm understands; HF export writes them under MOELM_CONFIG_KEY.
+MOELM_ONLY_FIELDS = ("scoring_func", "attention", "head_dim", "expert_backend", "mtp_loss_weight")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value: the message names the field, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V3-style MoE decoder; defaults describe a tiny model, presets describe real shapes."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    moe_intermediate_size: int = 96
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    n_shared_experts: int = 1
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 1
+    kv_lora_rank: int = 64
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    num_nextn_predict_layers: int = 0
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    # moelm-only options
+    scoring_func: str = "sigmoid"
+    attention: str = "mla"
+    head_dim: int | None = None
+    expert_backend: str = "auto"
+    mtp_loss_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Reject shapes and options the model cannot build, naming the field and the allowed values."""
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(name, value, "a positive integer")
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers", "qk_nope_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(name, value, "a non-negative integer")
+        _choice("scoring_func", self.scoring_func, SCORING_FUNCS)
+        _choice("attention", self.attention, ATTENTION_KINDS)
+        _choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        _choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        if self.num_experts_per_tok > self.n_routed_experts:
+            _fail(
+                "num_experts_per_tok",
+                self.num_experts_per_tok,
+                f"at most n_routed_experts={self.n_routed_experts}",
+            )
+        if self.n_routed_experts % self.n_group:
+            _fail("n_routed_experts", self.n_routed_experts, f"a multiple of n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            _fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
+        experts_per_group = self.n_routed_experts // self.n_group
+        if self.n_group > 1 and experts_per_group < 2:
+            _fail("n_group", self.n_group, "a group size of at least 2 experts (group score sums the top-2)")
+        if self.num_experts_per_tok > self.topk_group * experts_per_group:
+            _fail(
+                "num_experts_per_tok",
+                self.num_experts_per_tok,
+                f"at most topk_group * experts per group = {self.topk_group * experts_per_group}",
+            )
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            _fail("q_lora_rank", self.q_lora_rank, "a positive integer or null (no query compression)")
+        if self.qk_rope_head_dim % 2:
+            _fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even number (RoPE rotates pairs)")
+        if self.attention == "gqa":
+            head_dim = self.gqa_head_dim
+            if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+                _fail("hidden_size", self.hidden_size, "divisible by num_attention_heads when head_dim is unset")
+            if head_dim % 2:
+                _fail("head_dim", head_dim, "an even number (RoPE rotates pairs)")
+            if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+                _fail(
+                    "num_key_value_heads",
+                    self.num_key_value_heads,
+                    f"a positive divisor of num_attention_heads={self.num_attention_heads}",
+                )
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                _fail("rope_scaling", self.rope_scaling, "a mapping such as {type: yarn, factor: 40, ...}")
+            rope_type = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            _choice("rope_scaling.type", rope_type, ROPE_TYPES)
+            if rope_type == "yarn":
+                factor = self.rope_scaling.get("factor")
+                if not isinstance(factor, (int, float)) or factor <= 0:
+                    _fail("rope_scaling.factor", factor, "a positive number")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            _fail("first_k_dense_replace", self.first_k_dense_replace, f"0..{self.num_hidden_layers}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < self.vocab_size):
+                _fail(name, value, f"null or a token id in 0..{self.vocab_size - 1}")
+        if self.routed_scaling_factor <= 0:
+            _fail("routed_scaling_factor", self.routed_scaling_factor, "a positive number")
+        if self.mtp_loss_weight < 0:
+            _fail("mtp_loss_weight", self.mtp_loss_weight, "a non-negative number")
+
+    # ------------------------------------------------------------------ derived shapes
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key width per head: the position-free part plus the rotary part (MLA)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def gqa_head_dim(self) -> int:
+        """Head width for GQA attention: head_dim when set, else hidden_size / num_attention_heads."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_type(self) -> str:
+        """'yarn' or 'default', whichever spelling (type / rope_type) the source used."""
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("type", self.rope_scaling.get("rope_type", "default"))
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """HF semantics: layer i is MoE iff i >= first_k_dense_replace (MTP blocks count as later layers)."""
+        return layer_idx >= self.first_k_dense_replace
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a flat mapping; unknown keys fail naming them so typos never pass silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; allowed fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping of every field (for YAML and for reporting)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
+        """Load a YAML preset or recipe; a `model:` section is accepted so recipes can embed the model."""
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        if "model" in data and isinstance(data["model"], dict):
+            data = data["model"]
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write every field to YAML, readable by `from_yaml`."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed (CLI overrides, tests)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Map an HF DeepseekV3 `config.json` (transformers 4.x or 5.x spelling) onto a ModelConfig."""
+        known = {f.name for f in fields(cls)} - set(MOELM_ONLY_FIELDS)
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        values.pop("rope_scaling", None)
+        rope = data.get("rope_parameters") or data.get("rope_scaling")
+        if "rope_parameters" in data and data["rope_parameters"]:
+            rope = dict(data["rope_parameters"])
+            values["rope_theta"] = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+        if rope:
+            rope = dict(rope)
+            rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+            values["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+        if "num_mtp_layers" in data and "num_nextn_predict_layers" not in data:
+            values["num_nextn_predict_layers"] = data["num_mtp_layers"]
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = values["eos_token_id"][0]
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = data.get("num_attention_heads", cls.num_key_value_heads)
+        if data.get("topk_method") == "greedy" and data.get("n_group") is None:
+            values["n_group"], values["topk_group"] = 1, 1
+        for name in ("n_group", "topk_group"):
+            if values.get(name) is None:
+                values[name] = 1
+        if "scoring_func" in data and MOELM_CONFIG_KEY not in data:
+            values["scoring_func"] = data["scoring_func"]
+        values.update(data.get(MOELM_CONFIG_KEY) or {})
+        return cls(**values)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` transformers reads as DeepseekV3Config, with moelm-only options under 'moelm'."""
+        out = {k: v for k, v in self.to_dict().items() if k not in MOELM_ONLY_FIELDS}
+        rope_parameters: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope_parameters.update({k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")})
+        out.pop("rope_scaling")
+        out.pop("rope_theta")
+        out["rope_parameters"] = rope_parameters
+        out["num_mtp_layers"] = self.num_nextn_predict_layers
+        out.update(
+            architectures=["DeepseekV3ForCausalLM"],
+            model_type="deepseek_v3",
+            topk_method="noaux_tc",
+            scoring_func=self.scoring_func,
+            rope_interleave=True,
+            torch_dtype="float32",
+        )
+        out[MOELM_CONFIG_KEY] = {name: getattr(self, name) for name in MOELM_ONLY_FIELDS}
+        return out
+
+    def hf_incompatibilities(self) -> list[str]:
+        """Options a plain DeepseekV3 model cannot represent; export refuses while this is non-empty."""
+        problems = []
+        if self.scoring_func != "sigmoid":
+            problems.append(f"scoring_func={self.scoring_func!r} (HF DeepseekV3 always routes with sigmoid)")
+        if self.attention != "mla":
+            problems.append(f"attention={self.attention!r} (HF DeepseekV3 only has MLA attention)")
+        return problems
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read an HF `config.json`."""
+        return cls.from_hf_dict(json.loads(Path(path).read_text()))
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"invalid {name}={value!r}: must be {allowed}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(name, value, f"one of {list(allowed)}")
+
+
+def preset_names() -> list[str]:
+    """Names of the model presets shipped with the package (moelm/configs/*.yaml)."""
+    root = resources.files("moelm") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    """Resolve a preset name, a YAML file, an HF `config.json` or a model directory to a ModelConfig."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return ModelConfig.from_json(path / "config.json")
+    if path.is_file():
+        return ModelConfig.from_json(path) if path.suffix == ".json" else ModelConfig.from_yaml(path)
+    name = str(name_or_path)
+    if name in preset_names():
+        with resources.as_file(resources.files("moelm") / "configs" / f"{name}.yaml") as preset:
+            return ModelConfig.from_yaml(preset)
+    raise ConfigError(
+        f"{name_or_path!r} is neither a file, a model directory nor a preset; presets: {preset_names()}"
+    )

@@ -1,0 +1,117 @@
+"""Attention: Multi-head Latent Attention (DeepSeek-V2/V3) and grouped-query attention as the cheap option.
+
+Both take hidden states [B, T, H], cos/sin for the positions, and an optional boolean mask [B, 1, T, T]
+(True = may attend). Without a mask they use the causal fast path of `scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelm.config import ModelConfig
+from moelm.model.layers import RMSNorm, apply_rope, softmax_scale
+
+
+def attend(
+    q_BhTd: torch.Tensor, k_BhTd: torch.Tensor, v_BhTe: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Scaled dot-product attention, causal when no explicit mask is given."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, attn_mask=mask, scale=scale)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA: keys and values come from a low-rank latent c (kv_lora_rank) plus one shared rotary key.
+
+    Training and prefill expand the latent into per-head K/V (kv_b_proj) and run ordinary attention; the
+    weight-absorbed decode over the latent cache lives with the inference engine.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        qk_head_dim = config.qk_head_dim
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        self.scale = softmax_scale(config, qk_head_dim)
+
+    def project_query(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        """Per-head queries [B, T, h, qk_nope + qk_rope] (through the q LoRA when configured)."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTH)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTH)))
+        return q.unflatten(-1, (self.num_heads, -1))
+
+    def project_latent(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cacheable part of a token: normed latent c [B, T, r] and the un-rotated shared key [B, T, d_rope]."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x_BTH).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_pe
+
+    def forward(
+        self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q = self.project_query(x_BTH)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.project_latent(x_BTH)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)
+        kv = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, -1))
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Standard GQA with interleaved-pair RoPE on the whole head; num_key_value_heads K/V heads."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.gqa_head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.scale = softmax_scale(config, self.head_dim)
+
+    def forward(
+        self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q = apply_rope(self.q_proj(x_BTH).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rope(self.k_proj(x_BTH).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x_BTH).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        repeats = self.num_heads // self.num_kv_heads
+        if repeats > 1:
+            k = k.repeat_interleave(repeats, dim=2)
+            v = v.repeat_interleave(repeats, dim=2)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+def build_attention(config: ModelConfig) -> nn.Module:
+    """The attention module the config asks for."""
+    return MultiHeadLatentAttention(config) if config.attention == "mla" else GroupedQueryAttention(config)

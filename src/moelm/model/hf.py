@@ -1,0 +1,242 @@
+"""HF DeepseekV3 directory <-> MoELM: tensor names, expert (un)fusing and config mapping.
+
+On disk we follow the published DeepSeek-V3 layout (per-expert `mlp.experts.N.{gate,up,down}_proj.weight`,
+separate gate/up projections, MTP depth k as `model.layers.{num_hidden_layers + k}`); in memory experts are 3D
+tensors and gate/up projections are fused. Fused expert keys written by some transformers versions are read
+too. Loading uses safetensors only: no pickle is ever opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moelm.config import ModelConfig
+from moelm.model.layers import RotaryEmbedding
+from moelm.model.transformer import MoELM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: names the tensor and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------- names
+def _hf_prefix(our_name: str, config: ModelConfig) -> str:
+    """Translate the module path of one of our tensors to its HF prefix (without fused-weight splitting)."""
+    match = re.match(r"mtp\.(\d+)\.(.*)", our_name)
+    if match:
+        layer = config.num_hidden_layers + int(match.group(1))
+        rest = match.group(2)
+        rest = rest.removeprefix("block.")
+        rest = rest.replace("shared_head_norm.", "shared_head.norm.")
+        return f"model.layers.{layer}.{rest}"
+    if our_name.startswith("lm_head."):
+        return our_name
+    return f"model.{our_name}"
+
+
+def _expert_parts(hf_name: str, num_experts: int, intermediate: int) -> list[tuple[str, Callable]] | None:
+    """Per-expert HF keys composing one of our fused expert tensors, with how to slice ours for each."""
+    if hf_name.endswith(".experts.gate_up_proj"):
+        base = hf_name.removesuffix("gate_up_proj")
+        parts = []
+        for e in range(num_experts):
+            parts.append((f"{base}{e}.gate_proj.weight", lambda t, e=e: t[e, :intermediate]))
+            parts.append((f"{base}{e}.up_proj.weight", lambda t, e=e: t[e, intermediate:]))
+        return parts
+    if hf_name.endswith(".experts.down_proj"):
+        base = hf_name.removesuffix("down_proj")
+        return [(f"{base}{e}.down_proj.weight", lambda t, e=e: t[e]) for e in range(num_experts)]
+    return None
+
+
+def hf_tensor_plan(model: MoELM) -> Iterator[tuple[str, list[tuple[str, Callable]]]]:
+    """For each of our state-dict tensors: the HF keys that hold it and the slice of ours each one is."""
+    config = model.config
+    for name in model.state_dict():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        hf_name = _hf_prefix(name, config)
+        experts = _expert_parts(hf_name, config.n_routed_experts, config.moe_intermediate_size)
+        if experts is not None:
+            yield name, experts
+        elif hf_name.endswith("gate_up_proj.weight"):
+            base = hf_name.removesuffix("gate_up_proj.weight")
+            half = model.get_parameter(name).shape[0] // 2
+            yield name, [(f"{base}gate_proj.weight", lambda t: t[:half]), (f"{base}up_proj.weight", lambda t: t[half:])]
+        else:
+            yield name, [(hf_name, lambda t: t)]
+
+
+# ---------------------------------------------------------------------------------------------- save
+def to_hf_state_dict(model: MoELM) -> dict[str, torch.Tensor]:
+    """HF-named, contiguous tensors (per-expert keys; MTP layers carry their own embed/head copies)."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in hf_tensor_plan(model):
+        for hf_name, take in parts:
+            out[hf_name] = take(ours[name]).detach().contiguous()
+    for k in range(len(model.mtp)):
+        prefix = f"model.layers.{model.config.num_hidden_layers + k}"
+        out[f"{prefix}.embed_tokens.weight"] = ours["embed_tokens.weight"].detach().clone()
+        out[f"{prefix}.shared_head.head.weight"] = ours["lm_head.weight"].detach().clone()
+    return out
+
+
+def save_pretrained(
+    model: MoELM, path: str | Path, max_shard_bytes: int = 2 * 1024**3, strict_hf: bool = False
+) -> None:
+    """Write config.json and safetensors shards; strict_hf refuses options plain DeepseekV3 cannot load."""
+    problems = model.config.hf_incompatibilities()
+    if strict_hf and problems:
+        raise CheckpointError(
+            "this model cannot be exported as plain HF DeepseekV3: " + "; ".join(problems)
+            + " (save without strict_hf to keep them under the 'moelm' config key)"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / SINGLE_FILE, metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, path / filename, metadata)
+            weight_map.update(dict.fromkeys(shard, filename))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    _atomic_write_text(path / "config.json", json.dumps(config, indent=2))
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
+    tmp = target.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, target)
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _open_checkpoint(path: Path) -> dict[str, Path]:
+    """Map every tensor name in the directory to the safetensors file that holds it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / filename for name, filename in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files (moelm never loads pickled .bin checkpoints)")
+    located = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            located.update(dict.fromkeys(handle.keys(), file))
+    return located
+
+
+class _TensorReader:
+    """Reads named tensors lazily from a set of safetensors files, keeping each file open once."""
+
+    def __init__(self, locations: dict[str, Path]) -> None:
+        self.locations = locations
+        self.handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.locations:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        file = self.locations[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(str(file), framework="pt")
+        return self.handles[file].get_tensor(name)
+
+
+def _assemble(name: str, parts: list[tuple[str, Callable]], target: torch.Tensor, reader: _TensorReader):
+    """Build one of our tensors from its HF parts, checking every shape."""
+    fused_name = _fused_expert_name(parts)
+    if fused_name is not None and fused_name in reader and parts[0][0] not in reader:
+        return _check_shape(fused_name, reader.get(fused_name), target.shape)
+    if len(parts) == 1:
+        return _check_shape(parts[0][0], reader.get(parts[0][0]), target.shape)
+    assembled = torch.empty(target.shape, dtype=target.dtype)
+    for hf_name, take in parts:
+        slot = take(assembled)
+        slot.copy_(_check_shape(hf_name, reader.get(hf_name), slot.shape))
+    return assembled
+
+
+def _fused_expert_name(parts: list[tuple[str, Callable]]) -> str | None:
+    match = re.match(r"(.*\.experts\.)0\.(gate|down)_proj\.weight$", parts[0][0])
+    if not match:
+        return None
+    return match.group(1) + ("gate_up_proj" if match.group(2) == "gate" else "down_proj")
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
+    return tensor
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> MoELM:
+    """Build the model on the meta device, then fill every tensor from the checkpoint (no random init)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
+    config = ModelConfig.from_json(config_file)
+    reader = _TensorReader(_open_checkpoint(path))
+    with torch.device("meta"):
+        model = MoELM(config)
+    dtype = dtype or torch.float32
+    state = {}
+    meta_state = model.state_dict()
+    for name, parts in hf_tensor_plan(model):
+        target = meta_state[name]
+        tensor = _assemble(name, parts, torch.empty(target.shape, dtype=torch.float32), reader)
+        keep_fp32 = name.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp.gate." in name
+        state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    rope_dim = model.rotary.inv_freq.shape[0] * 2
+    model.rotary = RotaryEmbedding(config, rope_dim).to(device)
+    leftovers = [n for n, p in model.named_parameters() if p.is_meta] + [
+        n for n, b in model.named_buffers() if b.is_meta
+    ]
+    if leftovers:
+        raise CheckpointError(f"checkpoint did not provide tensors for {leftovers}")
+    return model.eval()

@@ -1,0 +1,86 @@
+"""The router: which experts each token goes to, and with what combine weight.
+
+Follows DeepSeek-V3's "noaux_tc" routing exactly (fp32 logits, sigmoid scores, a selection-only bias,
+group-limited top-k with -inf masking, normalised and scaled weights); softmax scoring gives the
+DeepSeek-V2 / Mixtral variant, with the group score taken as the group's best expert as V2 does.
+The router never touches expert weights: it returns a `Routing` value that the experts consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelm.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """One MoE layer's routing decision for T tokens."""
+
+    expert_ids_TK: torch.Tensor  # long [T, k]
+    weights_TK: torch.Tensor  # float32 [T, k], combine weights (unbiased scores, normalised and scaled)
+    logits_TE: torch.Tensor  # float32 [T, E], router logits
+    scores_TE: torch.Tensor  # float32 [T, E], sigmoid or softmax of the logits
+    tokens_per_expert_E: torch.Tensor  # long [E], assignments each expert received
+
+
+class Router(nn.Module):
+    """Gate projection plus DeepSeek's group-limited top-k selection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.scoring_func = config.scoring_func
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        # Selection-only balancing bias (aux-loss-free balancing); persistent, never trained by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's own signature
+        """Move with the model but stay float32 whatever dtype the rest of the model is cast to."""
+        before = {"weight": self.weight.data, "e_score_correction_bias": self.e_score_correction_bias}
+        super()._apply(fn, recurse)
+        after = {"weight": self.weight.data, "e_score_correction_bias": self.e_score_correction_bias}
+        for name, old in before.items():
+            new = after[name]
+            # Re-derive from the fp32 original (not the down-cast copy) unless it held no data (meta).
+            kept = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
+            if name == "weight":
+                self.weight.data = kept
+            else:
+                self.e_score_correction_bias = kept
+        return self
+
+    def forward(self, x_TH: torch.Tensor) -> Routing:
+        logits = F.linear(x_TH.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            choice = self._mask_to_best_groups(choice)
+        expert_ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, expert_ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x_TH.device)
+        counts.scatter_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
+        return Routing(expert_ids, weights, logits, scores, counts)
+
+    def _mask_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Keep the topk_group best groups; experts elsewhere get -inf (0 would lose to a negative bias)."""
+        grouped = choice_TE.unflatten(-1, (self.n_group, -1))
+        if self.scoring_func == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        best_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)

@@ -1,0 +1,239 @@
+"""The causal LM: embeddings -> decoder blocks (dense or MoE feed-forward) -> norm -> head, plus MTP modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelm.config import ModelConfig
+from moelm.model.attention import build_attention
+from moelm.model.experts import RoutedExperts
+from moelm.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from moelm.model.moe import MoE
+from moelm.model.router import Router, Routing
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MoELMOutput:
+    """What a forward pass returns: logits, losses (None without labels) and each MoE layer's routing."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    routing: dict[int, Routing] = field(default_factory=dict)
+    hidden_states: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + Attn(norm(x)), then + FFN(norm(x)) with a dense or MoE FFN."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = build_attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Routing | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        hidden = self.post_attention_layernorm(x)
+        if self.is_moe:
+            ffn_out, routing = self.mlp(hidden)
+            return x + ffn_out, routing
+        return x + self.mlp(hidden), None
+
+
+class MTPModule(nn.Module):
+    """DeepSeek-V3 multi-token prediction depth: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]) -> block."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        next_embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Routing | None]:
+        merged = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        return self.block(merged, cos, sin, mask)
+
+
+class MoELM(nn.Module):
+    """DeepSeek-V3-style MoE causal language model."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(
+            MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
+        rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.gqa_head_dim
+        self.rotary = RotaryEmbedding(config, rope_dim)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for projections, embeddings, experts and router; ones for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, RoutedExperts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std)
+                module.e_score_correction_bias.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> MoELMOutput:
+        """Logits for every position; with labels (HF convention, unshifted, -100 ignored) the LM + MTP loss.
+
+        attention_mask: [B, T] with 1 for real tokens (padding), or a boolean [B, T, T] / [B, 1, T, T]
+        matrix of allowed query->key pairs (e.g. block-diagonal for packed documents; causality is added).
+        """
+        batch, seq_len = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
+        mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        routing: dict[int, Routing] = {}
+        for block in self.layers:
+            hidden, layer_routing = block(hidden, cos, sin, mask)
+            if layer_routing is not None:
+                routing[block.layer_idx] = layer_routing
+        hidden = self.norm(hidden)
+        logits = self.lm_head(hidden)
+        out = MoELMOutput(logits=logits, routing=routing, hidden_states=hidden)
+        if labels is not None:
+            out.lm_loss = causal_lm_loss(logits, labels)
+            out.loss = out.lm_loss
+            if len(self.mtp):
+                out.mtp_loss = self._mtp_loss(input_ids, labels, hidden, position_ids, mask, routing)
+                out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+        return out
+
+    def _mtp_loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        routing: dict[int, Routing],
+    ) -> torch.Tensor:
+        """Mean over depths of the CE of depth k predicting t_{i+k+1} (the λ weight is applied by forward)."""
+        seq_len = input_ids.shape[1]
+        losses = []
+        for depth, module in enumerate(self.mtp, start=1):
+            keep = seq_len - depth
+            if keep < 2:
+                break
+            next_embeds = self.embed_tokens(input_ids[:, depth:])
+            cos, sin = self.rotary(position_ids[:, :keep], hidden.dtype)
+            sub_mask = None if mask is None else mask[..., :keep, :keep]
+            hidden, layer_routing = module(next_embeds, hidden[:, :keep], cos, sin, sub_mask)
+            if layer_routing is not None:
+                routing[module.block.layer_idx] = layer_routing
+            logits = self.lm_head(module.shared_head_norm(hidden))
+            losses.append(causal_lm_loss(logits, labels[:, depth:]))
+        if not losses:
+            return hidden.new_zeros(())
+        return torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------ parameter accounting
+    def num_parameters(self, include_mtp: bool = False) -> int:
+        """Total parameters (tied weights once); MTP modules only when asked, as DeepSeek reports 671B."""
+        seen, total = set(), 0
+        for name, param in self.named_parameters():
+            if (not include_mtp and name.startswith("mtp.")) or id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+        return total
+
+    def num_active_parameters(self, include_mtp: bool = False) -> int:
+        """Parameters one token touches: everything except the routed experts it was not sent to."""
+        inactive = 0
+        for name, module in self.named_modules():
+            if isinstance(module, RoutedExperts) and (include_mtp or not name.startswith("mtp.")):
+                per_expert = module.gate_up_proj[0].numel() + module.down_proj[0].numel()
+                inactive += (module.num_experts - self.config.num_experts_per_tok) * per_expert
+        return self.num_parameters(include_mtp) - inactive
+
+    # ------------------------------------------------------------------ HF directories
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> MoELM:
+        """Load an HF DeepseekV3 (or moelm-saved) directory: config.json + safetensors, never pickles."""
+        from moelm.model.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+        """Write an HF DeepseekV3 directory (per-expert keys, sharded above max_shard_bytes)."""
+        from moelm.model.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [B, 1, T, T] allowed-pairs mask (causal AND the given mask), or None for plain causal.
+
+    Every query may always see itself, so rows of padding tokens stay finite instead of NaN.
+    """
+    if attention_mask is None:
+        return None
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if attention_mask.dim() == 2:
+        allowed = causal & attention_mask.bool()[:, None, None, :]
+    else:
+        pairs = attention_mask.bool()
+        allowed = causal & (pairs if pairs.dim() == 4 else pairs[:, None])
+    eye = torch.eye(seq_len, dtype=torch.bool, device=device)
+    return allowed | eye
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy: logits[:, t] predicts labels[:, t+1]; -100 labels are ignored."""
+    shifted_logits = logits[:, :-1].flatten(0, 1).float()
+    shifted_labels = labels[:, 1:].flatten()
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
