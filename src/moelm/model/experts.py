@@ -43,6 +43,8 @@ class RoutedExperts(nn.Module):
         hidden = config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_size, hidden))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, self.intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
+        nn.init.normal_(self.down_proj, std=config.initializer_range)
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         top_k = routing.expert_ids_TK.shape[1]

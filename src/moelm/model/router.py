@@ -41,6 +41,7 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.scoring_func = config.scoring_func
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=config.initializer_range)
         # Selection-only balancing bias (aux-loss-free balancing); persistent, never trained by gradients.
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 

@@ -1,0 +1,122 @@
+"""`moelm` command line: each subcommand parses arguments and calls the Python API, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from moelm.config import ConfigError, ModelConfig, load_config, preset_names
+from moelm.model.hf import CheckpointError
+from moelm.model.transformer import MoELM
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float8": 1}
+
+
+def model_summary(model: MoELM) -> dict[str, float]:
+    """Parameter counts (total, active per token, MTP) and weight memory per dtype, for reports."""
+    total = model.num_parameters()
+    summary: dict[str, float] = {
+        "total_parameters": total,
+        "active_parameters": model.num_active_parameters(),
+        "mtp_parameters": model.num_parameters(include_mtp=True) - total,
+    }
+    for dtype, nbytes in DTYPE_BYTES.items():
+        summary[f"weights_gib_{dtype}"] = model.num_parameters(include_mtp=True) * nbytes / 1024**3
+    return summary
+
+
+def _format_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _print_summary(config: ModelConfig, model: MoELM) -> None:
+    summary = model_summary(model)
+    layers = config.num_hidden_layers
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    print(
+        f"layers: {layers} ({moe_layers} MoE, {layers - moe_layers} dense)  attention: {config.attention}  "
+        f"experts: {config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
+        f"{config.n_group} groups keep {config.topk_group}) + {config.n_shared_experts} shared, "
+        f"scoring: {config.scoring_func}  MTP depths: {config.num_nextn_predict_layers}"
+    )
+    print(f"total parameters:  {_format_count(summary['total_parameters'])}  (excluding MTP)")
+    print(f"active per token:  {_format_count(summary['active_parameters'])}")
+    print(f"MTP parameters:    {_format_count(summary['mtp_parameters'])}")
+    for dtype in DTYPE_BYTES:
+        print(f"weights in {dtype:<9} {summary[f'weights_gib_{dtype}']:.3f} GiB")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print configuration, parameter counts and weight memory of a preset, YAML, config.json or model dir."""
+    config = load_config(args.model)
+    for key, value in config.to_dict().items():
+        print(f"  {key}: {value}")
+    with torch.device("meta"):
+        model = MoELM(config)
+    _print_summary(config, model)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Build a model from a preset, report its size and run one forward pass with a loss."""
+    config = load_config(args.preset)
+    torch.manual_seed(args.seed)
+    model = MoELM(config).eval()
+    _print_summary(config, model)
+    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(tokens, labels=tokens)
+    elapsed = time.perf_counter() - start
+    loads = {layer: r.tokens_per_expert_E.tolist() for layer, r in out.routing.items()}
+    mtp = f", MTP loss {out.mtp_loss.item():.4f}" if out.mtp_loss is not None else ""
+    print(
+        f"forward {args.batch_size}x{args.seq_len}: logits {tuple(out.logits.shape)}, "
+        f"LM loss {out.lm_loss.item():.4f}{mtp} (random init: ln(vocab) = {math.log(config.vocab_size):.4f})"
+    )
+    print(f"  {args.batch_size * args.seq_len / elapsed:,.0f} tokens/s; tokens per expert by layer: {loads}")
+    if args.save:
+        model.save_pretrained(args.save)
+        print(f"saved HF DeepseekV3 directory to {args.save}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="moelm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="configuration, parameter counts and memory of a model")
+    info.add_argument("model", help=f"preset ({', '.join(preset_names())}), YAML, config.json or model dir")
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="build a preset model, print its size and run a forward pass")
+    demo.add_argument("--preset", default="tiny", help="preset name or YAML file")
+    demo.add_argument("--batch-size", type=int, default=2)
+    demo.add_argument("--seq-len", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--save", type=Path, default=None, help="also write the model as an HF directory")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `moelm` console script; user errors print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        print(f"moelm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
