@@ -312,6 +312,4 @@ def load_config(name_or_path: str | Path) -> ModelConfig:
     if name in preset_names():
         with resources.as_file(resources.files("moelm") / "configs" / f"{name}.yaml") as preset:
             return ModelConfig.from_yaml(preset)
-    raise ConfigError(
-        f"{name_or_path!r} is neither a file, a model directory nor a preset; presets: {preset_names()}"
-    )
+    raise ConfigError(f"{name_or_path!r} is neither a file, a model directory nor a preset; presets: {preset_names()}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,7 +74,13 @@ def hf_tensor_plan(model: MoELM) -> Iterator[tuple[str, list[tuple[str, Callable
         elif hf_name.endswith("gate_up_proj.weight"):
             base = hf_name.removesuffix("gate_up_proj.weight")
             half = model.get_parameter(name).shape[0] // 2
-            yield name, [(f"{base}gate_proj.weight", lambda t: t[:half]), (f"{base}up_proj.weight", lambda t: t[half:])]
+            yield (
+                name,
+                [
+                    (f"{base}gate_proj.weight", lambda t, half=half: t[:half]),
+                    (f"{base}up_proj.weight", lambda t, half=half: t[half:]),
+                ],
+            )
         else:
             yield name, [(hf_name, lambda t: t)]
 
@@ -100,7 +107,8 @@ def save_pretrained(
     problems = model.config.hf_incompatibilities()
     if strict_hf and problems:
         raise CheckpointError(
-            "this model cannot be exported as plain HF DeepseekV3: " + "; ".join(problems)
+            "this model cannot be exported as plain HF DeepseekV3: "
+            + "; ".join(problems)
             + " (save without strict_hf to keep them under the 'moelm' config key)"
         )
     path = Path(path)
@@ -209,9 +217,7 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size) -> torch
     return tensor
 
 
-def load_pretrained(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> MoELM:
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoELM:
     """Build the model on the meta device, then fill every tensor from the checkpoint (no random init)."""
     path = Path(path)
     config_file = path / "config.json"
@@ -219,6 +225,15 @@ def load_pretrained(
         raise CheckpointError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
     config = ModelConfig.from_json(config_file)
     reader = _TensorReader(_open_checkpoint(path))
+    first_mtp_key = f"model.layers.{config.num_hidden_layers}.eh_proj.weight"
+    if config.num_nextn_predict_layers and first_mtp_key not in reader:
+        # transformers saves num_mtp_layers=1 without MTP weights; the trunk is still complete.
+        warnings.warn(
+            f"{path}: config asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint has no "
+            f"{first_mtp_key!r}; loading without MTP",
+            stacklevel=3,
+        )
+        config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = MoELM(config)
     dtype = dtype or torch.float32

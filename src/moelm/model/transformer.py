@@ -208,14 +208,20 @@ class MoELM(nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
-        """Write an HF DeepseekV3 directory (per-expert keys, sharded above max_shard_bytes)."""
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3, strict_hf: bool = False) -> None:
+        """Write an HF DeepseekV3 directory (per-expert keys, sharded above max_shard_bytes).
+
+        strict_hf=True refuses options plain transformers cannot represent instead of keeping them under
+        the 'moelm' config key.
+        """
         from moelm.model.hf import save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, strict_hf=strict_hf)
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, seq_len: int, device: torch.device
+) -> torch.Tensor | None:
     """Boolean [B, 1, T, T] allowed-pairs mask (causal AND the given mask), or None for plain causal.
 
     Every query may always see itself, so rows of padding tokens stay finite instead of NaN.

@@ -1,0 +1,34 @@
+"""The `moelm` command line: the README's main job, `info`, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+from moelm import ModelConfig, MoELM
+from moelm.cli import main
+
+
+def test_demo_prints_counts_and_a_forward_pass(capsys, tmp_path):
+    assert main(["demo", "--preset", "tiny", "--seq-len", "16", "--save", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "total parameters:  2.27M" in out
+    assert "active per token:  1.39M" in out
+    assert "LM loss" in out
+    assert MoELM.from_pretrained(tmp_path / "m").config.hidden_size == 128
+
+
+def test_info_reports_v3_shape_without_allocating(capsys):
+    assert main(["info", "v3-shape"]) == 0
+    out = capsys.readouterr().out
+    assert "total parameters:  671.03B" in out
+    assert "active per token:  37.55B" in out
+
+
+def test_info_on_a_saved_directory(capsys, tmp_path):
+    MoELM(ModelConfig()).save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    assert "hidden_size: 128" in capsys.readouterr().out
+
+
+def test_unknown_preset_is_a_one_line_error(capsys):
+    assert main(["info", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moelm: error:") and "tiny" in err and "Traceback" not in err
