@@ -11,16 +11,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelm.config import ModelConfig
-from moelm.model.layers import RMSNorm, apply_rope, softmax_scale
+from moelm.model.layers import Linear, RMSNorm, apply_rope, softmax_scale
 
 
 def attend(
     q_BhTd: torch.Tensor, k_BhTd: torch.Tensor, v_BhTe: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Scaled dot-product attention, causal when no explicit mask is given."""
+    """Scaled dot-product attention, causal when no explicit mask is given.
+
+    MLA's value width (v_head_dim) is narrower than its query/key width; the fused (flash) kernels want equal
+    widths, so values are zero-padded and the padding sliced off: 3-4x faster on CPU than the unfused math
+    path that mismatched widths fall back to (measured with torch 2.13, 2 cores, 8x256 tokens).
+    """
+    value_dim = v_BhTe.shape[-1]
+    if value_dim != q_BhTd.shape[-1]:
+        v_BhTe = F.pad(v_BhTe, (0, q_BhTd.shape[-1] - value_dim))
     if mask is None:
-        return F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, attn_mask=mask, scale=scale)
+    return out[..., :value_dim]
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -41,17 +51,17 @@ class MultiHeadLatentAttention(nn.Module):
         qk_head_dim = config.qk_head_dim
         bias = config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_head_dim, bias=False)
+            self.q_proj = Linear(config.hidden_size, self.num_heads * qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(config.hidden_size, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
         self.scale = softmax_scale(config, qk_head_dim)
 
     def project_query(self, x_BTH: torch.Tensor) -> torch.Tensor:
@@ -92,10 +102,10 @@ class GroupedQueryAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.gqa_head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.scale = softmax_scale(config, self.head_dim)
 
     def forward(

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelm.config import ModelConfig
+from moelm.model.layers import linear
 from moelm.model.router import Routing
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -78,5 +79,5 @@ class RoutedExperts(nn.Module):
 
     def expert_forward(self, expert: int, x_NH: torch.Tensor) -> torch.Tensor:
         """One expert on some rows; the plain definition the dispatch paths must agree with."""
-        gate, up = F.linear(x_NH, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+        gate, up = linear(x_NH, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj[expert])

@@ -12,7 +12,7 @@ from torch import nn
 from moelm.config import ModelConfig
 from moelm.model.attention import build_attention
 from moelm.model.experts import RoutedExperts
-from moelm.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from moelm.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from moelm.model.moe import MoE
 from moelm.model.router import Router, Routing
 
@@ -61,7 +61,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = Block(config, layer_idx)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -86,7 +86,7 @@ class MoELM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(
