@@ -25,7 +25,25 @@ ROPE_TYPES = ("default", "yarn")
 HIDDEN_ACTS = ("silu",)
 
 # Fields that only moelm understands; HF export writes them under MOELM_CONFIG_KEY.
-MOELM_ONLY_FIELDS = ("scoring_func", "attention", "head_dim", "expert_backend", "mtp_loss_weight")
+CHECKPOINTING_MODES = ("none", "full", "moe")
+MOELM_ONLY_FIELDS = (
+    "scoring_func",
+    "attention",
+    "head_dim",
+    "expert_backend",
+    "mtp_loss_weight",
+    "aux_loss_alpha",
+    "seq_aux_loss_alpha",
+    "noisy_gating",
+    "importance_loss_coef",
+    "load_loss_coef",
+    "router_z_loss_coef",
+    "capacity_factor",
+    "eval_capacity_factor",
+    "bias_update_rate",
+    "bias_update_centered",
+    "activation_checkpointing",
+)
 
 
 class ConfigError(ValueError):
@@ -74,6 +92,18 @@ class ModelConfig:
     head_dim: int | None = None
     expert_backend: str = "auto"
     mtp_loss_weight: float = 0.3
+    # load balancing (references §2); a coefficient of 0 turns that mechanism off, all are combinable
+    aux_loss_alpha: float = 0.0  # Switch/GShard loss alpha * E * sum f_i P_i, per layer, averaged over layers
+    seq_aux_loss_alpha: float = 0.0  # DeepSeek-V3 complementary sequence-wise balance loss
+    noisy_gating: bool = False  # Shazeer 2017 learned-noise top-k gating (noise only in training)
+    importance_loss_coef: float = 0.0  # Shazeer importance loss w * CV(importance)^2
+    load_loss_coef: float = 0.0  # Shazeer load loss w * CV(smooth load)^2 (needs noisy_gating)
+    router_z_loss_coef: float = 0.0  # ST-MoE z-loss: mean logsumexp(logits)^2
+    capacity_factor: float | None = None  # training capacity; None = dropless
+    eval_capacity_factor: float | None = None  # capacity in eval mode; None = dropless
+    bias_update_rate: float = 0.0  # aux-loss-free balancing gamma (applied by BiasBalancer once per step)
+    bias_update_centered: bool = False  # subtract the mean bias update so the biases do not drift
+    activation_checkpointing: str = "none"  # none | full (whole blocks) | moe (expert FFNs only)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,8 +191,29 @@ class ModelConfig:
                 _fail(name, value, f"null or a token id in 0..{self.vocab_size - 1}")
         if self.routed_scaling_factor <= 0:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "a positive number")
-        if self.mtp_loss_weight < 0:
-            _fail("mtp_loss_weight", self.mtp_loss_weight, "a non-negative number")
+        for name in (
+            "mtp_loss_weight",
+            "aux_loss_alpha",
+            "seq_aux_loss_alpha",
+            "importance_loss_coef",
+            "load_loss_coef",
+            "router_z_loss_coef",
+            "bias_update_rate",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                _fail(name, value, "a non-negative number")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                _fail(name, value, "null (dropless) or a positive number such as 1.25")
+        _choice("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING_MODES)
+        if self.load_loss_coef > 0 and not self.noisy_gating:
+            _fail(
+                "load_loss_coef", self.load_loss_coef, "0 unless noisy_gating is true (the load estimator needs noise)"
+            )
+        if self.noisy_gating and self.n_group > 1:
+            _fail("noisy_gating", self.noisy_gating, "false when n_group > 1 (noisy top-k is not group-limited)")
 
     # ------------------------------------------------------------------ derived shapes
     @property

@@ -48,15 +48,21 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=config.initializer_range)
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        top_k = routing.expert_ids_TK.shape[1]
-        flat_ids = routing.expert_ids_TK.flatten()
+        expert_ids_TK = routing.expert_ids_TK
+        if routing.dropped_TK is not None:  # over-capacity assignments sort last and are never computed
+            expert_ids_TK = expert_ids_TK.masked_fill(routing.dropped_TK, self.num_experts)
+        flat_ids = expert_ids_TK.flatten()
         order = flat_ids.argsort(stable=True)
-        token_of_row = order // top_k
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=flat_ids.device)
+        counts = counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))[: self.num_experts]
+        if routing.dropped_TK is not None:
+            order = order[: int(counts.sum())]
+        token_of_row = order // expert_ids_TK.shape[1]
         rows_RH = x_TH[token_of_row]
         if resolve_backend(self.backend, x_TH) == "grouped_mm":
-            out_RH = self._grouped(rows_RH, routing.tokens_per_expert_E)
+            out_RH = self._grouped(rows_RH, counts)
         else:
-            out_RH = self._loop(rows_RH, routing.tokens_per_expert_E)
+            out_RH = self._loop(rows_RH, counts)
         row_weights = routing.weights_TK.flatten()[order].to(out_RH.dtype)
         out_RH = out_RH * row_weights.unsqueeze(-1)
         return torch.zeros_like(x_TH).index_add_(0, token_of_row, out_RH)

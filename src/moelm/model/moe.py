@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moelm.config import ModelConfig
+from moelm.model.balance import capacity, capacity_drops, cv_squared, router_z_loss, sequence_balance_loss, switch_loss
 from moelm.model.experts import RoutedExperts
 from moelm.model.layers import SwiGLU
 from moelm.model.router import Router, Routing
 
 
 class MoE(nn.Module):
-    """y = sum_k w_k * Expert_k(x) + Shared(x); returns the output and the layer's Routing for reports."""
+    """y = sum_k w_k * Expert_k(x) + Shared(x); returns the output and the layer's Routing (with its losses)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.gate = Router(config)
         self.experts = RoutedExperts(config)
         self.shared_experts = (
@@ -23,11 +26,49 @@ class MoE(nn.Module):
             if config.n_shared_experts > 0
             else None
         )
+        self.checkpoint_ffn = config.activation_checkpointing == "moe"
 
-    def forward(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
-        routing = self.gate(x_TH)
+    def forward(self, x_BTH: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        batch, seq_len, hidden = x_BTH.shape
+        x_TH = x_BTH.reshape(-1, hidden)
+        token_mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
+        routing = self.gate(x_TH, token_mask_T)
+        capacity_factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        if capacity_factor is not None:
+            slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, capacity_factor)
+            routing.dropped_TK = capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots)
+        routing.losses.update(self._balance_losses(routing, batch, seq_len, token_mask_BT))
+        if self.checkpoint_ffn and self.training and torch.is_grad_enabled():
+            y_TH = checkpoint(self._ffn, x_TH, routing, use_reentrant=False)
+        else:
+            y_TH = self._ffn(x_TH, routing)
+        return y_TH.view_as(x_BTH), routing
+
+    def _ffn(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         y_TH = self.experts(x_TH, routing)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
-        return y_TH.view_as(x_BTH), routing
+        return y_TH
+
+    def _balance_losses(
+        self, routing: Routing, batch: int, seq_len: int, token_mask_BT: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The configured auxiliary losses of this layer, each already multiplied by its coefficient."""
+        config, losses = self.config, {}
+        mask_T = routing.token_mask_T
+        if config.aux_loss_alpha > 0:
+            losses["aux_loss"] = config.aux_loss_alpha * switch_loss(routing.logits_TE, routing.expert_ids_TK, mask_T)
+        if config.seq_aux_loss_alpha > 0:
+            losses["seq_aux_loss"] = config.seq_aux_loss_alpha * sequence_balance_loss(
+                routing.scores_TE.view(batch, seq_len, -1),
+                routing.expert_ids_TK.view(batch, seq_len, -1),
+                token_mask_BT,
+            )
+        if config.router_z_loss_coef > 0:
+            losses["z_loss"] = config.router_z_loss_coef * router_z_loss(routing.logits_TE, mask_T)
+        if config.importance_loss_coef > 0:
+            gates_TK = routing.weights_TK if mask_T is None else routing.weights_TK * mask_T.unsqueeze(-1)
+            importance = torch.zeros(self.gate.num_experts, device=gates_TK.device, dtype=gates_TK.dtype)
+            importance = importance.scatter_add(0, routing.expert_ids_TK.flatten(), gates_TK.flatten())
+            losses["importance_loss"] = config.importance_loss_coef * cv_squared(importance)
+        return losses

@@ -8,13 +8,16 @@ The router never touches expert weights: it returns a `Routing` value that the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelm.config import ModelConfig
+from moelm.model.balance import assignment_counts, cv_squared, smooth_load
+
+NOISE_EPS = 1e-2  # floor on the noise std, as in Shazeer et al.'s reference code, so the load CDF is defined
 
 
 @dataclass
@@ -25,7 +28,10 @@ class Routing:
     weights_TK: torch.Tensor  # float32 [T, k], combine weights (unbiased scores, normalised and scaled)
     logits_TE: torch.Tensor  # float32 [T, E], router logits
     scores_TE: torch.Tensor  # float32 [T, E], sigmoid or softmax of the logits
-    tokens_per_expert_E: torch.Tensor  # long [E], assignments each expert received
+    tokens_per_expert_E: torch.Tensor  # float32 [E], assignments each expert received (padding excluded)
+    token_mask_T: torch.Tensor | None = None  # bool [T], False for padding tokens
+    dropped_TK: torch.Tensor | None = None  # bool [T, k], assignments over an expert's capacity
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # balance losses, coefficients applied
 
 
 class Router(nn.Module):
@@ -42,38 +48,53 @@ class Router(nn.Module):
         self.scoring_func = config.scoring_func
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=config.initializer_range)
+        self.load_loss_coef = config.load_loss_coef
+        # Shazeer 2017 learned noise scale; zero-initialised as in the paper (noise std starts at softplus(0)).
+        self.noise_weight = (
+            nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+            if config.noisy_gating
+            else None
+        )
         # Selection-only balancing bias (aux-loss-free balancing); persistent, never trained by gradients.
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's own signature
         """Move with the model but stay float32 whatever dtype the rest of the model is cast to."""
-        before = {"weight": self.weight.data, "e_score_correction_bias": self.e_score_correction_bias}
+        names = [n for n in ("weight", "noise_weight", "e_score_correction_bias") if getattr(self, n) is not None]
+        before = {name: getattr(self, name).data for name in names}
         super()._apply(fn, recurse)
-        after = {"weight": self.weight.data, "e_score_correction_bias": self.e_score_correction_bias}
-        for name, old in before.items():
-            new = after[name]
+        for name in names:
+            old, new = before[name], getattr(self, name).data
             # Re-derive from the fp32 original (not the down-cast copy) unless it held no data (meta).
             kept = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
-            if name == "weight":
-                self.weight.data = kept
+            if isinstance(getattr(self, name), nn.Parameter):
+                getattr(self, name).data = kept
             else:
-                self.e_score_correction_bias = kept
+                setattr(self, name, kept)
         return self
 
-    def forward(self, x_TH: torch.Tensor) -> Routing:
+    def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
         logits = F.linear(x_TH.float(), self.weight.float())
+        losses = {}
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(F.linear(x_TH.float(), self.noise_weight)) + NOISE_EPS
+            clean_logits = logits
+            logits = clean_logits + torch.randn_like(clean_logits) * noise_std
+            if self.load_loss_coef > 0:
+                load = smooth_load(clean_logits, logits, noise_std, self.top_k)
+                losses["load_loss"] = self.load_loss_coef * cv_squared(load)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias
         if self.n_group > 1:
             choice = self._mask_to_best_groups(choice)
-        expert_ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        # sorted: column 0 holds each token's first choice, which capacity limits serve first
+        expert_ids = choice.topk(self.top_k, dim=-1, sorted=True).indices
         weights = scores.gather(1, expert_ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x_TH.device)
-        counts.scatter_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
-        return Routing(expert_ids, weights, logits, scores, counts)
+        counts = assignment_counts(expert_ids, self.num_experts, token_mask_T)
+        return Routing(expert_ids, weights, logits, scores, counts, token_mask_T, losses=losses)
 
     def _mask_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """Keep the topk_group best groups; experts elsewhere get -inf (0 would lose to a negative bias)."""

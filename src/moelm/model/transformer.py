@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moelm.config import ModelConfig
 from moelm.model.attention import build_attention
@@ -29,6 +30,8 @@ class MoELMOutput:
     mtp_loss: torch.Tensor | None = None
     routing: dict[int, Routing] = field(default_factory=dict)
     hidden_states: torch.Tensor | None = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per kind, mean over MoE layers
+    balance_loss: torch.Tensor | None = None  # sum of aux_losses (already in `loss`)
 
 
 class Block(nn.Module):
@@ -42,14 +45,34 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.checkpoint_block = config.activation_checkpointing == "full"
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Routing | None]:
+        if self.checkpoint_block and self.training and torch.is_grad_enabled():
+            # Non-reentrant checkpointing returns the first pass's Routing and replays the RNG state, so the
+            # recomputation routes identically and nothing downstream sees its second set of counts.
+            return checkpoint(self._forward, x, cos, sin, mask, token_mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, token_mask)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, Routing | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         hidden = self.post_attention_layernorm(x)
         if self.is_moe:
-            ffn_out, routing = self.mlp(hidden)
+            ffn_out, routing = self.mlp(hidden, token_mask)
             return x + ffn_out, routing
         return x + self.mlp(hidden), None
 
@@ -72,9 +95,10 @@ class MTPModule(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Routing | None]:
         merged = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return self.block(merged, cos, sin, mask)
+        return self.block(merged, cos, sin, mask, token_mask)
 
 
 class MoELM(nn.Module):
@@ -132,11 +156,13 @@ class MoELM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
         mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
+        # Padding tokens (2-D mask) are left out of routing statistics and balance losses.
+        token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         routing: dict[int, Routing] = {}
         for block in self.layers:
-            hidden, layer_routing = block(hidden, cos, sin, mask)
+            hidden, layer_routing = block(hidden, cos, sin, mask, token_mask)
             if layer_routing is not None:
                 routing[block.layer_idx] = layer_routing
         hidden = self.norm(hidden)
@@ -146,8 +172,13 @@ class MoELM(nn.Module):
             out.lm_loss = causal_lm_loss(logits, labels)
             out.loss = out.lm_loss
             if len(self.mtp):
-                out.mtp_loss = self._mtp_loss(input_ids, labels, hidden, position_ids, mask, routing)
+                out.mtp_loss = self._mtp_loss(input_ids, labels, hidden, position_ids, mask, token_mask, routing)
                 out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+        out.aux_losses = average_layer_losses(routing)
+        if out.aux_losses:
+            out.balance_loss = torch.stack(list(out.aux_losses.values())).sum()
+            if out.loss is not None:
+                out.loss = out.loss + out.balance_loss
         return out
 
     def _mtp_loss(
@@ -157,6 +188,7 @@ class MoELM(nn.Module):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         mask: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
         routing: dict[int, Routing],
     ) -> torch.Tensor:
         """Mean over depths of the CE of depth k predicting t_{i+k+1} (the λ weight is applied by forward)."""
@@ -169,7 +201,8 @@ class MoELM(nn.Module):
             next_embeds = self.embed_tokens(input_ids[:, depth:])
             cos, sin = self.rotary(position_ids[:, :keep], hidden.dtype)
             sub_mask = None if mask is None else mask[..., :keep, :keep]
-            hidden, layer_routing = module(next_embeds, hidden[:, :keep], cos, sin, sub_mask)
+            sub_tokens = None if token_mask is None else token_mask[:, :keep]
+            hidden, layer_routing = module(next_embeds, hidden[:, :keep], cos, sin, sub_mask, sub_tokens)
             if layer_routing is not None:
                 routing[module.block.layer_idx] = layer_routing
             logits = self.lm_head(module.shared_head_norm(hidden))
@@ -236,6 +269,15 @@ def build_attention_mask(
         allowed = causal & (pairs if pairs.dim() == 4 else pairs[:, None])
     eye = torch.eye(seq_len, dtype=torch.bool, device=device)
     return allowed | eye
+
+
+def average_layer_losses(routing: dict[int, Routing]) -> dict[str, torch.Tensor]:
+    """Each balance loss averaged over the MoE layers that produced it (references §2: per layer, then mean)."""
+    per_kind: dict[str, list[torch.Tensor]] = {}
+    for layer_routing in routing.values():
+        for name, value in layer_routing.losses.items():
+            per_kind.setdefault(name, []).append(value)
+    return {name: torch.stack(values).mean() for name, values in per_kind.items()}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

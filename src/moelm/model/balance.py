@@ -1,0 +1,170 @@
+"""Load balancing: auxiliary losses, router z-loss, expert capacity, and the aux-loss-free bias update.
+
+Everything here is a pure function of one layer's routing tensors, or (for the bias update) an object the
+trainer owns and feeds with the routing values the model returned; nothing is kept in module state, so the
+values survive activation checkpointing and gradient accumulation unchanged. Formulas: references §2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _masked_mean(values_T: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
+    if token_mask_T is None:
+        return values_T.mean(0)
+    weights = token_mask_T.to(values_T.dtype)
+    shape = (-1,) + (1,) * (values_T.dim() - 1)
+    return (values_T * weights.view(shape)).sum(0) / weights.sum().clamp(min=1)
+
+
+def assignment_counts(expert_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torch.Tensor | None) -> torch.Tensor:
+    """Assignments per expert [E] (float), padding tokens excluded."""
+    ones = torch.ones_like(expert_ids_TK, dtype=torch.float32)
+    if token_mask_T is not None:
+        ones = ones * token_mask_T.unsqueeze(-1).float()
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=expert_ids_TK.device)
+    return counts.scatter_add_(0, expert_ids_TK.flatten(), ones.flatten())
+
+
+def switch_loss(
+    logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch/GShard: E * sum_i f_i * P_i; f = share of the T*k assignments, P = mean full-softmax prob.
+
+    Equals 1 at perfect balance (multiply by alpha outside). f carries no gradient; P pushes probability
+    mass away from overloaded experts.
+    """
+    num_experts = logits_TE.shape[-1]
+    counts = assignment_counts(expert_ids_TK, num_experts, token_mask_T)
+    fraction = counts / counts.sum().clamp(min=1)
+    mean_prob = _masked_mean(logits_TE.float().softmax(dim=-1), token_mask_T)
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def sequence_balance_loss(
+    scores_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor, token_mask_BT: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise loss sum_i f_i P_i per sequence, averaged over sequences.
+
+    f_i = E / (k T) * #{t : i in TopK(t)}, P_i = mean_t s_it / sum_j s_jt (T = the sequence's real tokens).
+    """
+    batch, _, num_experts = scores_BTE.shape
+    top_k = expert_ids_BTK.shape[-1]
+    mask = (
+        torch.ones(scores_BTE.shape[:2], device=scores_BTE.device) if token_mask_BT is None else token_mask_BT.float()
+    )
+    lengths = mask.sum(dim=1).clamp(min=1)  # [B]
+    hits = torch.zeros(batch, num_experts, device=scores_BTE.device)
+    hits.scatter_add_(1, expert_ids_BTK.flatten(1), mask.unsqueeze(-1).expand_as(expert_ids_BTK).flatten(1))
+    fraction = hits * num_experts / (top_k * lengths.unsqueeze(-1))
+    normalised = scores_BTE.float() / scores_BTE.float().sum(dim=-1, keepdim=True).clamp(min=1e-20)
+    mean_prob = (normalised * mask.unsqueeze(-1)).sum(dim=1) / lengths.unsqueeze(-1)
+    return (fraction * mean_prob).sum(dim=-1).mean()
+
+
+def router_z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, keeping router logits small."""
+    return _masked_mean(torch.logsumexp(logits_TE.float(), dim=-1).square(), token_mask_T)
+
+
+def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation var / mean^2 (Shazeer 2017); 0 for a single value."""
+    values = values.float()
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    return values.var() / (values.mean().square() + eps)
+
+
+def smooth_load(
+    clean_logits_TE: torch.Tensor, noisy_logits_TE: torch.Tensor, noise_std_TE: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """Shazeer's differentiable load estimate: sum_x P(expert i stays in the top-k under fresh noise) [E].
+
+    The threshold for expert i is the k-th largest noisy logit among the other experts: the (k+1)-th largest
+    overall when i is in the top-k, the k-th largest otherwise.
+    """
+    num_experts = noisy_logits_TE.shape[-1]
+    keep = min(top_k + 1, num_experts)
+    top_values = noisy_logits_TE.topk(keep, dim=-1).values
+    threshold_if_in = top_values[:, keep - 1 : keep]
+    threshold_if_out = top_values[:, top_k - 1 : top_k]
+    is_in = noisy_logits_TE > threshold_if_in
+    normal = torch.distributions.Normal(0.0, 1.0)
+    prob_if_in = normal.cdf((clean_logits_TE - threshold_if_in) / noise_std_TE)
+    prob_if_out = normal.cdf((clean_logits_TE - threshold_if_out) / noise_std_TE)
+    return torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: floor(k * capacity_factor * T / E), at least 1."""
+    return max(1, math.floor(top_k * capacity_factor * num_tokens / num_experts))
+
+
+def capacity_drops(expert_ids_TK: torch.Tensor, num_experts: int, slots: int) -> torch.Tensor:
+    """Bool [T, k]: assignments beyond an expert's capacity. Column 0 (first choices) of every token is
+    served before any second choice, then tokens in order (GShard / Switch priority)."""
+    num_tokens, top_k = expert_ids_TK.shape
+    priority_ids = expert_ids_TK.t().flatten()  # all first choices, then all second choices, ...
+    order = priority_ids.argsort(stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_ids_TK.device)
+    counts.scatter_add_(0, priority_ids, torch.ones_like(priority_ids))
+    starts = counts.cumsum(0) - counts
+    position = torch.empty_like(priority_ids)
+    position[order] = torch.arange(priority_ids.numel(), device=priority_ids.device) - starts[priority_ids[order]]
+    return (position >= slots).view(top_k, num_tokens).t()
+
+
+class BiasBalancer:
+    """Aux-loss-free balancing: b_i += gamma * sign(mean load - load_i) once per optimizer step.
+
+    Feed it every micro-batch's `MoELMOutput.routing` with `observe`; `step()` (or the hook from
+    `register(optimizer)`) applies the update from the counts accumulated since the last step, summed over
+    data-parallel ranks when torch.distributed is initialised, then resets them. Counts come from returned
+    routing values, so activation-checkpoint recomputation cannot double them.
+    """
+
+    def __init__(self, model: nn.Module, rate: float, centered: bool = False) -> None:
+        self.rate = rate
+        self.centered = centered
+        self.biases: dict[int, torch.Tensor] = {}
+        for module in model.modules():
+            layer_idx = getattr(module, "layer_idx", None)
+            gate = getattr(getattr(module, "mlp", None), "gate", None)
+            if layer_idx is not None and gate is not None:
+                self.biases[layer_idx] = gate.e_score_correction_bias
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def observe(self, routing: Mapping[int, object]) -> None:
+        """Add one micro-batch's (padding-free) assignment counts."""
+        with torch.no_grad():
+            for layer_idx, layer_routing in routing.items():
+                if layer_idx not in self.biases:
+                    continue
+                counts = layer_routing.tokens_per_expert_E.detach().float()
+                previous = self.counts.get(layer_idx)
+                self.counts[layer_idx] = counts if previous is None else previous + counts
+
+    @torch.no_grad()
+    def step(self) -> dict[int, torch.Tensor]:
+        """Apply one update per layer from the accumulated counts; returns the updates applied."""
+        updates = {}
+        for layer_idx, counts in self.counts.items():
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)
+            update = self.rate * torch.sign(counts.mean() - counts)
+            if self.centered:
+                update = update - update.mean()
+            self.biases[layer_idx].add_(update.to(self.biases[layer_idx].device))
+            updates[layer_idx] = update
+        self.counts = {}
+        return updates
+
+    def register(self, optimizer: torch.optim.Optimizer):  # noqa: ANN201 - torch's RemovableHandle
+        """Run `step()` after every `optimizer.step()`; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.step())
