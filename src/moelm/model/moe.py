@@ -29,8 +29,10 @@ class MoE(nn.Module):
         self.checkpoint_ffn = config.activation_checkpointing == "moe"
 
     def forward(self, x_BTH: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        batch, seq_len, hidden = x_BTH.shape
+        hidden = x_BTH.shape[-1]
         x_TH = x_BTH.reshape(-1, hidden)
+        batch = x_BTH.shape[0] if x_BTH.dim() == 3 else 1  # [T, H] input: one sequence
+        seq_len = x_TH.shape[0] // batch
         token_mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
         routing = self.gate(x_TH, token_mask_T)
         capacity_factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
