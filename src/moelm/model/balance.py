@@ -74,11 +74,11 @@ def router_z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = N
 
 
 def cv_squared(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation var / mean^2 (Shazeer 2017); 0 for a single value."""
+    """Squared coefficient of variation, population var / mean^2 as in Shazeer et al.'s code; 0 for one value."""
     values = values.float()
     if values.numel() <= 1:
         return values.new_zeros(())
-    return values.var() / (values.mean().square() + eps)
+    return values.var(unbiased=False) / (values.mean().square() + eps)
 
 
 def smooth_load(
