@@ -156,5 +156,22 @@ def test_experts_nobody_chose_are_skipped_and_gradients_reach_chosen_ones():
     assert moe.gate.weight.grad.abs().sum() > 0
 
 
-def test_auto_backend_uses_the_loop_on_cpu():
-    assert resolve_backend("auto", torch.zeros(1)) == "loop"
+def test_auto_backend_on_cpu_is_grouped_in_float32_and_a_loop_for_emulated_bf16(monkeypatch):
+    import moelm.model.experts as experts
+
+    assert resolve_backend("auto", torch.zeros(1)) == "grouped_mm"
+    monkeypatch.setattr(experts, "cpu_has_native_bf16", lambda: False)
+    assert resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "loop"
+    assert resolve_backend("loop", torch.zeros(1)) == "loop"
+
+
+def test_grouped_and_loop_backends_give_the_same_gradients():
+    grads = []
+    for backend in ("loop", "grouped_mm"):
+        torch.manual_seed(3)
+        moe = MoE(tiny_config(expert_backend=backend))
+        x = torch.randn(2, 9, 32, requires_grad=True)
+        moe(x)[0].square().sum().backward()
+        grads.append((x.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad, moe.gate.weight.grad))
+    for loop_grad, grouped_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(loop_grad, grouped_grad, atol=1e-6, rtol=1e-5)
