@@ -112,7 +112,9 @@ def main() -> None:
     torch.manual_seed(0)
     bandwidth = copy_bytes_per_s()
     results: dict[str, float] = {"copy_gb_s": bandwidth / 1e9}
-    header = f"{'T':>5} {'dtype':<9} {'moelm tok/s':>12} {'HF tok/s':>10} {'dense tok/s':>12} {'vs HF':>6} {'roofline':>9}"
+    header = (
+        f"{'T':>5} {'dtype':<9} {'moelm tok/s':>12} {'HF tok/s':>10} {'dense tok/s':>12} {'vs HF':>6} {'roofline':>9}"
+    )
     print(header)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
