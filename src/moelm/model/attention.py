@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelm.config import ModelConfig
+from moelm.model.cache import KVCache
 from moelm.model.layers import Linear, RMSNorm, apply_rope, softmax_scale
 
 
@@ -78,19 +79,74 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_a_layernorm(latent), k_pe
 
     def forward(
-        self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x_BTH: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+        absorb: bool | None = None,
     ) -> torch.Tensor:
+        """Attention over this call's tokens, or (with a cache) over every cached token too.
+
+        With a cache the latent and rotated shared key are written to their slots; a first prefill then runs
+        the expanded path, later calls the absorbed one (absorb=True/False forces either, for tests).
+        """
         q = self.project_query(x_BTH)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         latent, k_pe = self.project_latent(x_BTH)
         q_pe = apply_rope(q_pe, cos, sin)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)
+        if cache is not None:
+            end = start + x_BTH.shape[1]
+            cache.first[layer, :, start:end] = latent
+            cache.second[layer, :, start:end] = k_pe.squeeze(2)
+            if absorb or (absorb is None and start > 0):
+                return self._absorbed(q_nope, q_pe, cache.first[layer, :, :end], cache.second[layer, :, :end], mask)
+            latent = cache.first[layer, :, :end]
+            k_pe = cache.second[layer, :, :end].unsqueeze(2)
+        return self._expanded(q_nope, q_pe, latent, k_pe, mask)
+
+    def _expanded(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-head K/V from the latent (kv_b_proj), then ordinary attention: the training/prefill path."""
         kv = self.kv_b_proj(latent).unflatten(-1, (self.num_heads, -1))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, -1, self.num_heads, -1)), dim=-1)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _absorbed(
+        self,
+        q_nope_BTHd: torch.Tensor,
+        q_pe_BTHr: torch.Tensor,
+        latent_BSR: torch.Tensor,
+        k_pe_BSr: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Weight-absorbed attention over the latent cache (references §3): W_UK folds into the query and
+        W_UV into the output, so K/V are never expanded: scores = (q_nope W_UK) c^T + q_pe k_pe^T."""
+        w_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_uk_HdR, w_uv_HvR = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
+        q_latent_BHTR = torch.einsum("bthd,hdr->bhtr", q_nope_BTHd, w_uk_HdR)
+        scores = q_latent_BHTR @ latent_BSR.unsqueeze(1).transpose(-1, -2)
+        scores = scores + q_pe_BTHr.transpose(1, 2) @ k_pe_BSr.unsqueeze(1).transpose(-1, -2)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent_BSR.dtype)
+        out_latent_BHTR = probs @ latent_BSR.unsqueeze(1)
+        out = torch.einsum("bhtr,hvr->bthv", out_latent_BHTR, w_uv_HvR)
+        return self.o_proj(out.flatten(2))
 
 
 class GroupedQueryAttention(nn.Module):
@@ -109,11 +165,26 @@ class GroupedQueryAttention(nn.Module):
         self.scale = softmax_scale(config, self.head_dim)
 
     def forward(
-        self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x_BTH: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+        absorb: bool | None = None,
     ) -> torch.Tensor:
+        """Attention over this call's tokens, or (with a cache) over every cached token too."""
         q = apply_rope(self.q_proj(x_BTH).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
         k = apply_rope(self.k_proj(x_BTH).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x_BTH).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if cache is not None:
+            end = start + x_BTH.shape[1]
+            cache.first[layer, :, :, start:end] = k.transpose(1, 2)
+            cache.second[layer, :, :, start:end] = v.transpose(1, 2)
+            k = cache.first[layer, :, :, :end].transpose(1, 2)
+            v = cache.second[layer, :, :, :end].transpose(1, 2)
         repeats = self.num_heads // self.num_kv_heads
         if repeats > 1:
             k = k.repeat_interleave(repeats, dim=2)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moelm.config import ModelConfig
 from moelm.model.attention import build_attention
+from moelm.model.cache import KVCache
 from moelm.model.experts import RoutedExperts
 from moelm.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from moelm.model.moe import MoE
@@ -54,12 +55,14 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, Routing | None]:
-        if self.checkpoint_block and self.training and torch.is_grad_enabled():
+        if self.checkpoint_block and self.training and torch.is_grad_enabled() and cache is None:
             # Non-reentrant checkpointing returns the first pass's Routing and replays the RNG state, so the
             # recomputation routes identically and nothing downstream sees its second set of counts.
             return checkpoint(self._forward, x, cos, sin, mask, token_mask, use_reentrant=False)
-        return self._forward(x, cos, sin, mask, token_mask)
+        return self._forward(x, cos, sin, mask, token_mask, cache, start)
 
     def _forward(
         self,
@@ -68,8 +71,10 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         token_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_idx, start)
         hidden = self.post_attention_layernorm(x)
         if self.is_moe:
             ffn_out, routing = self.mlp(hidden, token_mask)
@@ -96,9 +101,11 @@ class MTPModule(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
     ) -> tuple[torch.Tensor, Routing | None]:
         merged = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return self.block(merged, cos, sin, mask, token_mask)
+        return self.block(merged, cos, sin, mask, token_mask, cache, start)
 
 
 class MoELM(nn.Module):
@@ -146,27 +153,39 @@ class MoELM(nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> MoELMOutput:
         """Logits for every position; with labels (HF convention, unshifted, -100 ignored) the LM + MTP loss.
 
         attention_mask: [B, T] with 1 for real tokens (padding), or a boolean [B, T, T] / [B, 1, T, T]
         matrix of allowed query->key pairs (e.g. block-diagonal for packed documents; causality is added).
+        cache: a KVCache; the tokens are appended to it and attend to everything cached before them
+        (positions continue per sequence). logits_to_keep: only the last N positions get logits (0 = all).
         """
         batch, seq_len = input_ids.shape
+        token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        start = 0
+        if cache is not None:
+            new_tokens = token_mask if token_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            start, cached_positions = cache.reserve(new_tokens)
+            position_ids = cached_positions if position_ids is None else position_ids
+            fresh_and_full = start == 0 and bool(cache.valid[:, :seq_len].all())
+            mask = None if fresh_and_full else cache.attention_mask(start, seq_len)
+        else:
+            mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
-        mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
         # Padding tokens (2-D mask) are left out of routing statistics and balance losses.
-        token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         routing: dict[int, Routing] = {}
         for block in self.layers:
-            hidden, layer_routing = block(hidden, cos, sin, mask, token_mask)
+            hidden, layer_routing = block(hidden, cos, sin, mask, token_mask, cache, start)
             if layer_routing is not None:
                 routing[block.layer_idx] = layer_routing
         hidden = self.norm(hidden)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         out = MoELMOutput(logits=logits, routing=routing, hidden_states=hidden)
         if labels is not None:
             out.lm_loss = causal_lm_loss(logits, labels)

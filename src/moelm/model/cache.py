@@ -1,0 +1,93 @@
+"""Preallocated KV caches: the compressed MLA latent cache and a standard GQA K/V cache.
+
+A cache holds `capacity` slots per sequence for every layer (and MTP layer). Sequences in a batch share slot
+indices (prompts are left-padded), so one integer `length` says how many slots are filled; `valid` marks which
+of them hold real tokens and `next_position` is each sequence's next RoPE position. Nothing is concatenated per
+step: each forward writes into its slots in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelm.config import ModelConfig
+
+
+class CacheCapacityError(ValueError):
+    """A request needs more cache slots or positions than were allocated."""
+
+
+class KVCache:
+    """Per-layer cache tensors plus the slot bookkeeping shared by all layers."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.config = config
+        self.capacity = capacity
+        self.batch_size = batch_size
+        layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        if config.attention == "mla":
+            # Only the normed latent c and the rotated shared key: kv_lora_rank + qk_rope_head_dim per token.
+            self.first = torch.zeros(layers, batch_size, capacity, config.kv_lora_rank, dtype=dtype, device=device)
+            self.second = torch.zeros(
+                layers, batch_size, capacity, config.qk_rope_head_dim, dtype=dtype, device=device
+            )
+        else:
+            shape = (layers, batch_size, config.num_key_value_heads, capacity, config.gqa_head_dim)
+            self.first = torch.zeros(shape, dtype=dtype, device=device)
+            self.second = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token occupies across all layers."""
+        if self.config.attention == "mla":
+            per_slot = self.first[:, 0, 0].numel() + self.second[:, 0, 0].numel()
+        else:
+            per_slot = self.first[:, 0, :, 0].numel() + self.second[:, 0, :, 0].numel()
+        return per_slot * self.first.element_size()
+
+    def reserve(self, token_mask_BT: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Claim slots for T new tokens; returns the first slot and the new tokens' positions [B, T]."""
+        new = token_mask_BT.shape[1]
+        if self.length + new > self.capacity:
+            raise CacheCapacityError(
+                f"the request needs {self.length + new} cache slots but the cache holds {self.capacity}; "
+                "allocate a larger capacity (prompt length + max_new_tokens)"
+            )
+        positions = self.next_position.unsqueeze(1) + token_mask_BT.long().cumsum(1) - 1
+        positions = positions.clamp(min=0)
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise CacheCapacityError(
+                f"position {int(positions.max())} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        start = self.length
+        self.valid[:, start : start + new] = token_mask_BT.bool()
+        self.next_position += token_mask_BT.long().sum(1)
+        self.length += new
+        return start, positions
+
+    def attention_mask(self, start: int, new: int) -> torch.Tensor:
+        """Boolean [B, 1, new, start+new]: valid slots at or before each query's own slot (itself always)."""
+        end = start + new
+        query_slots = torch.arange(start, end, device=self.valid.device).unsqueeze(1)
+        key_slots = torch.arange(end, device=self.valid.device).unsqueeze(0)
+        allowed = (key_slots <= query_slots).unsqueeze(0) & self.valid[:, None, :end]
+        allowed |= key_slots.unsqueeze(0) == query_slots.unsqueeze(0)
+        return allowed.unsqueeze(1)
+
+    def truncate(self, length: int) -> None:
+        """Forget slots from `length` on (speculative decoding rejects drafted tokens this way)."""
+        dropped = self.valid[:, length : self.length].long().sum(1)
+        self.valid[:, length:] = False
+        self.next_position -= dropped
+        self.length = length
