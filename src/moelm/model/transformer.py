@@ -230,6 +230,31 @@ class MoELM(nn.Module):
             return hidden.new_zeros(())
         return torch.stack(losses).mean()
 
+    def mtp_logits(
+        self,
+        hidden_BTH: torch.Tensor,
+        next_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """The first MTP depth as a draft head: logits for t_{i+2} from the final-normed h_i and t_{i+1}.
+
+        With a cache the MTP block writes its K/V into the cache's MTP layer at slots [start, start + T),
+        the same slots the main model used for positions i, so drafting continues over the whole sequence.
+        """
+        module = self.mtp[0]
+        cos, sin = self.rotary(position_ids_BT, hidden_BTH.dtype)
+        mask = None if cache is None else cache.attention_mask(start, hidden_BTH.shape[1])
+        hidden, _ = module(self.embed_tokens(next_ids_BT), hidden_BTH, cos, sin, mask, None, cache, start)
+        return self.lm_head(module.shared_head_norm(hidden))
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:  # noqa: ANN003
+        """Prompt + new tokens, as transformers' generate; see moelm.infer.generate for every option."""
+        from moelm.infer.generate import generate  # the engine lives above the model; imported on use
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
     # ------------------------------------------------------------------ parameter accounting
     def num_parameters(self, include_mtp: bool = False) -> int:
         """Total parameters (tied weights once); MTP modules only when asked, as DeepSeek reports 671B."""

@@ -1,0 +1,248 @@
+"""Batched generation over a preallocated KV cache: prefill, then one decode step per token.
+
+Prompts of different lengths are left-padded into one batch; per-sequence positions and a slot-validity mask
+keep padding invisible. Each sequence stops on its own (EOS ids, a stop callback, max_new_tokens); finished
+sequences emit `pad_token_id` while the others continue. `stream` yields tokens as they are produced;
+`generate` collects them into prompt + new tokens, as transformers' generate returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moelm.infer.sampling import SamplingParams, draw, sample, token_distribution
+from moelm.model.cache import KVCache
+from moelm.model.transformer import MoELM
+
+StopCheck = Callable[[int, list[int]], bool]  # (sequence index, its new tokens so far) -> stop?
+
+
+@dataclass
+class StepOutput:
+    """Tokens produced for every sequence in one engine step (1, or more when speculation was accepted)."""
+
+    tokens_BN: torch.Tensor  # [B, N] new tokens (pad for finished sequences)
+    finished_B: torch.Tensor  # [B] bool, finished after this step
+
+
+@dataclass
+class GenerationStats:
+    """What a generation cost and, with speculation, how often drafts were accepted."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of different lengths -> left-padded ids [B, T] and attention mask [B, T]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    if eos_token_id is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def stream(
+    model: MoELM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    params: SamplingParams | None = None,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop: StopCheck | None = None,
+    seed: int | None = None,
+    generators: list[torch.Generator] | None = None,
+    speculative: bool = False,
+    stats: GenerationStats | None = None,
+) -> Iterator[StepOutput]:
+    """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced."""
+    params = params or SamplingParams()
+    stats = stats if stats is not None else GenerationStats()
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if speculative and (batch != 1 or not len(model.mtp) or not bool(attention_mask.all())):
+        raise ValueError("speculative decoding needs a model with MTP modules and one unpadded sequence")
+    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
+    eos = _eos_set(eos_token_id, device)
+    if generators is None and seed is not None:
+        generators = [torch.Generator(device=device).manual_seed(seed + row) for row in range(batch)]
+    dtype = model.embed_tokens.weight.dtype
+    capacity = prompt_len + max_new_tokens + (1 if speculative else 0)
+    cache = KVCache(model.config, batch, capacity, dtype=dtype, device=device)
+    history = input_ids.masked_fill(attention_mask == 0, -1)
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stats.prompt_tokens += int(attention_mask.sum())
+
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    if speculative:
+        yield from _speculative_loop(model, cache, out, input_ids, max_new_tokens, params, eos, stop, generators, stats)
+        return
+    for _ in range(max_new_tokens):
+        token = sample(logits, params, generators, history)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        history = torch.cat((history, token.unsqueeze(1)), dim=1)
+        newly_done = torch.isin(token, eos) if eos.numel() else torch.zeros_like(finished)
+        for row in range(batch):
+            if not finished[row]:
+                new_tokens[row].append(int(token[row]))
+                stats.new_tokens += 1
+                if stop is not None and stop(row, new_tokens[row]):
+                    newly_done[row] = True
+        finished = finished | newly_done
+        stats.steps += 1
+        yield StepOutput(token.unsqueeze(1), finished.clone())
+        if bool(finished.all()) or cache.length >= cache.capacity:
+            return
+        logits = model(token.unsqueeze(1), cache=cache).logits[:, -1]
+
+
+def _speculative_loop(
+    model: MoELM,
+    cache: KVCache,
+    prefill,  # noqa: ANN001 - the prompt's MoELMOutput
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos: torch.Tensor,
+    stop: StopCheck | None,
+    generators: list[torch.Generator] | None,
+    stats: GenerationStats,
+) -> Iterator[StepOutput]:
+    """Draft one token with the MTP head, verify it with one 2-token forward, accept by the standard rule.
+
+    Greedy: accept iff the model's argmax equals the draft, so the output is exactly plain greedy. Sampling:
+    accept with probability min(1, p(d) / q(d)), else resample from norm(max(0, p - q)), which leaves the
+    output distribution the model's own (Leviathan et al. 2023).
+
+    Invariant at the top of the loop: the cache holds slots 0..e-1, the MTP layer holds entries for slots
+    0..e-2 (an entry needs the token after its slot), `pending` is the sampled token for slot e.
+    """
+    generator = generators[0] if generators else None
+    eos_ids = set(eos.tolist())
+    produced: list[int] = []
+    history = input_ids.clone()
+
+    def emit(tokens: list[int]) -> tuple[StepOutput, bool]:
+        kept, done = [], False
+        for token in tokens:
+            kept.append(token)
+            produced.append(token)
+            stats.new_tokens += 1
+            done = token in eos_ids or (stop is not None and stop(0, produced)) or len(produced) >= max_new_tokens
+            if done:
+                break
+        return StepOutput(torch.tensor([kept], device=input_ids.device), torch.tensor([done])), done
+
+    hidden = prefill.hidden_states
+    slots = cache.length
+    positions = torch.arange(slots, device=input_ids.device).unsqueeze(0)
+    if slots > 1:  # MTP entries for the prompt: (h_i, token i+1)
+        model.mtp_logits(hidden[:, :-1], input_ids[:, 1:], positions[:, :-1], cache, 0)
+    pending = draw(token_distribution(prefill.logits[:, -1], params, history), generator)
+    history = torch.cat((history, pending.unsqueeze(1)), dim=1)
+    last_hidden, last_position = hidden[:, -1:], positions[:, -1:]
+    step, done = emit([int(pending)])
+    yield step
+    while not done and cache.length + 2 <= cache.capacity:
+        e = cache.length
+        draft_logits = model.mtp_logits(last_hidden, pending.unsqueeze(1), last_position, cache, e - 1)
+        draft_probs = token_distribution(draft_logits[:, -1], params, history)
+        draft = draw(draft_probs, generator)
+        out = model(torch.stack((pending, draft), dim=1), cache=cache)
+        stats.drafted += 1
+        stats.steps += 1
+        target = token_distribution(out.logits[:, 0], params, history)
+        d = int(draft)
+        if params.greedy:
+            accept = int(target[0].argmax()) == d
+        else:
+            ratio = (target[0, d] / draft_probs[0, d].clamp(min=1e-20)).clamp(max=1.0)
+            accept = bool(torch.rand((), generator=generator) < ratio)
+        if accept:
+            stats.accepted += 1
+            history = torch.cat((history, draft.unsqueeze(1)), dim=1)
+            pending = draw(token_distribution(out.logits[:, 1], params, history), generator)
+            slot_e_position = cache.next_position.unsqueeze(1) - 2
+            model.mtp_logits(out.hidden_states[:, :1], draft.unsqueeze(1), slot_e_position, cache, e)
+            last_hidden, last_position = out.hidden_states[:, 1:], slot_e_position + 1
+            emitted = [d, int(pending)]
+        else:
+            cache.truncate(e + 1)
+            residual = target if params.greedy else (target - draft_probs).clamp(min=0)
+            pending = draw(residual / residual.sum(dim=-1, keepdim=True).clamp(min=1e-20), generator)
+            if params.greedy:
+                pending = target.argmax(dim=-1)
+            last_hidden, last_position = out.hidden_states[:, :1], cache.next_position.unsqueeze(1) - 1
+            emitted = [int(pending)]
+        history = torch.cat((history, pending.unsqueeze(1)), dim=1)
+        step, done = emit(emitted)
+        yield step
+
+
+def generate(
+    model: MoELM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    seed: int | None = None,
+    stop: StopCheck | None = None,
+    speculative: bool = False,
+    stats: GenerationStats | None = None,
+) -> torch.Tensor:
+    """Prompt + new tokens [B, T + n] like transformers' generate (finished rows padded with pad_token_id)."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
+    pieces = [
+        step.tokens_BN
+        for step in stream(
+            model,
+            input_ids,
+            max_new_tokens,
+            params,
+            attention_mask,
+            eos_token_id,
+            pad,
+            stop,
+            seed,
+            None,
+            speculative,
+            stats,
+        )
+    ]
+    new = torch.cat(pieces, dim=1) if pieces else input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.cat((input_ids, new[:, :max_new_tokens]), dim=1)
