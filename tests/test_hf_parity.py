@@ -169,3 +169,17 @@ def test_router_tensors_stay_float32_when_loading_bfloat16(tmp_path):
     assert model.layers[1].mlp.experts.down_proj.dtype == torch.bfloat16
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
         assert handle.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+
+
+def test_greedy_generation_matches_transformers_token_for_token(tmp_path):
+    from moelm.infer import left_pad
+
+    hf = random_hf_model(q_lora_rank=48, n_group=2, topk_group=1, first_k_dense_replace=1, initializer_range=0.2)
+    hf.save_pretrained(tmp_path)
+    ours = MoELM.from_pretrained(tmp_path)
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22]])
+    eos = hf.config.eos_token_id
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
+    ours_out = ours.generate(ids, 64, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours_out[:, : expected.shape[1]], expected)
+    assert (ours_out[:, expected.shape[1] :] == 0).all()  # HF trims columns once every row has stopped

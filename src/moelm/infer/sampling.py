@@ -40,9 +40,8 @@ def apply_repetition_penalty(logits_BV: torch.Tensor, history_BS: torch.Tensor, 
     History entries < 0 (padding) are ignored."""
     if penalty == 1.0 or history_BS.numel() == 0:
         return logits_BV
-    seen = torch.zeros_like(logits_BV, dtype=torch.bool)
-    valid = history_BS >= 0
-    seen.scatter_(1, history_BS.clamp(min=0), valid)
+    valid = (history_BS >= 0).to(logits_BV.dtype)
+    seen = torch.zeros_like(logits_BV).scatter_add_(1, history_BS.clamp(min=0), valid) > 0
     penalised = torch.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
     return torch.where(seen, penalised, logits_BV)
 

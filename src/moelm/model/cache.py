@@ -35,9 +35,7 @@ class KVCache:
         if config.attention == "mla":
             # Only the normed latent c and the rotated shared key: kv_lora_rank + qk_rope_head_dim per token.
             self.first = torch.zeros(layers, batch_size, capacity, config.kv_lora_rank, dtype=dtype, device=device)
-            self.second = torch.zeros(
-                layers, batch_size, capacity, config.qk_rope_head_dim, dtype=dtype, device=device
-            )
+            self.second = torch.zeros(layers, batch_size, capacity, config.qk_rope_head_dim, dtype=dtype, device=device)
         else:
             shape = (layers, batch_size, config.num_key_value_heads, capacity, config.gqa_head_dim)
             self.first = torch.zeros(shape, dtype=dtype, device=device)
@@ -67,8 +65,7 @@ class KVCache:
         positions = positions.clamp(min=0)
         if int(positions.max()) >= self.config.max_position_embeddings:
             raise CacheCapacityError(
-                f"position {int(positions.max())} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}"
+                f"position {int(positions.max())} exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
         start = self.length
         self.valid[:, start : start + new] = token_mask_BT.bool()

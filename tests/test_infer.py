@@ -1,0 +1,187 @@
+"""Inference: sampling rules, cached decode == full recompute, batched generation, stopping, speculation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from moelm import MoELM
+from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
+from moelm.infer.sampling import apply_repetition_penalty, filter_logits
+from moelm.model.cache import CacheCapacityError, KVCache
+
+
+def naive_greedy(model: MoELM, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Full recompute every step, no cache: the reference the engine must reproduce."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat((ids, model(ids).logits[:, -1:].argmax(-1)), dim=1)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_greedy_is_argmax_and_repetition_penalty_follows_the_ctrl_rule():
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.0]])
+    assert sample(logits, SamplingParams()).item() == 0
+    penalised = apply_repetition_penalty(logits, torch.tensor([[0, 1, -1]]), 2.0)
+    torch.testing.assert_close(penalised, torch.tensor([[1.0, -2.0, 1.5, 0.0]]))
+    assert sample(logits, SamplingParams(repetition_penalty=2.0), history_BS=torch.tensor([[0]])).item() == 2
+
+
+def test_top_k_top_p_and_min_p_keep_the_expected_tokens():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.1]])
+    logits = probs.log()
+    kept = lambda masked: torch.isfinite(masked[0]).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.7)) == [0, 1]  # 0.5 < 0.7 <= 0.75
+    assert kept(filter_logits(logits, top_p=0.75)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.76)) == [0, 1, 2]
+    assert kept(filter_logits(logits, min_p=0.3)) == [0, 1, 2]  # 0.15 >= 0.3 * 0.5
+    assert kept(filter_logits(logits, top_p=0.01)) == [0]
+
+
+def test_seeded_sampling_is_reproducible_and_per_row_generators_are_independent():
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=1.0)
+    first = sample(logits, params, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    second = sample(logits, params, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    assert torch.equal(first, second)
+    alone = sample(logits[1:2], params, [torch.Generator().manual_seed(2)])
+    assert alone.item() == first[1].item()
+
+
+@pytest.mark.parametrize(("field", "value"), [("temperature", -1.0), ("top_p", 0.0), ("min_p", 1.0), ("top_k", -2)])
+def test_invalid_sampling_parameters_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"invalid {field}="):
+        SamplingParams(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------- cache
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_cached_decode_logits_equal_full_recompute(attention):
+    model = MoELM(tiny_config(attention=attention, num_key_value_heads=2 if attention == "gqa" else 4)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config, 2, 16)
+        pieces = [model(ids[:, :5], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_absorbed_and_expanded_mla_agree_over_the_latent_cache():
+    model = MoELM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    attn = model.layers[0].self_attn
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        cache = KVCache(model.config, 1, 16)
+        model(ids, cache=cache)
+        start, positions = cache.reserve(torch.ones(1, 3, dtype=torch.bool))
+        cos, sin = model.rotary(positions, x.dtype)
+        mask = cache.attention_mask(start, 3)
+        absorbed = attn(x, cos, sin, mask, cache, 0, start, absorb=True)
+        expanded = attn(x, cos, sin, mask, cache, 0, start, absorb=False)
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
+
+
+def test_mla_cache_stores_only_latent_and_rope_key():
+    config = tiny_config()
+    cache = KVCache(config, batch_size=1, capacity=4)
+    per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    assert cache.bytes_per_token == config.num_hidden_layers * per_layer * 4
+
+
+def test_requests_beyond_cache_or_positions_fail_clearly():
+    model = MoELM(tiny_config(max_position_embeddings=16)).eval()
+    with pytest.raises(CacheCapacityError, match="cache slots"):
+        model(torch.randint(0, 97, (1, 9)), cache=KVCache(model.config, 1, 8))
+    with pytest.raises(CacheCapacityError, match="max_position_embeddings=16"):
+        model.generate(torch.randint(0, 97, (1, 10)), max_new_tokens=10)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def test_batched_left_padded_generation_matches_each_prompt_alone():
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
+    ids, mask = left_pad(prompts)
+    batched = model.generate(ids, 12, attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        alone = naive_greedy(model, torch.tensor([prompt]), 12)
+        assert batched[row, -12:].tolist() == alone[0, -12:].tolist()
+
+
+def test_each_sequence_stops_on_its_own_eos_and_then_pads():
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    ids = torch.randint(3, 97, (2, 4))
+    free = model.generate(ids, 8)
+    eos = int(free[0, 6])  # row 0's 3rd new token becomes its EOS
+    out = model.generate(ids, 8, eos_token_id=eos, pad_token_id=0)
+    stop_at = (free[0, 4:] == eos).nonzero()[0].item()
+    assert out[0, 4 + stop_at].item() == eos
+    assert (out[0, 5 + stop_at :] == 0).all()
+    if eos not in free[1, 4:].tolist():
+        assert torch.equal(out[1], free[1])
+
+
+def test_stream_yields_the_same_tokens_as_generate_and_stop_callbacks_end_a_row():
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    ids = torch.randint(3, 97, (1, 5))
+    streamed = [step.tokens_BN[0, 0].item() for step in stream(model, ids, 6)]
+    assert streamed == model.generate(ids, 6)[0, 5:].tolist()
+    stopped = list(stream(model, ids, 6, stop=lambda row, tokens: len(tokens) == 2))
+    assert len(stopped) == 2 and stopped[-1].finished_B.all()
+
+
+def test_greedy_generation_is_reproducible_with_seeded_sampling():
+    model = MoELM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    first = model.generate(ids, 8, temperature=1.0, top_p=0.9, seed=7)
+    assert torch.equal(first, model.generate(ids, 8, temperature=1.0, top_p=0.9, seed=7))
+
+
+# ---------------------------------------------------------------------------------------------- speculation
+def test_cached_mtp_draft_logits_equal_uncached():
+    model = MoELM(tiny_config(num_nextn_predict_layers=1)).eval()
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        hidden = model(ids).hidden_states
+        positions = torch.arange(7)[None]
+        full = model.mtp_logits(hidden[:, :-1], ids[:, 1:], positions)
+        cache = KVCache(model.config, 1, 8)
+        model(ids, cache=cache)
+        head = model.mtp_logits(hidden[:, :4], ids[:, 1:5], positions[:, :4], cache, 0)
+        tail = [
+            model.mtp_logits(hidden[:, t : t + 1], ids[:, t + 1 : t + 2], positions[:, t : t + 1], cache, t)
+            for t in range(4, 7)
+        ]
+    torch.testing.assert_close(torch.cat([head] + tail, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_speculative_greedy_equals_plain_greedy_and_accepts_drafts_of_a_trained_head():
+    torch.manual_seed(0)
+    model = MoELM(tiny_config(num_nextn_predict_layers=1, mtp_loss_weight=1.0))
+    pattern = torch.tensor([5, 9, 2, 7, 3, 11])
+    data = pattern.repeat(4)[None].expand(4, -1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(data, labels=data).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    prompt = pattern[None, :4]
+    stats = GenerationStats()
+    speculative = model.generate(prompt, 20, speculative=True, stats=stats)
+    assert torch.equal(speculative, naive_greedy(model, prompt, 20))
+    assert stats.acceptance_rate > 0.8
+    assert stats.steps < 15  # accepted drafts emit two tokens per model step
+
+
+def test_speculative_sampling_runs_and_respects_max_new_tokens():
+    model = MoELM(tiny_config(num_nextn_predict_layers=1)).eval()
+    out = model.generate(torch.randint(0, 97, (1, 4)), 9, temperature=0.8, speculative=True, seed=1)
+    assert out.shape == (1, 13)
+    with pytest.raises(ValueError, match="MTP"):
+        MoELM(tiny_config()).generate(torch.zeros(1, 3, dtype=torch.long), 2, speculative=True)
