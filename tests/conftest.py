@@ -36,3 +36,24 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def save_tiny_model_with_tokenizer(directory, **overrides):
+    """A saved tiny model plus a byte-level BPE tokenizer.json trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moelm import MoELM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "two plus two is four", "<think> hmm </think> yes"]
+    tokenizer.train_from_iterator(text * 20, trainer)
+    vocab = tokenizer.get_vocab_size()
+    model = MoELM(tiny_config(vocab_size=vocab, bos_token_id=0, eos_token_id=1, initializer_range=0.2, **overrides))
+    model.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return model, tokenizer

@@ -32,3 +32,34 @@ def test_unknown_preset_is_a_one_line_error(capsys):
     assert main(["info", "no-such-preset"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moelm: error:") and "tiny" in err and "Traceback" not in err
+
+
+def test_generate_prints_a_completion_and_tokens_per_second(capsys, tmp_path):
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.infer.text import TextGenerator
+
+    model, tokenizer = save_tiny_model_with_tokenizer(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    expected = TextGenerator(model.eval(), tokenizer).generate(["the quick"], 5)[0]
+    assert captured.out.rstrip("\n") == expected
+    assert "tokens/s" in captured.err
+    assert main([*argv, "--stream", "--temperature", "0.7", "--seed", "3"]) == 0
+
+
+def test_generate_without_tokenizer_is_a_one_line_error(capsys, tmp_path):
+    MoELM(ModelConfig()).save_pretrained(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+
+
+def test_chat_answers_each_turn(monkeypatch, capsys, tmp_path):
+    from conftest import save_tiny_model_with_tokenizer
+
+    save_tiny_model_with_tokenizer(tmp_path)
+    answers = iter(["two plus two", ""])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(answers))
+    assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().err.count("tokens/s") == 1

@@ -185,3 +185,21 @@ def test_speculative_sampling_runs_and_respects_max_new_tokens():
     assert out.shape == (1, 13)
     with pytest.raises(ValueError, match="MTP"):
         MoELM(tiny_config()).generate(torch.zeros(1, 3, dtype=torch.long), 2, speculative=True)
+
+
+def test_text_stream_stops_at_stop_strings_and_thinking_is_dimmed_or_hidden(tmp_path):
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.infer.text import TextGenerator, render_thinking
+
+    model, tokenizer = save_tiny_model_with_tokenizer(tmp_path)
+    generator = TextGenerator(model.eval(), tokenizer)
+    full = "".join(generator.stream("the quick", 12))
+    assert full == generator.generate(["the quick"], 12)[0]
+    if len(full) > 3:
+        stop = full[2:4]
+        assert stop not in "".join(generator.stream("the quick", 12, stop_strings=[stop]))
+    shown, inside = render_thinking("a<think>b", show=True, inside=False)
+    assert shown == "a\033[2mb\033[0m" and inside
+    hidden, inside = render_thinking("c</think>d", show=False, inside=True)
+    assert hidden == "d" and not inside

@@ -88,6 +88,76 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"saved HF DeepseekV3 directory to {args.save}")
 
 
+def _sampling(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams
+    from moelm.infer.sampling import SamplingParams
+
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Complete one prompt (streamed with --stream), then report tokens/s."""
+    from moelm.infer.generate import GenerationStats
+    from moelm.infer.text import TextGenerator
+
+    generator = TextGenerator.from_pretrained(args.model)
+    stats = GenerationStats()
+    start = time.perf_counter()
+    pieces = generator.stream(
+        args.prompt, args.max_new_tokens, _sampling(args), args.stop, args.seed, stats, args.speculative
+    )
+    if args.stream:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print("".join(pieces))
+    elapsed = time.perf_counter() - start
+    extra = f", draft acceptance {stats.acceptance_rate:.0%}" if args.speculative else ""
+    print(f"[{stats.new_tokens} tokens, {stats.new_tokens / elapsed:.1f} tokens/s{extra}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Interactive chat: role template, <think> shown dimmed (or hidden), tokens/s after each answer."""
+    from moelm.infer.generate import GenerationStats
+    from moelm.infer.text import TextGenerator, format_chat, render_thinking
+
+    generator = TextGenerator.from_pretrained(args.model)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("moelm chat: empty line or Ctrl-D to leave", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        stats, answer, inside = GenerationStats(), [], False
+        start = time.perf_counter()
+        for piece in generator.stream(
+            format_chat(messages), args.max_new_tokens, _sampling(args), ["<|"], args.seed, stats
+        ):
+            answer.append(piece)
+            shown, inside = render_thinking(piece, not args.hide_think, inside)
+            print(shown, end="", flush=True)
+        elapsed = time.perf_counter() - start
+        print(f"\n[{stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory with tokenizer.json")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="moelm", description=__doc__)
@@ -104,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--save", type=Path, default=None, help="also write the model as an HF directory")
     demo.set_defaults(func=cmd_demo)
+
+    generate = sub.add_parser("generate", help="complete a prompt with a model directory")
+    _add_sampling_args(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    generate.add_argument("--speculative", action="store_true", help="draft with the model's MTP head")
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with a model directory")
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--hide-think", action="store_true", help="hide <think> reasoning instead of dimming it")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -112,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"moelm: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,113 @@
+"""Decode throughput: moelm's cached engine vs transformers' generate on the same weights.
+
+For each preset, dtype and batch size: prompt of 64 tokens, 128 new tokens, greedy, no EOS; both sides must
+produce the same tokens (checked in float32). Also moelm with MTP speculation (acceptance rate reported; an
+untrained MTP head rarely agrees, so speculation only pays off on trained models) and the decode roofline:
+bytes a token must read (active parameters + KV cache) over the copy bandwidth measured in this run.
+
+    python benchmarks/decode.py [--presets tiny,small] [--dtypes float32,bfloat16] [--batches 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from moelm import MoELM, load_config
+from moelm.infer import GenerationStats
+from moelm.model.cache import KVCache
+
+
+def copy_bandwidth(megabytes: int = 512) -> float:
+    """Bytes per second read + written by a large tensor copy."""
+    src = torch.empty(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src)
+    return 3 * 2 * src.numel() * 4 / (time.perf_counter() - start)
+
+
+def timed(fn) -> tuple[float, object]:  # noqa: ANN001
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="tiny,small")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    bandwidth = copy_bandwidth()
+    results: dict[str, float] = {"copy_gb_s": bandwidth / 1e9}
+    print(f"{'preset':<6} {'dtype':<9} {'batch':>5} {'moelm tok/s':>12} {'HF tok/s':>9} {'ratio':>6} {'roofline':>9}")
+    for preset in args.presets.split(","):
+        config = load_config(preset)
+        torch.manual_seed(0)
+        base = MoELM(config).eval()
+        with tempfile.TemporaryDirectory() as directory:
+            base.save_pretrained(directory)
+            hf_models = {
+                d: AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, d)).eval()
+                for d in args.dtypes.split(",")
+            }
+        cache = KVCache(config, 1, 1)
+        expanded = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+        results[f"{preset}_kv_bytes_per_token_mla"] = cache.bytes_per_token
+        results[f"{preset}_kv_bytes_per_token_expanded"] = expanded * 4
+        for dtype_name, hf in hf_models.items():
+            dtype = getattr(torch, dtype_name)
+            ours = base.to(dtype)
+            active_bytes = ours.num_active_parameters() * torch.finfo(dtype).bits // 8
+            for batch in (int(b) for b in args.batches.split(",")):
+                ids = torch.randint(3, config.vocab_size, (batch, args.prompt))
+                with torch.inference_mode():
+                    ours.generate(ids[:, :8], 4)  # warm-up
+                    t_ours, out_ours = timed(lambda: ours.generate(ids, args.new))  # noqa: B023
+                    t_hf, out_hf = timed(
+                        lambda: hf.generate(  # noqa: B023
+                            ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None
+                        )
+                    )
+                same = bool(torch.equal(out_ours, out_hf))
+                tokens = batch * args.new
+                kv_bytes = cache.bytes_per_token // 4 * torch.finfo(dtype).bits // 8 * (args.prompt + args.new // 2)
+                limit = bandwidth / 2 / (active_bytes + batch * kv_bytes) * batch  # reads only: half a copy
+                key = f"{preset}_{dtype_name}_b{batch}"
+                row = {
+                    "moelm_tok_s": tokens / t_ours,
+                    "hf_tok_s": tokens / t_hf,
+                    "ratio": t_hf / t_ours,
+                    "roofline_frac": tokens / t_ours / limit,
+                    "same_tokens": float(same),
+                }
+                results.update({f"{key}_{k}": v for k, v in row.items()})
+                print(
+                    f"{preset:<6} {dtype_name:<9} {batch:>5} {row['moelm_tok_s']:>12,.1f} {row['hf_tok_s']:>9,.1f} "
+                    f"{row['ratio']:>5.2f}x {row['roofline_frac']:>8.1%}" + ("" if same else "  (tokens differ)"),
+                    flush=True,
+                )
+            if config.num_nextn_predict_layers and dtype == torch.float32:
+                ids = torch.randint(3, config.vocab_size, (1, args.prompt))
+                stats = GenerationStats()
+                with torch.inference_mode():
+                    t_spec, _ = timed(lambda: ours.generate(ids, args.new, speculative=True, stats=stats))  # noqa: B023
+                results[f"{preset}_speculative_tok_s"] = args.new / t_spec
+                results[f"{preset}_speculative_acceptance"] = stats.acceptance_rate
+                print(f"{preset:<6} {'mtp-spec':<9} {1:>5} {args.new / t_spec:>12,.1f}  acceptance {stats.acceptance_rate:.0%}")
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Text in, text out: a model directory's tokenizer around the token-level engine.
+
+A model directory is self-contained: `tokenizer.json` (HF tokenizers) sits beside `config.json`. Stop strings
+are checked on the decoded text of each sequence; streaming yields text pieces as tokens arrive (a piece is
+emitted once it decodes cleanly, so multi-byte characters are never split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelm.infer.generate import GenerationStats, left_pad, stream
+from moelm.infer.sampling import SamplingParams
+from moelm.model.transformer import MoELM
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def load_tokenizer(model_dir: str | Path):  # noqa: ANN201 - tokenizers.Tokenizer (optional import)
+    """The directory's tokenizer.json, with a clear error when there is none."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a model directory needs tokenizer.json to take text prompts")
+    return Tokenizer.from_file(str(path))
+
+
+def format_chat(messages: Sequence[dict[str, str]]) -> str:
+    """Plain role-tagged transcript ending with the assistant's turn (the fine-tuning issue brings Jinja)."""
+    lines = [f"<|{m['role']}|>\n{m['content']}" for m in messages]
+    return "\n".join(lines) + "\n<|assistant|>\n"
+
+
+@dataclass
+class TextGenerator:
+    """Generate text from a moelm model directory (or a model and tokenizer in memory)."""
+
+    model: MoELM
+    tokenizer: object
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
+        return cls(MoELM.from_pretrained(model_dir, dtype=dtype), load_tokenizer(model_dir))
+
+    def _eos_ids(self) -> list[int]:
+        ids = [self.model.config.eos_token_id] if self.model.config.eos_token_id is not None else []
+        for token in ("</s>", "<|endoftext|>", "<|eos|>"):
+            token_id = self.tokenizer.token_to_id(token)
+            if token_id is not None:
+                ids.append(token_id)
+        return ids
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        params: SamplingParams | None = None,
+        stop_strings: Sequence[str] = (),
+        seed: int | None = None,
+        stats: GenerationStats | None = None,
+        speculative: bool = False,
+    ) -> Iterator[str]:
+        """Yield decoded text pieces of one completion as they are produced."""
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        new: list[int] = []
+        emitted = ""
+
+        def hit_stop(_row: int, tokens: list[int]) -> bool:
+            text = self.tokenizer.decode(tokens)
+            return any(s in text for s in stop_strings)
+
+        steps = stream(
+            self.model,
+            torch.tensor([ids]),
+            max_new_tokens,
+            params,
+            eos_token_id=self._eos_ids(),
+            stop=hit_stop if stop_strings else None,
+            seed=seed,
+            speculative=speculative,
+            stats=stats,
+        )
+        for step in steps:
+            new.extend(step.tokens_BN[0].tolist())
+            text = _cut_at_stop(self.tokenizer.decode(new), stop_strings)
+            if text.startswith(emitted) and not text.endswith("\ufffd"):
+                yield text[len(emitted) :]
+                emitted = text
+        text = _cut_at_stop(self.tokenizer.decode(new), stop_strings)
+        if text != emitted and text.startswith(emitted):  # whatever was held back for a partial character
+            yield text[len(emitted) :]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, **kwargs) -> list[str]:  # noqa: ANN003
+        """Completions for a batch of prompts (left-padded into one batch)."""
+        encoded = [self.tokenizer.encode(p).ids for p in prompts]
+        ids, mask = left_pad(encoded)
+        out = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self._eos_ids(), **kwargs)
+        eos = set(self._eos_ids())
+        texts = []
+        for row in out[:, ids.shape[1] :].tolist():
+            kept = []
+            for token in row:
+                if token in eos:
+                    break
+                kept.append(token)
+            texts.append(self.tokenizer.decode(kept))
+        return texts
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cuts = [text.index(s) for s in stop_strings if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def render_thinking(text: str, show: bool, inside: bool) -> tuple[str, bool]:
+    """ANSI-dim the parts of a streamed piece inside <think>...</think> (or drop them when show=False)."""
+    out = []
+    while text:
+        marker = THINK_CLOSE if inside else THINK_OPEN
+        head, found, text = text.partition(marker)
+        if inside:
+            out.append(f"\033[2m{head}\033[0m" if show and head else "")
+        else:
+            out.append(head)
+        if found:
+            inside = not inside
+    return "".join(out), inside
