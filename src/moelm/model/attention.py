@@ -28,7 +28,9 @@ def attend(
     if value_dim != q_BhTd.shape[-1]:
         v_BhTe = F.pad(v_BhTe, (0, q_BhTd.shape[-1] - value_dim))
     if mask is None:
-        out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, is_causal=True, scale=scale)
+        # Same lengths: causal. A lone decode query over a cache sees every key (callers mask otherwise).
+        causal = q_BhTd.shape[-2] == k_BhTd.shape[-2]
+        out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, is_causal=causal, scale=scale)
     else:
         out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, attn_mask=mask, scale=scale)
     return out[..., :value_dim]

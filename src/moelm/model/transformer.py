@@ -170,8 +170,11 @@ class MoELM(nn.Module):
             new_tokens = token_mask if token_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             start, cached_positions = cache.reserve(new_tokens)
             position_ids = cached_positions if position_ids is None else position_ids
-            fresh_and_full = start == 0 and bool(cache.valid[:, :seq_len].all())
-            mask = None if fresh_and_full else cache.attention_mask(start, seq_len)
+            # No mask needed when every slot is a real token and the queries are the first prefill (causal)
+            # or a single decode token (it sees every earlier slot).
+            all_valid = bool(cache.valid[:, : start + seq_len].all())
+            needs_mask = not all_valid or (start > 0 and seq_len > 1)
+            mask = cache.attention_mask(start, seq_len) if needs_mask else None
         else:
             mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
         if position_ids is None:
