@@ -77,7 +77,11 @@ def main() -> None:
                     t_ours, out_ours = timed(lambda: ours.generate(ids, args.new))  # noqa: B023
                     t_hf, out_hf = timed(
                         lambda: hf.generate(  # noqa: B023
-                            ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None
+                            ids,
+                            max_new_tokens=args.new,
+                            min_new_tokens=args.new,
+                            do_sample=False,
+                            eos_token_id=None,
                         )
                     )
                 same = bool(torch.equal(out_ours, out_hf))
@@ -105,7 +109,9 @@ def main() -> None:
                     t_spec, _ = timed(lambda: ours.generate(ids, args.new, speculative=True, stats=stats))  # noqa: B023
                 results[f"{preset}_speculative_tok_s"] = args.new / t_spec
                 results[f"{preset}_speculative_acceptance"] = stats.acceptance_rate
-                print(f"{preset:<6} {'mtp-spec':<9} {1:>5} {args.new / t_spec:>12,.1f}  acceptance {stats.acceptance_rate:.0%}")
+                print(
+                    f"{preset:<6} {'mtp-spec':<9} {1:>5} {args.new / t_spec:>12,.1f}  acceptance {stats.acceptance_rate:.0%}"
+                )
     print(json.dumps({k: round(v, 4) for k, v in results.items()}))
 
 

@@ -158,6 +158,39 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Pre-train from a recipe into OUT (checkpoints, metrics.jsonl, model/), optionally resuming."""
+    from moelm.train.recipe import load_recipe
+    from moelm.train.trainer import Trainer
+
+    recipe = load_recipe(args.config, args.set)
+    Trainer(recipe, args.out).run(resume=args.resume)
+    print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
+
+
+def cmd_data_builtin(args: argparse.Namespace) -> None:
+    """Write the built-in corpus as JSONL (text, domain, difficulty, prompt, answer)."""
+    import json
+
+    from moelm.data.builtin import builtin_corpus
+
+    with open(args.out, "w") as handle:
+        for record in builtin_corpus(args.num_records, seed=args.seed):
+            handle.write(json.dumps(record.to_dict()) + "\n")
+    print(f"wrote {args.num_records} records to {args.out}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    """Train a byte-level BPE tokenizer on a data source and save tokenizer.json."""
+    from moelm.data.sources import iter_documents
+    from moelm.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(iter_documents(args.data, args.text_field), vocab_size=args.vocab_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(args.out / "tokenizer.json"))
+    print(f"tokenizer with {tokenizer.get_vocab_size()} tokens saved to {args.out / 'tokenizer.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="moelm", description=__doc__)
@@ -188,6 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--hide-think", action="store_true", help="hide <think> reasoning instead of dimming it")
     chat.set_defaults(func=cmd_chat)
+
+    pretrain = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
+    pretrain.add_argument("--config", type=Path, default=None, help="recipe YAML (default: built-in defaults)")
+    pretrain.add_argument("--out", type=Path, required=True, help="output directory")
+    pretrain.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    builtin = data.add_parser("builtin", help="write the built-in multi-domain corpus as JSONL")
+    builtin.add_argument("--out", type=Path, required=True)
+    builtin.add_argument("--num-records", type=int, default=1000)
+    builtin.add_argument("--seed", type=int, default=0)
+    builtin.set_defaults(func=cmd_data_builtin)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer utilities").add_subparsers(dest="tok_command", required=True)
+    tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    tok_train.add_argument("--data", required=True, help="'builtin', a .jsonl/.txt file or a folder")
+    tok_train.add_argument("--text-field", default="text")
+    tok_train.add_argument("--vocab-size", type=int, default=2048)
+    tok_train.add_argument("--out", type=Path, required=True)
+    tok_train.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 
@@ -196,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"moelm: error: {error}", file=sys.stderr)
         return 2
     return 0

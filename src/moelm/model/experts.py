@@ -22,16 +22,17 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 def resolve_backend(requested: str, x: torch.Tensor, rows: int | None = None, num_experts: int = 1) -> str:
     """Pick the dispatch kernel: one grouped GEMM where torch has a fast one, else a GEMM per expert.
 
-    Measured with torch 2.13 on 2 CPU cores (E=64, k=6, H=1024, I=512, forward+backward): grouped_mm beats the
-    loop in float32 (2.6 s vs 3.7 s at T=4096), but torch's CPU grouped_mm in bf16 has no fp32 fast path and is
-    ~10x slower on CPUs without bf16 hardware, where the loop (through `linear`) wins.
+    Measured with torch 2.13 on 2 CPU cores: with gradients grouped_mm beats the loop in float32 (E=64, k=6,
+    H=1024, I=512, T=4096: 2.6 s vs 3.7 s forward+backward), but forward-only it is slower (small preset
+    forward: 0.83x vs 1.23x transformers), and torch's CPU grouped_mm in bf16 is ~10x slower on CPUs without
+    bf16 hardware, where the loop (through `linear`) wins.
     """
     if requested == "loop" or _grouped_mm is None:
         return "loop"
     if requested == "grouped_mm":
         return "grouped_mm"
-    if rows is not None and rows < 8 * num_experts and not x.is_cuda:
-        return "loop"  # CPU grouped_mm visits every expert, even empty ones; decode-sized batches hit few
+    if not x.is_cuda and (not torch.is_grad_enabled() or (rows is not None and rows < 8 * num_experts)):
+        return "loop"  # CPU: faster without autograd, and grouped_mm visits every expert, even empty ones
     if x.is_cuda:
         return "grouped_mm" if x.dtype in (torch.bfloat16, torch.float32) else "loop"
     if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16()):

@@ -1,0 +1,52 @@
+"""Tokenizers through HF `tokenizers`: train a byte-level BPE on a corpus, or load any tokenizer.json.
+
+Special tokens cover what the later stages need (BOS/EOS/pad, chat roles, R1-style <think> tags), so one
+tokenizer serves pre-training, fine-tuning and serving; it is saved as `tokenizer.json` in the model directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
+    """Byte-level BPE trained on `texts`; special tokens get the first ids (BOS 0, EOS 1, PAD 2)."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(
+            f"invalid vocab_size={vocab_size}: must be at least {len(SPECIAL_TOKENS) + 256} (bytes + specials)"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def load_tokenizer_file(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json (a file or a directory holding one), naming the file when it is missing."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer file {file} not found")
+    return Tokenizer.from_file(str(file))
+
+
+def special_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a special token, with a clear error for tokenizers that lack it."""
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {token!r} token")
+    return token_id

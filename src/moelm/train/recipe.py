@@ -1,0 +1,156 @@
+"""Training recipes: YAML with sections model, data, optim, train, log; every key overridable as a.b=value.
+
+Unknown keys and invalid values fail before anything runs, naming the key, so a typo never trains for an hour
+with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moelm.config import ConfigError, ModelConfig, load_config
+
+
+@dataclass
+class DataSection:
+    source: str = "builtin"  # 'builtin', a .jsonl file, a .txt file or a folder of .txt files
+    text_field: str = "text"
+    builtin_records: int = 4000
+    tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the corpus
+    vocab_size: int = 2048
+    seq_len: int = 256
+    val_fraction: float = 0.05
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    save_every: int = 100
+    keep_last: int = 2
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    max_skipped: int = 5
+
+
+@dataclass
+class LogSection:
+    sample_prompts: list[str] = field(default_factory=lambda: ["Question: What is 12 + 7?\nAnswer:", "def add_3(x):"])
+    sample_tokens: int = 32
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataSection
+    optim: OptimSection
+    train: TrainSection
+    log: LogSection
+
+    def validate(self) -> None:
+        """Cross-section checks that dataclass defaults cannot express."""
+        checks = [
+            (
+                "data.seq_len",
+                self.data.seq_len,
+                2 <= self.data.seq_len <= self.model.max_position_embeddings,
+                f"2..model.max_position_embeddings={self.model.max_position_embeddings}",
+            ),
+            ("data.val_fraction", self.data.val_fraction, 0 <= self.data.val_fraction < 1, "in [0, 1)"),
+            ("optim.schedule", self.optim.schedule, self.optim.schedule in ("cosine", "wsd"), "cosine or wsd"),
+            ("optim.lr", self.optim.lr, self.optim.lr > 0, "a positive number"),
+            ("train.max_steps", self.train.max_steps, self.train.max_steps > 0, "a positive integer"),
+            ("train.batch_size", self.train.batch_size, self.train.batch_size > 0, "a positive integer"),
+            ("train.grad_accum", self.train.grad_accum, self.train.grad_accum > 0, "a positive integer"),
+            ("train.save_every", self.train.save_every, self.train.save_every > 0, "a positive integer"),
+            ("train.keep_last", self.train.keep_last, self.train.keep_last > 0, "a positive integer"),
+        ]
+        for key, value, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"invalid {key}={value!r}: must be {allowed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            **{name: dataclasses.asdict(getattr(self, name)) for name in ("data", "optim", "train", "log")},
+        }
+
+
+SECTIONS = {"data": DataSection, "optim": OptimSection, "train": TrainSection, "log": LogSection}
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"invalid override {item!r}: expected section.key=value, e.g. train.max_steps=100")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section not in ("model", *SECTIONS):
+            raise ConfigError(f"unknown recipe section {section!r} in {item!r}; sections: model, {', '.join(SECTIONS)}")
+        target = raw.setdefault(section, {})
+        if isinstance(target, str):  # model given as a preset name: overrides extend it
+            target = raw[section] = {"preset": target}
+        target[name] = _parse_value(value)
+    return raw
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str):  # noqa: ANN202
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; allowed: {sorted(allowed)}")
+    return cls(**values)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (or start from defaults), apply overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping with sections model, {', '.join(SECTIONS)}")
+    raw = apply_overrides(raw, overrides or [])
+    unknown = sorted(set(raw) - {"model", *SECTIONS})
+    if unknown:
+        raise ConfigError(f"unknown recipe section(s) {unknown}; sections: model, {', '.join(SECTIONS)}")
+    model_raw = raw.get("model", "tiny")
+    if isinstance(model_raw, str):
+        model_raw = {"preset": model_raw}
+    model_raw = dict(model_raw)
+    preset = model_raw.pop("preset", None)
+    base = load_config(preset).to_dict() if preset else {}
+    model = ModelConfig.from_dict({**base, **model_raw})
+    sections = {name: _build_section(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    recipe = Recipe(model=model, **sections)
+    recipe.validate()
+    return recipe

@@ -1,0 +1,320 @@
+"""The pre-training loop: deterministic data order, AdamW with warmup + cosine or WSD, accumulation, clipping,
+non-finite step skipping, balancing-bias hook, metrics, held-out perplexity, atomic checkpoints, exact resume.
+
+The trainer knows nothing of MoE internals: it sums the loss the model returns (LM + MTP + balance losses),
+logs the routing telemetry, and lets the BiasBalancer update biases after each optimizer step. Resuming restores
+weights, optimizer state, RNG state, schedule position and data cursor, so an interrupted run that resumes ends
+with bitwise the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelm.data.packing import batch_inputs, pack_documents
+from moelm.data.sources import DataError, iter_documents
+from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
+from moelm.model.balance import BiasBalancer
+from moelm.model.telemetry import CollapseMonitor, routing_metrics
+from moelm.model.transformer import MoELM
+from moelm.train.checkpoint import load_latest, save_checkpoint
+from moelm.train.recipe import Recipe
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps); a checkpoint was saved first."""
+
+
+def learning_rate(step: int, recipe: Recipe) -> float:
+    """Warmup to optim.lr, then cosine to lr * min_lr_ratio, or WSD: stable, then a linear decay."""
+    optim, total = recipe.optim, recipe.train.max_steps
+    floor = optim.lr * optim.min_lr_ratio
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "wsd":
+        decay_start = int(total * (1 - optim.decay_fraction))
+        if step < decay_start:
+            return optim.lr
+        progress = (step - decay_start) / max(1, total - decay_start)
+        return optim.lr + (floor - optim.lr) * min(progress, 1.0)
+    progress = (step - optim.warmup_steps) / max(1, total - optim.warmup_steps)
+    return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def measured_peak_flops(size: int = 1024, repeats: int = 3) -> float:
+    """FLOP/s of a float32 GEMM on this device: the denominator of MFU on machines without a spec sheet."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * size**3 / (time.perf_counter() - start)
+
+
+def flops_per_token(model: MoELM, seq_len: int) -> float:
+    """6 * active non-embedding parameters + causal attention (references §6, halved for causality)."""
+    config = model.config
+    active = model.num_active_parameters() - model.embed_tokens.weight.numel()
+    head_dims = config.qk_head_dim + config.v_head_dim if config.attention == "mla" else 2 * config.gqa_head_dim
+    attention = 3 * config.num_hidden_layers * config.num_attention_heads * head_dims * seq_len
+    return 6 * active + attention
+
+
+@dataclass
+class PackedData:
+    """Tokenised, packed train and validation rows."""
+
+    train_tokens: np.ndarray
+    train_docs: np.ndarray
+    val_tokens: np.ndarray
+    val_docs: np.ndarray
+
+
+@dataclass
+class Trainer:
+    """Runs one recipe into one output directory."""
+
+    recipe: Recipe
+    out_dir: Path
+    echo: Callable[[str], None] = print
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.tokenizer_file = self.out_dir / "tokenizer.json"
+
+    # ------------------------------------------------------------------ data
+    def prepare_tokenizer(self):  # noqa: ANN201 - tokenizers.Tokenizer
+        """Reuse OUT/tokenizer.json, else the recipe's tokenizer, else train one on the corpus."""
+        data = self.recipe.data
+        if self.tokenizer_file.is_file():
+            return load_tokenizer_file(self.tokenizer_file)
+        if data.tokenizer:
+            tokenizer = load_tokenizer_file(data.tokenizer)
+        else:
+            docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
+            tokenizer = train_tokenizer(docs, vocab_size=data.vocab_size)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(self.tokenizer_file))
+        return tokenizer
+
+    def prepare_data(self, tokenizer) -> PackedData:  # noqa: ANN001
+        """Tokenise every document, pack into rows, hold out the last val_fraction of rows."""
+        data = self.recipe.data
+        docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
+        encoded = [enc.ids for enc in tokenizer.encode_batch(list(docs))]
+        if not any(encoded):
+            raise DataError(f"data source {data.source!r} holds no text")
+        try:
+            tokens, doc_ids = pack_documents(encoded, data.seq_len, special_id(tokenizer, EOS))
+        except ValueError as error:
+            raise DataError(f"data source {data.source!r}: {error}") from None
+        n_val = int(len(tokens) * data.val_fraction)
+        if len(tokens) - n_val < self.recipe.train.batch_size:
+            raise DataError(
+                f"data source {data.source!r} packs into {len(tokens) - n_val} training sequences of "
+                f"{data.seq_len} tokens, fewer than train.batch_size={self.recipe.train.batch_size}"
+            )
+        split = len(tokens) - n_val
+        return PackedData(tokens[:split], doc_ids[:split], tokens[split:], doc_ids[split:])
+
+    def batch_rows(self, cursor: int, count: int, n_rows: int) -> np.ndarray:
+        """Row indices for samples cursor..cursor+count: a fresh seeded permutation every epoch."""
+        rows = []
+        for sample in range(cursor, cursor + count):
+            epoch, offset = divmod(sample, n_rows)
+            order = np.random.default_rng(self.recipe.train.seed * 1_000_003 + epoch).permutation(n_rows)
+            rows.append(order[offset])
+        return np.asarray(rows)
+
+    # ------------------------------------------------------------------ run
+    def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
+        config = self.recipe.model.replace(
+            vocab_size=tokenizer.get_vocab_size(),
+            bos_token_id=special_id(tokenizer, "<s>"),
+            eos_token_id=special_id(tokenizer, EOS),
+            pad_token_id=special_id(tokenizer, "<pad>"),
+        )
+        torch.manual_seed(self.recipe.train.seed)
+        return MoELM(config)
+
+    def run(self, resume: bool = False) -> MoELM:
+        """Train to train.max_steps, save OUT/model, print samples; returns the trained model."""
+        recipe, train = self.recipe, self.recipe.train
+        tokenizer = self.prepare_tokenizer()
+        data = self.prepare_data(tokenizer)
+        model = self.build_model(tokenizer).train()
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=recipe.optim.lr,
+            betas=(recipe.optim.beta1, recipe.optim.beta2),
+            weight_decay=recipe.optim.weight_decay,
+            fused=True,
+        )
+        balancer = None
+        if model.config.bias_update_rate > 0:
+            balancer = BiasBalancer(model, model.config.bias_update_rate, model.config.bias_update_centered)
+            balancer.register(optimizer)
+        step, cursor, skipped_total = 0, 0, 0
+        latest = load_latest(self.out_dir) if resume else None
+        if latest is not None:
+            path, state = latest
+            model.load_state_dict(MoELM.from_pretrained(path / "model").state_dict())
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            step, cursor, skipped_total = state["step"], state["cursor"], state["skipped"]
+            self._truncate_metrics(step)
+            self.echo(f"resumed from {path} at step {step}")
+        elif resume:
+            self.echo("no checkpoint to resume from; starting fresh")
+        (self.out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        peak = measured_peak_flops()
+        per_token = flops_per_token(model, recipe.data.seq_len)
+        monitor = CollapseMonitor()
+        consecutive = 0
+        progress = _progress(train.max_steps, step, recipe.log.progress)
+        n_rows = len(data.train_tokens)
+        micro = train.batch_size
+        while step < train.max_steps:
+            start = time.perf_counter()
+            lr = learning_rate(step, recipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            totals: dict[str, float] = {}
+            for _ in range(train.grad_accum):
+                rows = self.batch_rows(cursor, micro, n_rows)
+                cursor += micro
+                out = model(**batch_inputs(data.train_tokens[rows], data.train_docs[rows]))
+                (out.loss / train.grad_accum).backward()
+                if balancer is not None:
+                    balancer.observe(out.routing)
+                for name, value in _loss_values(out).items():
+                    totals[name] = totals.get(name, 0.0) + value / train.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+            if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if balancer is not None:
+                    balancer.counts = {}
+                consecutive += 1
+                skipped_total += 1
+                self.echo(f"step {step}: non-finite loss or gradient, step skipped ({consecutive} in a row)")
+                if consecutive >= train.max_skipped:
+                    self._save(step, model, optimizer, cursor, skipped_total)
+                    raise TrainingError(
+                        f"{consecutive} consecutive non-finite steps at step {step}; checkpoint saved in "
+                        f"{self.out_dir / 'checkpoints'} (lower optim.lr or check the data)"
+                    )
+                step += 1
+                continue
+            consecutive = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            monitor.update(out.routing)
+            elapsed = time.perf_counter() - start
+            tokens_per_s = micro * train.grad_accum * recipe.data.seq_len / elapsed
+            record = {
+                "step": step,
+                **totals,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * per_token / peak,
+                "skipped_steps": skipped_total,
+            }
+            record.update({k: v for k, v in routing_metrics(out.routing, model).items() if "tokens_expert" not in k})
+            if step % train.eval_every == 0 or step == train.max_steps:
+                record["val_loss"], record["val_ppl"] = self.evaluate(model, data)
+            if step % train.log_every == 0 or step == train.max_steps or "val_loss" in record:
+                self._log(record)
+            progress(step, record)
+            if step % train.save_every == 0 or step == train.max_steps:
+                self._save(step, model, optimizer, cursor, skipped_total)
+        model.eval()
+        model.save_pretrained(self.out_dir / "model")
+        tokenizer.save(str(self.out_dir / "model" / "tokenizer.json"))
+        self.print_samples(model, tokenizer)
+        return model
+
+    @torch.no_grad()
+    def evaluate(self, model: MoELM, data: PackedData) -> tuple[float, float]:
+        """Held-out LM loss and perplexity over the validation rows (or a few batches of them)."""
+        if len(data.val_tokens) == 0:
+            return float("nan"), float("nan")
+        was_training = model.training
+        model.eval()
+        losses = []
+        size = self.recipe.train.batch_size
+        for first in range(0, min(len(data.val_tokens), size * self.recipe.train.eval_batches), size):
+            rows = slice(first, first + size)
+            losses.append(model(**batch_inputs(data.val_tokens[rows], data.val_docs[rows])).lm_loss.item())
+        model.train(was_training)
+        loss = sum(losses) / len(losses)
+        return loss, math.exp(min(loss, 50.0))
+
+    def print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
+        """Greedy continuations of the recipe's sample prompts."""
+        from moelm.infer.text import TextGenerator
+
+        generator = TextGenerator(model, tokenizer)
+        for prompt in self.recipe.log.sample_prompts:
+            text = "".join(generator.stream(prompt, self.recipe.log.sample_tokens))
+            self.echo(f"--- sample ---\n{prompt}{text}")
+
+    # ------------------------------------------------------------------ io
+    def _save(self, step: int, model: MoELM, optimizer, cursor: int, skipped: int) -> None:  # noqa: ANN001
+        state = {
+            "step": step,
+            "cursor": cursor,
+            "skipped": skipped,
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_checkpoint(self.out_dir, step, model, state, self.tokenizer_file, self.recipe.train.keep_last)
+
+    def _log(self, record: dict[str, float]) -> None:
+        self.history.append(record)
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
+def _loss_values(out) -> dict[str, float]:  # noqa: ANN001 - MoELMOutput
+    values = {"loss": out.loss.item(), "lm_loss": out.lm_loss.item()}
+    if out.mtp_loss is not None:
+        values["mtp_loss"] = out.mtp_loss.item()
+    values.update({name: value.item() for name, value in out.aux_losses.items()})
+    return values
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Callable[[int, dict[str, float]], None]:
+    """A tqdm bar (ETA, loss, tokens/s) when tqdm is installed and wanted; otherwise nothing."""
+    if not enabled:
+        return lambda step, record: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda step, record: None
+    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(step: int, record: dict[str, float]) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        bar.refresh()
+        if step >= total:
+            bar.close()
+
+    return update
