@@ -147,7 +147,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if isinstance(model_raw, str):
         model_raw = {"preset": model_raw}
     model_raw = dict(model_raw)
-    preset = model_raw.pop("preset", None)
+    preset = model_raw.pop("preset", "tiny")  # explicit fields override the preset they start from
     base = load_config(preset).to_dict() if preset else {}
     model = ModelConfig.from_dict({**base, **model_raw})
     sections = {name: _build_section(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}

@@ -1,0 +1,80 @@
+"""Built-in corpus (deterministic, verifiable), tokenizer, sources and packing with document boundaries."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from moelm.data.builtin import DOMAINS, builtin_corpus
+from moelm.data.packing import batch_inputs, pack_documents
+from moelm.data.sources import DataError, iter_documents
+from moelm.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+
+def test_builtin_corpus_is_deterministic_and_covers_every_domain():
+    first = [r.to_dict() for r in builtin_corpus(40, seed=3)]
+    assert first == [r.to_dict() for r in builtin_corpus(40, seed=3)]
+    assert first != [r.to_dict() for r in builtin_corpus(40, seed=4)]
+    assert {r["domain"] for r in first} == set(DOMAINS)
+    assert all(r["difficulty"] >= 1 for r in first)
+
+
+def test_builtin_answers_are_correct():
+    for record in builtin_corpus(200, seed=0):
+        if record.domain == "code":
+            namespace: dict = {}
+            exec(record.text, namespace)  # the asserts in the text must pass  # noqa: S102
+        elif record.domain == "math":
+            assert record.text.endswith(f"#### {record.answer}")
+            if record.difficulty <= 2:
+                expression = re.match(r"What is (.*)\?", record.prompt).group(1)
+                assert str(eval(expression)) == record.answer  # noqa: S307
+        elif record.domain == "logic" and record.difficulty <= 2:
+            assert str(eval(record.prompt.removeprefix("Evaluate: "))) == record.answer  # noqa: S307
+
+
+def test_tokenizer_has_special_tokens_first_and_round_trips_text():
+    tokenizer = train_tokenizer((r.text for r in builtin_corpus(200)), vocab_size=400)
+    assert [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    text = "Question: What is 3 + 4?\nAnswer: 7 <think>ok</think> é"
+    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["abc"], vocab_size=10)
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{not json}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+        list(iter_documents(str(path)))
+    path.write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:1: .*'text'"):
+        list(iter_documents(str(path)))
+    with pytest.raises(DataError, match="not found"):
+        list(iter_documents(str(tmp_path / "missing.txt")))
+
+
+def test_packing_restarts_positions_and_masks_across_documents():
+    tokens, docs = pack_documents([[5, 6, 7], [8, 9], [10, 11, 12, 13]], seq_len=5, eos_id=1)
+    assert tokens.tolist() == [[5, 6, 7, 1, 8], [9, 1, 10, 11, 12]]
+    batch = batch_inputs(tokens, docs)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[5, 6, 7, 1, -100], [9, 1, -100, 11, 12]]
+    mask = batch["attention_mask"][0]
+    assert not mask[4, :4].any() and mask[:4, :4].all()
+
+
+def test_packed_documents_do_not_see_each_other():
+    from conftest import tiny_config
+
+    from moelm import MoELM
+
+    model = MoELM(tiny_config()).eval()
+    tokens, docs = pack_documents([[5, 6, 7, 8], [9, 10, 11, 12, 13]], seq_len=10, eos_id=1)
+    batch = batch_inputs(tokens, docs)
+    with torch.no_grad():
+        packed = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        alone = model(torch.tensor([[9, 10, 11, 12, 13]])).logits
+    torch.testing.assert_close(packed.logits[:, 5:10], alone, atol=1e-5, rtol=1e-5)

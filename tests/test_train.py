@@ -1,0 +1,109 @@
+"""Recipes, schedules, the trainer end to end, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from moelm import ConfigError
+from moelm.cli import main
+from moelm.train.recipe import load_recipe
+from moelm.train.trainer import Trainer, learning_rate
+
+TINY_RUN = [
+    "model.hidden_size=64",
+    "model.num_hidden_layers=2",
+    "model.moe_intermediate_size=32",
+    "model.intermediate_size=128",
+    "model.kv_lora_rank=32",
+    "data.builtin_records=600",
+    "data.vocab_size=400",
+    "data.seq_len=64",
+    "train.batch_size=8",
+    "train.eval_every=20",
+    "train.log_every=5",
+    "log.progress=false",
+    "log.sample_tokens=4",
+]
+
+
+def test_unknown_keys_and_bad_values_fail_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="train.max_step"):
+        load_recipe(None, ["train.max_step=5"])
+    with pytest.raises(ConfigError, match="unknown recipe section"):
+        load_recipe(None, ["trian.max_steps=5"])
+    with pytest.raises(ConfigError, match=r"invalid data.seq_len=9999"):
+        load_recipe(None, ["data.seq_len=9999"])
+    with pytest.raises(ConfigError, match="n_routed_experts"):
+        load_recipe(None, ["model.n_routed_experts=7"])
+    assert main(["pretrain", "--out", str(tmp_path), "--set", "optim.schedule=linear"]) == 2
+
+
+def test_schedules_warm_up_then_decay_to_the_floor():
+    recipe = load_recipe(
+        None, ["optim.warmup_steps=10", "train.max_steps=100", "optim.lr=1.0", "optim.min_lr_ratio=0.1"]
+    )
+    assert learning_rate(0, recipe) == pytest.approx(0.1)
+    assert learning_rate(9, recipe) == pytest.approx(1.0)
+    assert learning_rate(100, recipe) == pytest.approx(0.1)
+    wsd = load_recipe(None, ["optim.schedule=wsd", "train.max_steps=100", "optim.lr=1.0", "optim.decay_fraction=0.2"])
+    assert learning_rate(50, wsd) == pytest.approx(1.0)
+    assert learning_rate(90, wsd) == pytest.approx(0.55)
+
+
+def test_training_lowers_loss_logs_metrics_and_saves_a_loadable_model(tmp_path):
+    recipe = load_recipe(None, [*TINY_RUN, "train.max_steps=40", "train.save_every=20", "model.bias_update_rate=0.001"])
+    trainer = Trainer(recipe, tmp_path, echo=lambda _: None)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 40
+    assert records[-1]["lm_loss"] < 0.7 * records[0]["lm_loss"]
+    for key in ("lr", "grad_norm", "tokens_per_s", "mfu", "moe/load_max_over_mean", "val_ppl", "skipped_steps"):
+        assert key in records[-1]
+    assert records[-1]["moe/bias_abs_mean"] > 0  # the balancing hook ran
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-20", "step-40"]
+    from moelm.infer.text import TextGenerator
+
+    assert isinstance(TextGenerator.from_pretrained(tmp_path / "model").generate(["Q:"], 3)[0], str)
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("   \n")
+    argv = ["pretrain", "--out", str(tmp_path / "run"), "--set", f"data.source={tmp_path / 'empty.txt'}"]
+    assert main([*argv, "--set", "data.tokenizer=null", "--set", "log.progress=false"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def _pretrain_command(out, steps):
+    args = [sys.executable, "-m", "moelm.cli", "pretrain", "--out", str(out)]
+    for item in [*TINY_RUN, f"train.max_steps={steps}", "train.save_every=5", "train.keep_last=10"]:
+        args += ["--set", item]
+    return args
+
+
+def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
+    steps = 20
+    subprocess.run(_pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        _pretrain_command(interrupted, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (interrupted / "checkpoints" / "step-10").is_dir():
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model").exists(), "the run was meant to die before finishing"
+    subprocess.run([*_pretrain_command(interrupted, steps), "--resume"], check=True, capture_output=True)
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(interrupted / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert straight[name].equal(resumed[name]), name
