@@ -78,3 +78,26 @@ def test_packed_documents_do_not_see_each_other():
         packed = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
         alone = model(torch.tensor([[9, 10, 11, 12, 13]])).logits
     torch.testing.assert_close(packed.logits[:, 5:10], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mtp_targets_never_cross_a_document_boundary():
+    from conftest import tiny_config
+
+    from moelm import MoELM
+
+    model = MoELM(tiny_config(num_nextn_predict_layers=1)).eval()
+    tokens, docs = pack_documents([[5, 6, 7, 8], [9, 10, 11, 12, 13]], seq_len=10, eos_id=1)
+    batch = batch_inputs(tokens, docs)  # docs: positions 0-4 (incl. EOS) and 5-9
+
+    def mtp_loss_with_label(index: int, value: int) -> float:
+        labels = batch["labels"].clone()
+        labels[0, index] = value
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            return model(**inputs, labels=labels).mtp_loss.item()
+
+    base = mtp_loss_with_label(0, int(batch["labels"][0, 0]))
+    # Depth 1: position i predicts the label at i + 2. Index 6 is only the MTP target of position 4, the last
+    # token of the first document, so it must be ignored; index 8 is the target of position 6, same document.
+    assert mtp_loss_with_label(6, 40) == pytest.approx(base)
+    assert mtp_loss_with_label(8, 40) != pytest.approx(base)

@@ -228,7 +228,14 @@ class MoELM(nn.Module):
             if layer_routing is not None:
                 routing[module.block.layer_idx] = layer_routing
             logits = self.lm_head(module.shared_head_norm(hidden))
-            losses.append(causal_lm_loss(logits, labels[:, depth:]))
+            targets = labels[:, depth:]
+            if mask is not None:
+                # Position i predicts t_{i+depth+1}: ignore it when that token lies in another document, i.e.
+                # when query i+depth+1 may not attend to key i under the (block-diagonal) mask.
+                visible = mask[:, 0].diagonal(offset=-(depth + 1), dim1=1, dim2=2)  # [B, T-depth-1]
+                shifted = targets[:, 1:].masked_fill(~visible, IGNORE_INDEX)
+                targets = torch.cat((targets[:, :1], shifted), dim=1)
+            losses.append(causal_lm_loss(logits, targets))
         if not losses:
             return hidden.new_zeros(())
         return torch.stack(losses).mean()
