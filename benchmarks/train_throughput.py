@@ -1,0 +1,86 @@
+"""Training tokens/s and MFU: moelm vs transformers' DeepseekV3ForCausalLM, same config, data and optimizer.
+
+Both models start from the same weights (moelm saves, transformers loads), see the same random batches and
+step with AdamW (fused, the one-flag option for both). float32, then bf16 autocast on both. MFU uses the
+FLOPs-per-token formula of references §6 over a float32 GEMM's throughput measured in this run.
+
+    python benchmarks/train_throughput.py [--preset small --batch 4 --seq 256 --steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from moelm import MoELM, load_config
+from moelm.train.trainer import flops_per_token, measured_peak_flops
+
+
+def seconds_per_step(model: torch.nn.Module, batches: list[torch.Tensor], autocast: bool) -> float:
+    """Median seconds of forward + backward + AdamW step over the batches (the first is warm-up)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    times = []
+    for index, ids in enumerate(batches):
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        start = time.perf_counter()
+        with context:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--modes", default="float32,bf16-autocast")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(args.preset).replace(num_nextn_predict_layers=0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator) for _ in range(args.steps)]
+    peak = measured_peak_flops(2048)
+    tokens = args.batch * args.seq
+    results: dict[str, float] = {"float32_matmul_gflop_s": peak / 1e9}
+    print(f"{'mode':<14} {'moelm tok/s':>12} {'HF tok/s':>9} {'ratio':>6} {'moelm MFU':>10}")
+    for mode in args.modes.split(","):
+        autocast = mode == "bf16-autocast"
+        torch.manual_seed(0)
+        ours = MoELM(config).train()
+        with tempfile.TemporaryDirectory() as directory:
+            ours.save_pretrained(directory)
+            theirs = AutoModelForCausalLM.from_pretrained(directory).train()
+        per_token = flops_per_token(ours, args.seq)
+        t_ours = seconds_per_step(ours, batches, autocast)
+        t_hf = seconds_per_step(theirs, batches, autocast)
+        row = {
+            "moelm_tok_s": tokens / t_ours,
+            "hf_tok_s": tokens / t_hf,
+            "ratio": t_hf / t_ours,
+            "moelm_mfu": tokens / t_ours * per_token / peak,
+            "hf_mfu": tokens / t_hf * per_token / peak,
+        }
+        results.update({f"{mode}_{k}": v for k, v in row.items()})
+        print(
+            f"{mode:<14} {row['moelm_tok_s']:>12,.0f} {row['hf_tok_s']:>9,.0f} {row['ratio']:>5.2f}x "
+            f"{row['moelm_mfu']:>9.1%}",
+            flush=True,
+        )
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
