@@ -51,7 +51,8 @@ def main() -> None:
 
     config = load_config(args.preset).replace(num_nextn_predict_layers=0)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator) for _ in range(args.steps)]
+    shape = (args.batch, args.seq)
+    batches = [torch.randint(0, config.vocab_size, shape, generator=generator) for _ in range(args.steps)]
     peak = measured_peak_flops(2048)
     tokens = args.batch * args.seq
     results: dict[str, float] = {"float32_matmul_gflop_s": peak / 1e9}
