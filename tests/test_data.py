@@ -101,3 +101,23 @@ def test_mtp_targets_never_cross_a_document_boundary():
     # token of the first document, so it must be ignored; index 8 is the target of position 6, same document.
     assert mtp_loss_with_label(6, 40) == pytest.approx(base)
     assert mtp_loss_with_label(8, 40) != pytest.approx(base)
+
+
+def test_fim_rewrites_the_requested_share_in_psm_order_and_loses_nothing():
+    import random
+
+    from moelm.data.fim import FIM_BEGIN, FIM_END, FIM_HOLE, apply_fim, to_fim
+
+    text = "def add(a, b):\n    return a + b\n"
+    rewritten = to_fim(text, random.Random(1))
+    prefix, rest = rewritten.removeprefix(FIM_BEGIN).split(FIM_HOLE)
+    suffix, middle = rest.split(FIM_END)
+    assert prefix + middle + suffix == text
+    docs = [f"document {i}" for i in range(1000)]
+    out = list(apply_fim(docs, rate=0.1, seed=0))
+    share = sum(d.startswith(FIM_BEGIN) for d in out) / len(out)
+    assert 0.07 < share < 0.13
+    assert out == list(apply_fim(docs, rate=0.1, seed=0))
+    assert list(apply_fim(docs, rate=0.0)) == docs
+    tokenizer = train_tokenizer(docs[:50], vocab_size=400)
+    assert tokenizer.encode(FIM_HOLE).ids == [tokenizer.token_to_id(FIM_HOLE)]

@@ -12,7 +12,19 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-SPECIAL_TOKENS = (BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>")
+SPECIAL_TOKENS = (
+    BOS,
+    EOS,
+    PAD,
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<think>",
+    "</think>",
+    "<|fim_begin|>",
+    "<|fim_hole|>",
+    "<|fim_end|>",
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:

@@ -25,6 +25,7 @@ class DataSection:
     vocab_size: int = 2048
     seq_len: int = 256
     val_fraction: float = 0.05
+    fim_rate: float = 0.0  # share of documents rewritten fill-in-the-middle (PSM); DeepSeek uses 0.1
 
 
 @dataclass
@@ -79,6 +80,7 @@ class Recipe:
                 f"2..model.max_position_embeddings={self.model.max_position_embeddings}",
             ),
             ("data.val_fraction", self.data.val_fraction, 0 <= self.data.val_fraction < 1, "in [0, 1)"),
+            ("data.fim_rate", self.data.fim_rate, 0 <= self.data.fim_rate <= 1, "in [0, 1]"),
             ("optim.schedule", self.optim.schedule, self.optim.schedule in ("cosine", "wsd"), "cosine or wsd"),
             ("optim.lr", self.optim.lr, self.optim.lr > 0, "a positive number"),
             ("train.max_steps", self.train.max_steps, self.train.max_steps > 0, "a positive integer"),

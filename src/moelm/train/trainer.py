@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moelm.data.fim import apply_fim
 from moelm.data.packing import batch_inputs, pack_documents
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
@@ -110,6 +111,7 @@ class Trainer:
         """Tokenise every document, pack into rows, hold out the last val_fraction of rows."""
         data = self.recipe.data
         docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
+        docs = apply_fim(docs, data.fim_rate, self.recipe.train.seed)
         encoded = [enc.ids for enc in tokenizer.encode_batch(list(docs))]
         if not any(encoded):
             raise DataError(f"data source {data.source!r} holds no text")
