@@ -121,3 +121,14 @@ def test_fim_rewrites_the_requested_share_in_psm_order_and_loses_nothing():
     assert list(apply_fim(docs, rate=0.0)) == docs
     tokenizer = train_tokenizer(docs[:50], vocab_size=400)
     assert tokenizer.encode(FIM_HOLE).ids == [tokenizer.token_to_id(FIM_HOLE)]
+
+
+def test_parquet_source_reads_the_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (pip install moelm[data])")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": ["first doc", "second doc"], "n": [1, 2]}), path)
+    assert list(iter_documents(str(path), text_field="body")) == ["first doc", "second doc"]
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(iter_documents(str(path)))

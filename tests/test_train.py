@@ -107,3 +107,17 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert straight[name].equal(resumed[name]), name
+
+
+def test_second_run_reuses_the_tokenised_cache_and_bf16_autocast_trains(tmp_path):
+    import math
+
+    overrides = [*TINY_RUN, "train.max_steps=3", "train.save_every=3"]
+    Trainer(load_recipe(None, overrides), tmp_path, echo=lambda _: None).run()
+    cached = sorted((tmp_path / "cache").iterdir())
+    assert len(cached) == 2 and all(p.suffix == ".npy" for p in cached)
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    bf16 = Trainer(load_recipe(None, [*overrides, "train.dtype=bfloat16"]), tmp_path, echo=lambda _: None)
+    bf16.run()
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").iterdir())] == stamps
+    assert math.isfinite(bf16.history[-1]["loss"])

@@ -35,7 +35,8 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) 
 
 def batch_inputs(tokens: np.ndarray, docs: np.ndarray) -> dict[str, torch.Tensor]:
     """Model inputs for packed rows: ids, labels (boundary-masked), per-document positions, block mask."""
-    input_ids, doc_in = torch.from_numpy(tokens), torch.from_numpy(docs)
+    input_ids = torch.from_numpy(np.array(tokens, dtype=np.int64))  # copies rows out of a memory map
+    doc_in = torch.from_numpy(np.array(docs, dtype=np.int64))
     labels = input_ids.clone()  # HF convention: the model shifts, logits[t] predicts labels[t + 1]
     # labels[t] is predicted from position t-1; a label that starts a new document has nothing to predict from.
     starts = torch.zeros_like(doc_in, dtype=torch.bool)

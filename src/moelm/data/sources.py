@@ -41,15 +41,48 @@ def iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
             yield record[field]
 
 
+def iter_parquet(path: Path, field: str = "text") -> Iterator[str]:
+    """Documents from a Parquet file's `field` column, read batch by batch (pyarrow)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    parquet = pq.ParquetFile(path)
+    if field not in parquet.schema_arrow.names:
+        raise DataError(f"{path}: no column {field!r}; columns: {parquet.schema_arrow.names}")
+    for batch in parquet.iter_batches(columns=[field]):
+        yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
+
+
+def iter_hf_dataset(path: Path, field: str = "text") -> Iterator[str]:
+    """Documents from a dataset saved locally with `datasets` (save_to_disk); never downloads."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: a saved HF dataset needs the datasets package") from None
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    if field not in dataset.column_names:
+        raise DataError(f"{path}: no column {field!r}; columns: {dataset.column_names}")
+    yield from (row[field] for row in dataset)
+
+
 def iter_documents(spec: str, text_field: str = "text", builtin_records: int = 4000, seed: int = 0) -> Iterator[str]:
-    """Documents from 'builtin', a .jsonl file, a .txt file or a folder of .txt files."""
+    """Documents from 'builtin', a .jsonl / .parquet / .txt file, a saved HF dataset or a folder of .txt files.
+
+    Every reader streams, so a corpus larger than memory can be tokenised into the on-disk cache."""
     if spec == "builtin":
         yield from (record.text for record in builtin_corpus(builtin_records, seed=seed))
         return
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data source {spec!r} not found (use 'builtin', a .txt/.jsonl file or a folder)")
+        raise DataError(f"data source {spec!r} not found (use 'builtin', a .txt/.jsonl/.parquet file or a folder)")
     if path.suffix == ".jsonl":
         yield from iter_jsonl(path, text_field)
+    elif path.suffix == ".parquet":
+        yield from iter_parquet(path, text_field)
+    elif path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+        yield from iter_hf_dataset(path, text_field)
     else:
         yield from iter_text_files(path)

@@ -53,6 +53,8 @@ class TrainSection:
     eval_batches: int = 4
     log_every: int = 10
     max_skipped: int = 5
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
+    compile: bool = False  # torch.compile the model for training
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Recipe:
             ("train.grad_accum", self.train.grad_accum, self.train.grad_accum > 0, "a positive integer"),
             ("train.save_every", self.train.save_every, self.train.save_every > 0, "a positive integer"),
             ("train.keep_last", self.train.keep_last, self.train.keep_last > 0, "a positive integer"),
+            ("train.dtype", self.train.dtype, self.train.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
         ]
         for key, value, ok, allowed in checks:
             if not ok:

@@ -9,6 +9,7 @@ with bitwise the same weights as one that never stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -107,18 +108,29 @@ class Trainer:
         tokenizer.save(str(self.tokenizer_file))
         return tokenizer
 
-    def prepare_data(self, tokenizer) -> PackedData:  # noqa: ANN001
-        """Tokenise every document, pack into rows, hold out the last val_fraction of rows."""
+    def _cache_key(self, tokenizer) -> str:  # noqa: ANN001
+        """What the packed arrays depend on: source (and its size/mtime), tokenizer, packing options."""
         data = self.recipe.data
-        docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
-        docs = apply_fim(docs, data.fim_rate, self.recipe.train.seed)
-        encoded = [enc.ids for enc in tokenizer.encode_batch(list(docs))]
-        if not any(encoded):
-            raise DataError(f"data source {data.source!r} holds no text")
-        try:
-            tokens, doc_ids = pack_documents(encoded, data.seq_len, special_id(tokenizer, EOS))
-        except ValueError as error:
-            raise DataError(f"data source {data.source!r}: {error}") from None
+        source = Path(data.source)
+        stamp = [source.stat().st_size, source.stat().st_mtime_ns] if source.is_file() else None
+        parts = [data.source, stamp, data.text_field, data.builtin_records, data.seq_len, data.fim_rate]
+        parts += [self.recipe.train.seed, tokenizer.to_str()]
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    def prepare_data(self, tokenizer) -> PackedData:  # noqa: ANN001
+        """Tokenise and pack once into OUT/cache (memory-mapped .npy); later runs and resumes reuse it."""
+        data = self.recipe.data
+        cache = self.out_dir / "cache"
+        key = self._cache_key(tokenizer)
+        tokens_file, docs_file = cache / f"{key}-tokens.npy", cache / f"{key}-docs.npy"
+        if not (tokens_file.is_file() and docs_file.is_file()):
+            tokens, doc_ids = self._tokenise_and_pack(tokenizer)
+            cache.mkdir(parents=True, exist_ok=True)
+            for array, target in ((tokens, tokens_file), (doc_ids, docs_file)):
+                tmp = target.with_suffix(".tmp.npy")
+                np.save(tmp, array)
+                tmp.replace(target)
+        tokens, doc_ids = np.load(tokens_file, mmap_mode="r"), np.load(docs_file, mmap_mode="r")
         n_val = int(len(tokens) * data.val_fraction)
         if len(tokens) - n_val < self.recipe.train.batch_size:
             raise DataError(
@@ -127,6 +139,18 @@ class Trainer:
             )
         split = len(tokens) - n_val
         return PackedData(tokens[:split], doc_ids[:split], tokens[split:], doc_ids[split:])
+
+    def _tokenise_and_pack(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+        data = self.recipe.data
+        docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
+        docs = apply_fim(docs, data.fim_rate, self.recipe.train.seed)
+        encoded = [enc.ids for enc in tokenizer.encode_batch(list(docs))]
+        if not any(encoded):
+            raise DataError(f"data source {data.source!r} holds no text")
+        try:
+            return pack_documents(encoded, data.seq_len, special_id(tokenizer, EOS))
+        except ValueError as error:
+            raise DataError(f"data source {data.source!r}: {error}") from None
 
     def batch_rows(self, cursor: int, count: int, n_rows: int) -> np.ndarray:
         """Row indices for samples cursor..cursor+count: a fresh seeded permutation every epoch."""
@@ -185,6 +209,9 @@ class Trainer:
         progress = _progress(train.max_steps, step, recipe.log.progress)
         n_rows = len(data.train_tokens)
         micro = train.batch_size
+        forward = torch.compile(model) if train.compile else model
+        device_type = model.embed_tokens.weight.device.type
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.dtype == "bfloat16")
         while step < train.max_steps:
             start = time.perf_counter()
             lr = learning_rate(step, recipe)
@@ -194,7 +221,8 @@ class Trainer:
             for _ in range(train.grad_accum):
                 rows = self.batch_rows(cursor, micro, n_rows)
                 cursor += micro
-                out = model(**batch_inputs(data.train_tokens[rows], data.train_docs[rows]))
+                with autocast:
+                    out = forward(**batch_inputs(data.train_tokens[rows], data.train_docs[rows]))
                 (out.loss / train.grad_accum).backward()
                 if balancer is not None:
                     balancer.observe(out.routing)
@@ -235,6 +263,8 @@ class Trainer:
             record.update({k: v for k, v in routing_metrics(out.routing, model).items() if "tokens_expert" not in k})
             if step % train.eval_every == 0 or step == train.max_steps:
                 record["val_loss"], record["val_ppl"] = self.evaluate(model, data)
+                if step < train.max_steps:
+                    self.print_samples(model, tokenizer)
             if step % train.log_every == 0 or step == train.max_steps or "val_loss" in record:
                 self._log(record)
             progress(step, record)
@@ -266,10 +296,12 @@ class Trainer:
         """Greedy continuations of the recipe's sample prompts."""
         from moelm.infer.text import TextGenerator
 
-        generator = TextGenerator(model, tokenizer)
+        was_training = model.training
+        generator = TextGenerator(model.eval(), tokenizer)
         for prompt in self.recipe.log.sample_prompts:
             text = "".join(generator.stream(prompt, self.recipe.log.sample_tokens))
             self.echo(f"--- sample ---\n{prompt}{text}")
+        model.train(was_training)
 
     # ------------------------------------------------------------------ io
     def _save(self, step: int, model: MoELM, optimizer, cursor: int, skipped: int) -> None:  # noqa: ANN001
@@ -286,6 +318,23 @@ class Trainer:
         self.history.append(record)
         with open(self.out_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for name, value in record.items():
+                if name != "step":
+                    writer.add_scalar(name, value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):  # noqa: ANN202 - SummaryWriter or None
+        """A TensorBoard writer under OUT/tensorboard when tensorboard is installed (optional)."""
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            except ImportError:
+                self._writer = None
+        return self._writer
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
