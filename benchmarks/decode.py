@@ -16,21 +16,11 @@ import tempfile
 import time
 
 import torch
+from common import copy_bandwidth
 
 from moelm import MoELM, load_config
 from moelm.infer import GenerationStats
 from moelm.model.cache import KVCache
-
-
-def copy_bandwidth(megabytes: int = 512) -> float:
-    """Bytes per second read + written by a large tensor copy."""
-    src = torch.empty(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start = time.perf_counter()
-    for _ in range(3):
-        dst.copy_(src)
-    return 3 * 2 * src.numel() * 4 / (time.perf_counter() - start)
 
 
 def timed(fn) -> tuple[float, object]:  # noqa: ANN001
@@ -98,6 +88,18 @@ def main() -> None:
                     f"{row['ratio']:>5.2f}x {row['roofline_frac']:>8.1%}" + ("" if same else "  (tokens differ)"),
                     flush=True,
                 )
+            if dtype == torch.float32:
+                ids = torch.randint(3, config.vocab_size, (1, args.prompt))
+                compiled = MoELM(config).eval()
+                compiled.load_state_dict(ours.state_dict())
+                with torch.inference_mode():
+                    compiled.generate(ids[:, :8], 4, compile=True)  # compile warm-up
+                    t_comp, _ = timed(lambda ids=ids, m=compiled: m.generate(ids, args.new, compile=True))
+                results[f"{preset}_compiled_b1_tok_s"] = args.new / t_comp
+                results[f"{preset}_compiled_b1_ratio_vs_hf"] = (args.new / t_comp) / results[
+                    f"{preset}_float32_b1_hf_tok_s"
+                ]
+                print(f"{preset:<6} {'compiled':<9} {1:>5} {args.new / t_comp:>12,.1f}")
             if config.num_nextn_predict_layers and dtype == torch.float32:
                 ids = torch.randint(3, config.vocab_size, (1, args.prompt))
                 stats = GenerationStats()

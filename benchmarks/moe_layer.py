@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from common import copy_bandwidth
 
 from moelm import ModelConfig
 from moelm.model.layers import SwiGLU, linear
@@ -47,17 +48,6 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048) -> float:
     for _ in range(3):
         linear(a, b)
     return 3 * 2 * size**3 / (time.perf_counter() - start)
-
-
-def copy_bytes_per_s(megabytes: int = 512) -> float:
-    """Memory bandwidth of a large copy (bytes read + written per second)."""
-    src = torch.empty(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start = time.perf_counter()
-    for _ in range(3):
-        dst.copy_(src)
-    return 3 * 2 * src.numel() * 4 / (time.perf_counter() - start)
 
 
 def build_pair(args: argparse.Namespace, dtype: torch.dtype):
@@ -110,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    bandwidth = copy_bytes_per_s()
+    bandwidth = copy_bandwidth()
     results: dict[str, float] = {"copy_gb_s": bandwidth / 1e9}
     header = (
         f"{'T':>5} {'dtype':<9} {'moelm tok/s':>12} {'HF tok/s':>10} {'dense tok/s':>12} {'vs HF':>6} {'roofline':>9}"

@@ -203,3 +203,11 @@ def test_text_stream_stops_at_stop_strings_and_thinking_is_dimmed_or_hidden(tmp_
     assert shown == "a\033[2mb\033[0m" and inside
     hidden, inside = render_thinking("c</think>d", show=False, inside=True)
     assert hidden == "d" and not inside
+
+
+@pytest.mark.slow  # torch.compile warm-up takes about a minute on 2 cores
+def test_compiled_decode_gives_the_same_tokens():
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    ids = torch.randint(3, 97, (1, 6))
+    plain = model.generate(ids, 5)
+    assert torch.equal(model.generate(ids, 5, compile=True), plain)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -13,14 +12,21 @@ from torch import nn
 from moelm.config import ModelConfig
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); read from /proc/cpuinfo on Linux."""
+def _read_cpu_bf16_flag() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return True  # not Linux: trust the vendor library's bf16 kernels
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# Read once at import: a hardware fact, and file reads inside traced code would break torch.compile graphs.
+_CPU_NATIVE_BF16 = _read_cpu_bf16_flag()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo on Linux."""
+    return _CPU_NATIVE_BF16
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
