@@ -45,8 +45,8 @@ class GenerationStats:
 
 
 def compile_blocks(model: MoELM) -> MoELM:
-    """torch.compile every decoder block (once): decode steps run as fused graphs instead of ~50 small ops per
-    layer. On 2 CPU cores the tiny preset's decode step drops from 3.6 ms to 2.4 ms after a ~7 s warm-up."""
+    """torch.compile every decoder block's single-token decode step (once): it runs as a fused graph instead of
+    ~50 small ops per layer (prefill stays eager). Tiny preset, 2 CPU cores: 3.6 ms -> 2.4 ms per step."""
     blocks = list(model.layers) + [m.block for m in model.mtp]
     # Blocks share one code object and differ in layer_idx, which dynamo specialises on: one graph per layer
     # and phase (prefill, decode), so the recompile limit must cover them all.
@@ -55,9 +55,8 @@ def compile_blocks(model: MoELM) -> MoELM:
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 4 * len(blocks)))
     for block in blocks:
-        if not getattr(block, "_compiled", False):
-            block._forward = torch.compile(block._forward, dynamic=True)
-            block._compiled = True
+        if getattr(block, "compiled_decode", None) is None:
+            block.compiled_decode = torch.compile(block._forward, dynamic=True)  # used for 1-token steps only
     return model
 
 

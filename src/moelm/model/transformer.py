@@ -58,6 +58,9 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
     ) -> tuple[torch.Tensor, Routing | None]:
+        compiled = getattr(self, "compiled_decode", None)
+        if compiled is not None and cache is not None and x.shape[1] == 1:
+            return compiled(x, cos, sin, mask, token_mask, cache, start)
         if self.checkpoint_block and self.training and torch.is_grad_enabled() and cache is None:
             # Non-reentrant checkpointing returns the first pass's Routing and replays the RNG state, so the
             # recomputation routes identically and nothing downstream sees its second set of counts.
