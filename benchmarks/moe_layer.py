@@ -55,17 +55,7 @@ def build_pair(args: argparse.Namespace, dtype: torch.dtype):
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-    config = ModelConfig(
-        hidden_size=args.hidden,
-        moe_intermediate_size=args.intermediate,
-        n_routed_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-    )
-    ours = MoE(config)
-    hf_config = DeepseekV3Config(
+    shape = dict(
         hidden_size=args.hidden,
         moe_intermediate_size=args.intermediate,
         n_routed_experts=args.experts,
@@ -75,6 +65,8 @@ def build_pair(args: argparse.Namespace, dtype: torch.dtype):
         topk_group=1,
         routed_scaling_factor=1.0,
     )
+    ours = MoE(ModelConfig(**shape))
+    hf_config = DeepseekV3Config(**shape)
     hf_config._experts_implementation = "grouped_mm"
     theirs = DeepseekV3MoE(hf_config)
     with torch.no_grad():
