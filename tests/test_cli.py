@@ -63,3 +63,18 @@ def test_chat_answers_each_turn(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("builtins.input", lambda _prompt: next(answers))
     assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().err.count("tokens/s") == 1
+
+
+def test_data_builtin_and_tokenizer_train_commands(tmp_path, capsys):
+    import json
+
+    corpus = tmp_path / "corpus.jsonl"
+    assert main(["data", "builtin", "--out", str(corpus), "--num-records", "50", "--seed", "2"]) == 0
+    records = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert len(records) == 50 and {"text", "domain", "difficulty", "prompt", "answer"} <= set(records[0])
+    assert (
+        main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "tok")]) == 0
+    )
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "t2")]) == 2
+    assert "not found" in capsys.readouterr().err

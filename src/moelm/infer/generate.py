@@ -9,7 +9,7 @@ sequences emit `pad_token_id` while the others continue. `stream` yields tokens 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,6 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
