@@ -72,6 +72,12 @@ class RoutedExperts(nn.Module):
             out_RH = self._grouped(rows_RH, counts)
         else:
             out_RH = self._loop(rows_RH, counts)
+        if routing.dropped_TK is None:
+            # Every token owns exactly k rows: undo the sort with one gather and sum its k outputs, weighted,
+            # instead of zero-filling an output and scatter-adding into it.
+            top_k = expert_ids_TK.shape[1]
+            out_TKH = out_RH[order.argsort()].view(-1, top_k, out_RH.shape[-1])
+            return (routing.weights_TK.to(out_RH.dtype).unsqueeze(1) @ out_TKH).squeeze(1)
         row_weights = routing.weights_TK.flatten()[order].to(out_RH.dtype)
         out_RH = out_RH * row_weights.unsqueeze(-1)
         return torch.zeros_like(x_TH).index_add_(0, token_of_row, out_RH)
