@@ -338,7 +338,8 @@ def average_layer_losses(routing: dict[int, Routing]) -> dict[str, torch.Tensor]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: logits[:, t] predicts labels[:, t+1]; -100 labels are ignored."""
-    shifted_logits = logits[:, :-1].flatten(0, 1).float()
-    shifted_labels = labels[:, 1:].flatten()
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
+    """Next-token cross entropy: logits[:, t] predicts labels[:, t+1]; -100 labels are ignored.
+
+    The labels are shifted (padded with -100), not the logits, so the [B, T, V] logits are never copied."""
+    shifted_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted_labels, ignore_index=IGNORE_INDEX)
