@@ -42,10 +42,9 @@ def batch_inputs(tokens: np.ndarray, docs: np.ndarray) -> dict[str, torch.Tensor
     starts = torch.zeros_like(doc_in, dtype=torch.bool)
     starts[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
     labels[starts] = IGNORE_INDEX
-    seq_len = input_ids.shape[1]
-    first_of_doc = torch.arange(seq_len).expand_as(doc_in).clone()
-    first_of_doc[~(torch.cat((torch.ones_like(starts[:, :1]), starts[:, 1:]), dim=1))] = 0
-    first_of_doc = torch.cummax(first_of_doc, dim=1).values
-    position_ids = torch.arange(seq_len).expand_as(doc_in) - first_of_doc
+    # Position = distance to the latest document start in the row (the row's first token counts as one).
+    index = torch.arange(input_ids.shape[1]).expand_as(doc_in)
+    first_of_doc = torch.where(starts, index, 0).cummax(dim=1).values
+    position_ids = index - first_of_doc
     same_doc = doc_in.unsqueeze(2) == doc_in.unsqueeze(1)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": same_doc}

@@ -245,24 +245,20 @@ def generate(
 ) -> torch.Tensor:
     """Prompt + new tokens [B, T + n] like transformers' generate (finished rows padded with pad_token_id)."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
-    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
-    pieces = [
-        step.tokens_BN
-        for step in stream(
-            model,
-            input_ids,
-            max_new_tokens,
-            params,
-            attention_mask,
-            eos_token_id,
-            pad,
-            stop,
-            seed,
-            None,
-            speculative,
-            stats,
-            compile,
-        )
-    ]
+    steps = stream(
+        model,
+        input_ids,
+        max_new_tokens,
+        params,
+        attention_mask=attention_mask,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        stop=stop,
+        seed=seed,
+        speculative=speculative,
+        stats=stats,
+        compile=compile,
+    )
+    pieces = [step.tokens_BN for step in steps]
     new = torch.cat(pieces, dim=1) if pieces else input_ids.new_zeros(input_ids.shape[0], 0)
     return torch.cat((input_ids, new[:, :max_new_tokens]), dim=1)

@@ -42,17 +42,21 @@ def layer_metrics(routing: Routing) -> dict[str, float]:
     return metrics
 
 
-def routing_metrics(routing: Mapping[int, Routing], model: nn.Module | None = None) -> dict[str, float]:
-    """Flat `moe/layer{i}/...` scalars plus model-wide means `moe/...`; bias statistics when a model is given."""
+def routing_metrics(
+    routing: Mapping[int, Routing], model: nn.Module | None = None, per_expert: bool = True
+) -> dict[str, float]:
+    """Flat `moe/layer{i}/...` scalars plus model-wide means `moe/...`; bias statistics when a model is given;
+    `per_expert=False` leaves out the tokens-per-expert counts (E scalars per layer)."""
     flat: dict[str, float] = {}
     per_name: dict[str, list[float]] = {}
     for layer_idx, layer_routing in sorted(routing.items()):
         for name, value in layer_metrics(layer_routing).items():
             flat[f"moe/layer{layer_idx}/{name}"] = value
             per_name.setdefault(name, []).append(value)
-        counts = layer_routing.tokens_per_expert_E.detach().float().tolist()
-        for expert, count in enumerate(counts):
-            flat[f"moe/layer{layer_idx}/tokens_expert{expert}"] = count
+        if per_expert:
+            counts = layer_routing.tokens_per_expert_E.detach().float().tolist()
+            for expert, count in enumerate(counts):
+                flat[f"moe/layer{layer_idx}/tokens_expert{expert}"] = count
     for name, values in per_name.items():
         flat[f"moe/{name}"] = sum(values) / len(values)
     if model is not None:

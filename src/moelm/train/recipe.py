@@ -106,10 +106,6 @@ class Recipe:
 SECTIONS = {"data": DataSection, "optim": OptimSection, "train": TrainSection, "log": LogSection}
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings (values parsed as YAML) to a raw recipe mapping."""
     for item in overrides:
@@ -122,7 +118,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         target = raw.setdefault(section, {})
         if isinstance(target, str):  # model given as a preset name: overrides extend it
             target = raw[section] = {"preset": target}
-        target[name] = _parse_value(value)
+        target[name] = yaml.safe_load(value)  # values are YAML: 16, 3e-4, true, null, [a, b]
     return raw
 
 

@@ -157,9 +157,16 @@ class Trainer:
         rows = []
         for sample in range(cursor, cursor + count):
             epoch, offset = divmod(sample, n_rows)
-            order = np.random.default_rng(self.recipe.train.seed * 1_000_003 + epoch).permutation(n_rows)
-            rows.append(order[offset])
+            rows.append(self._epoch_order(epoch, n_rows)[offset])
         return np.asarray(rows)
+
+    def _epoch_order(self, epoch: int, n_rows: int) -> np.ndarray:
+        """The epoch's row permutation, drawn once (a function of seed and epoch only, so resume-safe)."""
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != (epoch, n_rows):
+            order = np.random.default_rng(self.recipe.train.seed * 1_000_003 + epoch).permutation(n_rows)
+            self._order = cached = ((epoch, n_rows), order)
+        return cached[1]
 
     # ------------------------------------------------------------------ run
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
@@ -260,12 +267,13 @@ class Trainer:
                 "mfu": tokens_per_s * per_token / peak,
                 "skipped_steps": skipped_total,
             }
-            record.update({k: v for k, v in routing_metrics(out.routing, model).items() if "tokens_expert" not in k})
             if step % train.eval_every == 0 or step == train.max_steps:
                 record["val_loss"], record["val_ppl"] = self.evaluate(model, data)
                 if step < train.max_steps:
                     self.print_samples(model, tokenizer)
             if step % train.log_every == 0 or step == train.max_steps or "val_loss" in record:
+                # Router telemetry costs a host read per layer: gathered only for the steps that are written.
+                record.update(routing_metrics(out.routing, model, per_expert=False))
                 self._log(record)
             progress(step, record)
             if step % train.save_every == 0 or step == train.max_steps:
