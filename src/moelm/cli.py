@@ -123,9 +123,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive chat: role template, <think> shown dimmed (or hidden), tokens/s after each answer."""
     from moelm.infer.generate import GenerationStats
-    from moelm.infer.text import TextGenerator, format_chat, render_thinking
+    from moelm.infer.text import TextGenerator, render_thinking
 
     generator = TextGenerator.from_pretrained(args.model)
+    generator.skip_special_tokens = False  # keep <think> tags so reasoning can be dimmed or hidden
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -141,14 +142,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
         stats, answer, inside = GenerationStats(), [], False
         start = time.perf_counter()
         for piece in generator.stream(
-            format_chat(messages), args.max_new_tokens, _sampling(args), ["<|"], args.seed, stats
+            generator.chat_prompt(messages), args.max_new_tokens, _sampling(args), ["<|"], args.seed, stats
         ):
             answer.append(piece)
             shown, inside = render_thinking(piece, not args.hide_think, inside)
             print(shown, end="", flush=True)
         elapsed = time.perf_counter() - start
         print(f"\n[{stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        messages.append({"role": "assistant", "content": "".join(answer).split("</think>")[-1].strip()})
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

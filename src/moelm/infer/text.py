@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template, render_chat
 from moelm.infer.generate import GenerationStats, left_pad, stream
 from moelm.infer.sampling import SamplingParams
 from moelm.model.transformer import MoELM
@@ -30,22 +31,33 @@ def load_tokenizer(model_dir: str | Path):  # noqa: ANN201 - tokenizers.Tokenize
     return Tokenizer.from_file(str(path))
 
 
-def format_chat(messages: Sequence[dict[str, str]]) -> str:
-    """Plain role-tagged transcript ending with the assistant's turn (the fine-tuning issue brings Jinja)."""
-    lines = [f"<|{m['role']}|>\n{m['content']}" for m in messages]
-    return "\n".join(lines) + "\n<|assistant|>\n"
-
-
 @dataclass
 class TextGenerator:
     """Generate text from a moelm model directory (or a model and tokenizer in memory)."""
 
     model: MoELM
     tokenizer: object
+    chat_template: str = DEFAULT_CHAT_TEMPLATE
+    skip_special_tokens: bool = True  # False keeps <think>/</think> in the text (chat, reasoning evaluation)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
-        return cls(MoELM.from_pretrained(model_dir, dtype=dtype), load_tokenizer(model_dir))
+        model = MoELM.from_pretrained(model_dir, dtype=dtype)
+        return cls(model, load_tokenizer(model_dir), load_chat_template(model_dir))
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The conversation rendered with the model's chat template, ending where the assistant writes."""
+        return render_chat(messages, self.chat_template, add_generation_prompt=True)
+
+    def decode(self, tokens: list[int]) -> str:
+        """Text of generated tokens up to (not including) the first EOS."""
+        eos = set(self._eos_ids())
+        kept = []
+        for token in tokens:
+            if token in eos:
+                break
+            kept.append(token)
+        return self.tokenizer.decode(kept, skip_special_tokens=self.skip_special_tokens)
 
     def _eos_ids(self) -> list[int]:
         ids = [self.model.config.eos_token_id] if self.model.config.eos_token_id is not None else []
@@ -73,7 +85,7 @@ class TextGenerator:
         emitted = ""
 
         def hit_stop(_row: int, tokens: list[int]) -> bool:
-            text = self.tokenizer.decode(tokens)
+            text = self.decode(tokens)
             return any(s in text for s in stop_strings)
 
         steps = stream(
@@ -89,11 +101,11 @@ class TextGenerator:
         )
         for step in steps:
             new.extend(step.tokens_BN[0].tolist())
-            text = _cut_at_stop(self.tokenizer.decode(new), stop_strings)
+            text = _cut_at_stop(self.decode(new), stop_strings)
             if text.startswith(emitted) and not text.endswith("\ufffd"):
                 yield text[len(emitted) :]
                 emitted = text
-        text = _cut_at_stop(self.tokenizer.decode(new), stop_strings)
+        text = _cut_at_stop(self.decode(new), stop_strings)
         if text != emitted and text.startswith(emitted):  # whatever was held back for a partial character
             yield text[len(emitted) :]
 
@@ -102,16 +114,7 @@ class TextGenerator:
         encoded = [self.tokenizer.encode(p).ids for p in prompts]
         ids, mask = left_pad(encoded)
         out = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self._eos_ids(), **kwargs)
-        eos = set(self._eos_ids())
-        texts = []
-        for row in out[:, ids.shape[1] :].tolist():
-            kept = []
-            for token in row:
-                if token in eos:
-                    break
-                kept.append(token)
-            texts.append(self.tokenizer.decode(kept))
-        return texts
+        return [self.decode(row) for row in out[:, ids.shape[1] :].tolist()]
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
 from moelm.data.fim import apply_fim
 from moelm.data.packing import batch_inputs, pack_documents
 from moelm.data.sources import DataError, iter_documents
@@ -70,14 +72,64 @@ def flops_per_token(model: MoELM, seq_len: int) -> float:
     return 6 * active + attention
 
 
+class BatchSource(Protocol):
+    """What the training loop needs from a data pipeline (pre-training rows, SFT conversations, ...).
+
+    `train_batch(index, progress)` returns micro-batch number `index` (model inputs and batch metrics such as
+    the token count) as a pure function of its arguments, so a resume at any index sees the same data.
+    """
+
+    def train_batch(self, index: int, progress: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+
+    def evaluate(self, model: MoELM) -> dict[str, float]: ...
+
+
 @dataclass
-class PackedData:
-    """Tokenised, packed train and validation rows."""
+class PackedBatches:
+    """Tokenised, packed train and validation rows, served in a seeded per-epoch order."""
 
     train_tokens: np.ndarray
     train_docs: np.ndarray
     val_tokens: np.ndarray
     val_docs: np.ndarray
+    batch_size: int
+    seed: int
+    eval_batches: int
+
+    def train_batch(self, index: int, progress: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        rows = self.batch_rows(index * self.batch_size, self.batch_size)
+        tokens = self.train_tokens[rows]
+        return batch_inputs(tokens, self.train_docs[rows]), {"tokens": float(tokens.size)}
+
+    def batch_rows(self, cursor: int, count: int) -> np.ndarray:
+        """Row indices for samples cursor..cursor+count: a fresh seeded permutation every epoch."""
+        n_rows = len(self.train_tokens)
+        rows = []
+        for sample in range(cursor, cursor + count):
+            epoch, offset = divmod(sample, n_rows)
+            rows.append(self._epoch_order(epoch, n_rows)[offset])
+        return np.asarray(rows)
+
+    def _epoch_order(self, epoch: int, n_rows: int) -> np.ndarray:
+        """The epoch's row permutation, drawn once (a function of seed and epoch only, so resume-safe)."""
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != (epoch, n_rows):
+            order = np.random.default_rng(self.seed * 1_000_003 + epoch).permutation(n_rows)
+            self._order = cached = ((epoch, n_rows), order)
+        return cached[1]
+
+    @torch.no_grad()
+    def evaluate(self, model: MoELM) -> dict[str, float]:
+        """Held-out LM loss and perplexity over the validation rows (or a few batches of them)."""
+        if len(self.val_tokens) == 0:
+            return {}
+        losses = []
+        size = self.batch_size
+        for first in range(0, min(len(self.val_tokens), size * self.eval_batches), size):
+            rows = slice(first, first + size)
+            losses.append(model(**batch_inputs(self.val_tokens[rows], self.val_docs[rows])).lm_loss.item())
+        loss = sum(losses) / len(losses)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
 @dataclass
@@ -117,7 +169,7 @@ class Trainer:
         parts += [self.recipe.train.seed, tokenizer.to_str()]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
-    def prepare_data(self, tokenizer) -> PackedData:  # noqa: ANN001
+    def prepare_batches(self, tokenizer) -> BatchSource:  # noqa: ANN001
         """Tokenise and pack once into OUT/cache (memory-mapped .npy); later runs and resumes reuse it."""
         data = self.recipe.data
         cache = self.out_dir / "cache"
@@ -138,7 +190,16 @@ class Trainer:
                 f"{data.seq_len} tokens, fewer than train.batch_size={self.recipe.train.batch_size}"
             )
         split = len(tokens) - n_val
-        return PackedData(tokens[:split], doc_ids[:split], tokens[split:], doc_ids[split:])
+        train = self.recipe.train
+        return PackedBatches(
+            tokens[:split],
+            doc_ids[:split],
+            tokens[split:],
+            doc_ids[split:],
+            train.batch_size,
+            train.seed,
+            train.eval_batches,
+        )
 
     def _tokenise_and_pack(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
         data = self.recipe.data
@@ -152,21 +213,9 @@ class Trainer:
         except ValueError as error:
             raise DataError(f"data source {data.source!r}: {error}") from None
 
-    def batch_rows(self, cursor: int, count: int, n_rows: int) -> np.ndarray:
-        """Row indices for samples cursor..cursor+count: a fresh seeded permutation every epoch."""
-        rows = []
-        for sample in range(cursor, cursor + count):
-            epoch, offset = divmod(sample, n_rows)
-            rows.append(self._epoch_order(epoch, n_rows)[offset])
-        return np.asarray(rows)
-
-    def _epoch_order(self, epoch: int, n_rows: int) -> np.ndarray:
-        """The epoch's row permutation, drawn once (a function of seed and epoch only, so resume-safe)."""
-        cached = getattr(self, "_order", None)
-        if cached is None or cached[0] != (epoch, n_rows):
-            order = np.random.default_rng(self.recipe.train.seed * 1_000_003 + epoch).permutation(n_rows)
-            self._order = cached = ((epoch, n_rows), order)
-        return cached[1]
+    def chat_template(self) -> str:
+        """The chat template saved with the final model (fine-tuning keeps its base model's)."""
+        return DEFAULT_CHAT_TEMPLATE
 
     # ------------------------------------------------------------------ run
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
@@ -183,7 +232,7 @@ class Trainer:
         """Train to train.max_steps, save OUT/model, print samples; returns the trained model."""
         recipe, train = self.recipe, self.recipe.train
         tokenizer = self.prepare_tokenizer()
-        data = self.prepare_data(tokenizer)
+        batches = self.prepare_batches(tokenizer)
         model = self.build_model(tokenizer).train()
         optimizer = torch.optim.AdamW(
             model.parameters(),
@@ -214,8 +263,6 @@ class Trainer:
         monitor = CollapseMonitor()
         consecutive = 0
         progress = _progress(train.max_steps, step, recipe.log.progress)
-        n_rows = len(data.train_tokens)
-        micro = train.batch_size
         forward = torch.compile(model) if train.compile else model
         device_type = model.embed_tokens.weight.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.dtype == "bfloat16")
@@ -225,15 +272,17 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             totals: dict[str, float] = {}
+            tokens = 0.0
             for _ in range(train.grad_accum):
-                rows = self.batch_rows(cursor, micro, n_rows)
-                cursor += micro
+                inputs, batch_metrics = batches.train_batch(cursor, step / train.max_steps)
+                cursor += 1
+                tokens += batch_metrics.pop("tokens")
                 with autocast:
-                    out = forward(**batch_inputs(data.train_tokens[rows], data.train_docs[rows]))
+                    out = forward(**inputs)
                 (out.loss / train.grad_accum).backward()
                 if balancer is not None:
                     balancer.observe(out.routing)
-                for name, value in _loss_values(out).items():
+                for name, value in {**_loss_values(out), **batch_metrics}.items():
                     totals[name] = totals.get(name, 0.0) + value / train.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
             if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
@@ -257,7 +306,7 @@ class Trainer:
             step += 1
             monitor.update(out.routing)
             elapsed = time.perf_counter() - start
-            tokens_per_s = micro * train.grad_accum * recipe.data.seq_len / elapsed
+            tokens_per_s = tokens / elapsed
             record = {
                 "step": step,
                 **totals,
@@ -268,10 +317,10 @@ class Trainer:
                 "skipped_steps": skipped_total,
             }
             if step % train.eval_every == 0 or step == train.max_steps:
-                record["val_loss"], record["val_ppl"] = self.evaluate(model, data)
+                record.update(self.evaluate(model, batches))
                 if step < train.max_steps:
                     self.print_samples(model, tokenizer)
-            if step % train.log_every == 0 or step == train.max_steps or "val_loss" in record:
+            if step % train.log_every == 0 or step == train.max_steps or step % train.eval_every == 0:
                 # Router telemetry costs a host read per layer: gathered only for the steps that are written.
                 record.update(routing_metrics(out.routing, model, per_expert=False))
                 self._log(record)
@@ -281,24 +330,17 @@ class Trainer:
         model.eval()
         model.save_pretrained(self.out_dir / "model")
         tokenizer.save(str(self.out_dir / "model" / "tokenizer.json"))
+        save_chat_template(self.out_dir / "model", self.chat_template())
         self.print_samples(model, tokenizer)
         return model
 
-    @torch.no_grad()
-    def evaluate(self, model: MoELM, data: PackedData) -> tuple[float, float]:
-        """Held-out LM loss and perplexity over the validation rows (or a few batches of them)."""
-        if len(data.val_tokens) == 0:
-            return float("nan"), float("nan")
+    def evaluate(self, model: MoELM, batches: BatchSource) -> dict[str, float]:
+        """The data's held-out metrics, computed in eval mode (no noise, eval capacity)."""
         was_training = model.training
         model.eval()
-        losses = []
-        size = self.recipe.train.batch_size
-        for first in range(0, min(len(data.val_tokens), size * self.recipe.train.eval_batches), size):
-            rows = slice(first, first + size)
-            losses.append(model(**batch_inputs(data.val_tokens[rows], data.val_docs[rows])).lm_loss.item())
+        metrics = batches.evaluate(model)
         model.train(was_training)
-        loss = sum(losses) / len(losses)
-        return loss, math.exp(min(loss, 50.0))
+        return metrics
 
     def print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
         """Greedy continuations of the recipe's sample prompts."""
