@@ -173,6 +173,16 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    """Fine-tune a model directory on a multi-task, curriculum-paced SFT recipe."""
+    from moelm.train.recipe import load_recipe
+    from moelm.train.sft import SFTTrainer
+
+    recipe = load_recipe(args.config, args.set)
+    SFTTrainer(recipe, args.out, base_model=args.model).run(resume=args.resume)
+    print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
+
+
 def cmd_data_builtin(args: argparse.Namespace) -> None:
     """Write the built-in corpus as JSONL (text, domain, difficulty, prompt, answer)."""
     import json
@@ -194,6 +204,13 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out / "tokenizer.json"))
     print(f"tokenizer with {tokenizer.get_vocab_size()} tokens saved to {args.out / 'tokenizer.json'}")
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="recipe YAML (default: built-in defaults)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,11 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     pretrain = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
-    pretrain.add_argument("--config", type=Path, default=None, help="recipe YAML (default: built-in defaults)")
-    pretrain.add_argument("--out", type=Path, required=True, help="output directory")
-    pretrain.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
-    pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _add_recipe_args(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
+
+    sft = sub.add_parser("sft", help="multi-task fine-tuning with a curriculum from a YAML recipe")
+    sft.add_argument("--model", type=Path, required=True, help="base model directory (with tokenizer.json)")
+    _add_recipe_args(sft)
+    sft.set_defaults(func=cmd_sft)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     builtin = data.add_parser("builtin", help="write the built-in multi-domain corpus as JSONL")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from moelm.config import ConfigError, ModelConfig, load_config
+from moelm.train.curriculum import PACINGS
 
 
 @dataclass
@@ -65,12 +66,37 @@ class LogSection:
 
 
 @dataclass
+class SFTSection:
+    """Fine-tuning data: sources with mixture weights, difficulty, curriculum pacing, batching."""
+
+    # Each source: {format: builtin|jsonl|gsm8k|mbpp|bbh|mmlu, path, weight, task (jsonl only)};
+    # builtin also takes num_records, seed, domains, max_difficulty.
+    sources: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"format": "builtin", "num_records": 4000, "domains": ["math"]}]
+    )
+    mixture_temperature: float = 1.0  # without weights: task probability ∝ size^(1/T)
+    strict: bool = False  # malformed records: skipped and reported (False) or fatal (True)
+    difficulty: str = "source"  # source | length | loss (mean assistant-token loss under the base model)
+    pacing: str = "none"  # none | linear | root | step
+    pacing_start: float = 0.2  # fraction of each task unlocked at the start
+    pacing_full_at: float = 0.8  # training progress at which everything is unlocked
+    pacing_steps: int = 4  # buckets for the step pacing
+    anti_curriculum: bool = False  # hardest first (ablation)
+    batching: str = "pack"  # pack (block-diagonal attention) | pad (length-bucketed); see benchmarks/sft_batching.py
+    bucket_batches: int = 8  # pad: batches drawn together and sorted by length
+    val_examples: int = 64  # held-out examples per task (never trained on)
+    eval_exact_match: bool = True  # greedy exact match on held-out examples with answers, at every eval
+    max_new_tokens: int = 48
+
+
+@dataclass
 class Recipe:
     model: ModelConfig
     data: DataSection
     optim: OptimSection
     train: TrainSection
     log: LogSection
+    sft: SFTSection = field(default_factory=SFTSection)
 
     def validate(self) -> None:
         """Cross-section checks that dataclass defaults cannot express."""
@@ -91,6 +117,19 @@ class Recipe:
             ("train.save_every", self.train.save_every, self.train.save_every > 0, "a positive integer"),
             ("train.keep_last", self.train.keep_last, self.train.keep_last > 0, "a positive integer"),
             ("train.dtype", self.train.dtype, self.train.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("sft.pacing", self.sft.pacing, self.sft.pacing in PACINGS, f"one of {list(PACINGS)}"),
+            ("sft.batching", self.sft.batching, self.sft.batching in ("pack", "pad"), "pack or pad"),
+            (
+                "sft.difficulty",
+                self.sft.difficulty,
+                self.sft.difficulty in ("source", "length", "loss"),
+                "source, length or loss",
+            ),
+            ("sft.pacing_start", self.sft.pacing_start, 0 < self.sft.pacing_start <= 1, "in (0, 1]"),
+            ("sft.pacing_full_at", self.sft.pacing_full_at, 0 < self.sft.pacing_full_at <= 1, "in (0, 1]"),
+            ("sft.pacing_steps", self.sft.pacing_steps, self.sft.pacing_steps > 0, "a positive integer"),
+            ("sft.bucket_batches", self.sft.bucket_batches, self.sft.bucket_batches > 0, "a positive integer"),
+            ("sft.sources", self.sft.sources, bool(self.sft.sources), "a non-empty list of sources"),
         ]
         for key, value, ok, allowed in checks:
             if not ok:
@@ -99,11 +138,11 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),
-            **{name: dataclasses.asdict(getattr(self, name)) for name in ("data", "optim", "train", "log")},
+            **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS},
         }
 
 
-SECTIONS = {"data": DataSection, "optim": OptimSection, "train": TrainSection, "log": LogSection}
+SECTIONS = {"data": DataSection, "optim": OptimSection, "train": TrainSection, "log": LogSection, "sft": SFTSection}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

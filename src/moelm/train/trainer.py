@@ -75,11 +75,11 @@ def flops_per_token(model: MoELM, seq_len: int) -> float:
 class BatchSource(Protocol):
     """What the training loop needs from a data pipeline (pre-training rows, SFT conversations, ...).
 
-    `train_batch(index, progress)` returns micro-batch number `index` (model inputs and batch metrics such as
-    the token count) as a pure function of its arguments, so a resume at any index sees the same data.
+    `train_batch(index)` returns micro-batch number `index` (model inputs and batch metrics such as the token
+    count) as a pure function of the index, so a resume at any index sees the same data.
     """
 
-    def train_batch(self, index: int, progress: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+    def train_batch(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
 
     def evaluate(self, model: MoELM) -> dict[str, float]: ...
 
@@ -96,7 +96,7 @@ class PackedBatches:
     seed: int
     eval_batches: int
 
-    def train_batch(self, index: int, progress: float) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def train_batch(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         rows = self.batch_rows(index * self.batch_size, self.batch_size)
         tokens = self.train_tokens[rows]
         return batch_inputs(tokens, self.train_docs[rows]), {"tokens": float(tokens.size)}
@@ -274,7 +274,7 @@ class Trainer:
             totals: dict[str, float] = {}
             tokens = 0.0
             for _ in range(train.grad_accum):
-                inputs, batch_metrics = batches.train_batch(cursor, step / train.max_steps)
+                inputs, batch_metrics = batches.train_batch(cursor)
                 cursor += 1
                 tokens += batch_metrics.pop("tokens")
                 with autocast:

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks, answer extraction, metrics and a sandbox for model-written code."""
