@@ -35,11 +35,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seed", type=int, default=0, help="train.seed: data order and held-out split")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arm in args.arms.split(","):
-            overrides = [*ARMS[arm], f"train.max_steps={args.steps}", "log.progress=false", "train.eval_every=100000"]
+            overrides = [*ARMS[arm], f"train.max_steps={args.steps}", f"train.seed={args.seed}", "log.progress=false"]
+            overrides.append("train.eval_every=100000")
             overrides.append("sft.eval_exact_match=false")
             recipe = load_recipe(ROOT / "configs/sft-tiny.yaml", overrides)
             trainer = SFTTrainer(recipe, Path(tmp) / arm, echo=lambda _: None, base_model=args.model)
@@ -56,7 +58,7 @@ def main() -> None:
                 "held_out": len(samples),
             }
             print(arm, json.dumps(results[arm]), flush=True)
-    print(json.dumps({"steps": args.steps, **{f"{arm}": r for arm, r in results.items()}}))
+    print(json.dumps({"steps": args.steps, "seed": args.seed, **results}))
 
 
 if __name__ == "__main__":

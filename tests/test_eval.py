@@ -257,3 +257,17 @@ def test_real_benchmark_files_load():
     assert len(mmlu.load_split(SHARED, "test")) == 57
     rows = code.load_mbpp(SHARED)
     assert sum(1 for i in code.MBPP_TEST if i in rows) == 500
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/benchmarks (not in a fresh clone)")
+def test_sft_converters_read_the_real_files():
+    from moelm.data import sft
+
+    gsm, report = sft.load_gsm8k(SHARED / "gsm8k" / "train.jsonl")
+    assert len(gsm) == 7473 and not report.skipped and all(e.answer for e in gsm)
+    mbpp, _ = sft.load_mbpp(SHARED / "mbpp" / "mbpp.jsonl")
+    assert len(mbpp) == 464 + 10  # task_ids 511-974 (the dataset ends at 974) and 1-10
+    bbh_examples, _ = sft.load_bbh(SHARED / "bbh" / "bbh")
+    assert len(bbh_examples) == 6511 and len({e.task for e in bbh_examples}) == 27
+    mmlu_examples, _ = sft.load_mmlu(SHARED / "mmlu" / "dev")
+    assert len(mmlu_examples) == 285 and {e.answer for e in mmlu_examples} == set("ABCD")

@@ -30,6 +30,9 @@ class EvalModel:
     batch_size: int = 8
     progress: Callable[[int], None] | None = None
 
+    def __post_init__(self) -> None:
+        self.generator.skip_special_tokens = False  # <think>/</think> must reach the answer extraction
+
     @property
     def max_length(self) -> int:
         return self.generator.model.config.max_position_embeddings
