@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,24 @@ def test_parquet_source_reads_the_text_column(tmp_path):
     assert list(iter_documents(str(path), text_field="body")) == ["first doc", "second doc"]
     with pytest.raises(DataError, match="no column 'text'"):
         list(iter_documents(str(path)))
+
+
+def test_streamed_packing_to_disk_equals_in_memory_packing(tmp_path):
+    from moelm.data.packing import pack_documents_to_files
+
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(3, 500, size=rng.integers(1, 40)).tolist() for _ in range(300)]
+    expected_tokens, expected_docs = pack_documents(documents, seq_len=16, eos_id=1)
+    rows = pack_documents_to_files(
+        iter(documents),
+        16,
+        1,
+        tmp_path / "t.npy",
+        tmp_path / "d.npy",
+        chunk_tokens=50,  # many small chunks
+    )
+    tokens, docs = np.load(tmp_path / "t.npy", mmap_mode="r"), np.load(tmp_path / "d.npy", mmap_mode="r")
+    assert rows == len(expected_tokens) and tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    np.testing.assert_array_equal(docs, expected_docs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy", "t.npy"]  # no raw files left behind

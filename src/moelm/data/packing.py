@@ -8,7 +8,8 @@ first token of the next document) are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,21 +17,69 @@ import torch
 from moelm.model.transformer import IGNORE_INDEX
 
 
-def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows [N, seq_len] and document-index rows of the same shape (dropping the ragged tail)."""
+def _packed_stream(
+    token_lists: Iterable[list[int]], eos_id: int, chunk_tokens: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, document ids) in chunks of about chunk_tokens: every document followed by EOS."""
     tokens: list[int] = []
     docs: list[int] = []
     for index, ids in enumerate(token_lists):
         tokens.extend(ids)
         tokens.append(eos_id)
         docs.extend([index] * (len(ids) + 1))
-    width = seq_len
-    rows = len(tokens) // width
+        if len(tokens) >= chunk_tokens:
+            yield np.asarray(tokens, dtype=np.int32), np.asarray(docs, dtype=np.int32)
+            tokens, docs = [], []
+    if tokens:
+        yield np.asarray(tokens, dtype=np.int32), np.asarray(docs, dtype=np.int32)
+
+
+def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows [N, seq_len] and document-index rows of the same shape (dropping the ragged tail), in memory."""
+    chunks = list(_packed_stream(token_lists, eos_id, 1 << 20))
+    tokens = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, dtype=np.int32)
+    docs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, dtype=np.int32)
+    rows = len(tokens) // seq_len
     if rows == 0:
-        raise ValueError(f"corpus has {len(tokens)} tokens: not enough for one sequence of {width}")
-    token_array = np.asarray(tokens[: rows * width], dtype=np.int64).reshape(rows, width)
-    doc_array = np.asarray(docs[: rows * width], dtype=np.int64).reshape(rows, width)
-    return token_array, doc_array
+        raise ValueError(f"corpus has {len(tokens)} tokens: not enough for one sequence of {seq_len}")
+    return tokens[: rows * seq_len].reshape(rows, seq_len), docs[: rows * seq_len].reshape(rows, seq_len)
+
+
+def pack_documents_to_files(
+    token_lists: Iterable[list[int]],
+    seq_len: int,
+    eos_id: int,
+    tokens_path: Path,
+    docs_path: Path,
+    chunk_tokens: int = 1 << 20,
+) -> int:
+    """The same rows as pack_documents, streamed to two .npy files in bounded memory; returns the row count.
+
+    Tokens go to raw int32 files as they come, then are copied chunk by chunk into [rows, seq_len] .npy arrays
+    (memory-mapped on both sides), so corpora larger than memory pack without holding them.
+    """
+    raw = [tokens_path.with_suffix(".raw"), docs_path.with_suffix(".raw")]
+    with open(raw[0], "wb") as token_file, open(raw[1], "wb") as doc_file:
+        for tokens, docs in _packed_stream(token_lists, eos_id, chunk_tokens):
+            tokens.tofile(token_file)
+            docs.tofile(doc_file)
+    total = raw[0].stat().st_size // 4
+    rows = total // seq_len
+    if rows == 0:
+        for path in raw:
+            path.unlink()
+        raise ValueError(f"corpus has {total} tokens: not enough for one sequence of {seq_len}")
+    step = max(1, chunk_tokens // seq_len)
+    for source, target in zip(raw, (tokens_path, docs_path), strict=True):
+        flat = np.memmap(source, dtype=np.int32, mode="r", shape=(total,))
+        out = np.lib.format.open_memmap(target, mode="w+", dtype=np.int32, shape=(rows, seq_len))
+        for first in range(0, rows, step):
+            last = min(rows, first + step)
+            out[first:last] = flat[first * seq_len : last * seq_len].reshape(-1, seq_len)
+        out.flush()
+        del flat, out
+        source.unlink()
+    return rows
 
 
 def batch_inputs(tokens: np.ndarray, docs: np.ndarray) -> dict[str, torch.Tensor]:

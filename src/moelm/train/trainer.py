@@ -10,10 +10,11 @@ with bitwise the same weights as one that never stopped.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,7 @@ import torch
 
 from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
 from moelm.data.fim import apply_fim
-from moelm.data.packing import batch_inputs, pack_documents
+from moelm.data.packing import batch_inputs, pack_documents_to_files
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
 from moelm.model.balance import BiasBalancer
@@ -176,12 +177,11 @@ class Trainer:
         key = self._cache_key(tokenizer)
         tokens_file, docs_file = cache / f"{key}-tokens.npy", cache / f"{key}-docs.npy"
         if not (tokens_file.is_file() and docs_file.is_file()):
-            tokens, doc_ids = self._tokenise_and_pack(tokenizer)
             cache.mkdir(parents=True, exist_ok=True)
-            for array, target in ((tokens, tokens_file), (doc_ids, docs_file)):
-                tmp = target.with_suffix(".tmp.npy")
-                np.save(tmp, array)
-                tmp.replace(target)
+            tmp_tokens, tmp_docs = tokens_file.with_suffix(".tmp.npy"), docs_file.with_suffix(".tmp.npy")
+            self._tokenise_and_pack(tokenizer, tmp_tokens, tmp_docs)
+            tmp_docs.replace(docs_file)
+            tmp_tokens.replace(tokens_file)
         tokens, doc_ids = np.load(tokens_file, mmap_mode="r"), np.load(docs_file, mmap_mode="r")
         n_val = int(len(tokens) * data.val_fraction)
         if len(tokens) - n_val < self.recipe.train.batch_size:
@@ -201,15 +201,18 @@ class Trainer:
             train.eval_batches,
         )
 
-    def _tokenise_and_pack(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    def _tokenise_and_pack(self, tokenizer, tokens_file: Path, docs_file: Path) -> None:  # noqa: ANN001
+        """Stream documents through the tokenizer in chunks and pack them to disk: memory stays bounded."""
         data = self.recipe.data
         docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
         docs = apply_fim(docs, data.fim_rate, self.recipe.train.seed)
-        encoded = [enc.ids for enc in tokenizer.encode_batch(list(docs))]
-        if not any(encoded):
-            raise DataError(f"data source {data.source!r} holds no text")
+
+        def encoded() -> Iterator[list[int]]:
+            while chunk := list(itertools.islice(docs, 1024)):
+                yield from (enc.ids for enc in tokenizer.encode_batch(chunk))
+
         try:
-            return pack_documents(encoded, data.seq_len, special_id(tokenizer, EOS))
+            pack_documents_to_files(encoded(), data.seq_len, special_id(tokenizer, EOS), tokens_file, docs_file)
         except ValueError as error:
             raise DataError(f"data source {data.source!r}: {error}") from None
 
