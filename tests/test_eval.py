@@ -142,36 +142,21 @@ def test_mmlu_reads_headerless_letter_csvs(tmp_path):
     ]
 
 
+def _score_predictions(task: str, lines: list[dict], data_dir: Path) -> dict:
+    predictions, out = data_dir / "preds.jsonl", data_dir / "results.json"
+    predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["eval", "--task", task, "--predictions", str(predictions), "--data-dir", str(data_dir)]
+    assert main([*argv, "--output", str(out)]) == 0
+    return json.loads(out.read_text())["results"][task]["metrics"]
+
+
 def test_scoring_predictions_from_the_cli(tmp_path, capsys):
     (tmp_path / "gsm8k").mkdir()
     docs = [{"question": "1+1?", "answer": "1+1=2\n#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
     (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "gsm8k" / "train.jsonl").write_text(json.dumps(docs[0]) + "\n")
-    predictions = tmp_path / "preds.jsonl"
-    predictions.write_text(
-        json.dumps({"task_id": 0, "completion": "1+1=2\n#### 2"})
-        + "\n"
-        + json.dumps({"task_id": 1, "completion": "5"})
-        + "\n"
-    )
-    out = tmp_path / "results.json"
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                "gsm8k",
-                "--predictions",
-                str(predictions),
-                "--data-dir",
-                str(tmp_path),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    metrics = json.loads(out.read_text())["results"]["gsm8k"]["metrics"]
+    lines = [{"task_id": 0, "completion": "1+1=2\n#### 2"}, {"task_id": 1, "completion": "5"}]
+    metrics = _score_predictions("gsm8k", lines, tmp_path)
     assert metrics["exact_match_strict"] == 0.5 and metrics["exact_match_flexible"] == 0.5
     (tmp_path / "mbpp").mkdir()
     row = {
@@ -181,29 +166,15 @@ def test_scoring_predictions_from_the_cli(tmp_path, capsys):
         "test_list": ["assert f(1, 2) == 3"],
     }
     (tmp_path / "mbpp" / "mbpp.jsonl").write_text(json.dumps(row) + "\n")
-    predictions.write_text(
-        "".join(
-            json.dumps({"task_id": 11, "completion": c}) + "\n" for c in (row["code"], "def f(a, b):\n    return a - b")
-        )
-    )
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                "mbpp",
-                "--predictions",
-                str(predictions),
-                "--data-dir",
-                str(tmp_path),
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert json.loads(out.read_text())["results"]["mbpp"]["metrics"]["pass@1"] == 0.5
+    wrong = "def f(a, b):\n    return a - b"
+    lines = [{"task_id": 11, "completion": row["code"]}, {"task_id": 11, "completion": wrong}]
+    assert _score_predictions("mbpp", lines, tmp_path)["pass@1"] == 0.5
     assert "pass@1" in capsys.readouterr().out
+    problems = _humaneval_problems()[:2]
+    lines = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
+    lines.append({"task_id": problems[1]["task_id"], "completion": "    return None\n"})
+    metrics = _score_predictions("humaneval", lines, tmp_path)
+    assert metrics["pass@1"] == pytest.approx((1 + 0.5) / 2) and metrics["n_problems"] == 2
 
 
 def test_missing_benchmark_file_names_it(tmp_path, capsys):

@@ -152,6 +152,13 @@ def load_mbpp(path: str | Path, strict: bool = False) -> tuple[list[SFTExample],
     return examples, report
 
 
+def _file_or_folder(path: Path, suffix: str, what: str, expected: str) -> list[Path]:
+    files = sorted(path.glob(f"*{suffix}")) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise DataError(f"{what} {path} not found (expected {expected} or a folder of them)")
+    return files
+
+
 def bbh_task_difficulty(task: str) -> float:
     """BBH difficulty by task: the object-count variants rank 3 < 5 < 7, every other task sits in the middle."""
     for words, level in (("three", 1.0), ("five", 2.0), ("seven", 3.0)):
@@ -163,9 +170,7 @@ def bbh_task_difficulty(task: str) -> float:
 def load_bbh(path: str | Path, strict: bool = False) -> tuple[list[SFTExample], LoadReport]:
     """A BBH task file or a folder of them ({"examples": [{"input", "target"}]})."""
     path, report = Path(path), LoadReport()
-    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    if not files or not files[0].is_file():
-        raise DataError(f"BBH data {path} not found (expected a task .json file or a folder of them)")
+    files = _file_or_folder(path, ".json", "BBH data", "a task .json file")
     examples = []
     for file in files:
         try:
@@ -221,9 +226,7 @@ def mmlu_question(question: str, choices: list[str]) -> str:
 def load_mmlu(path: str | Path, strict: bool = False) -> tuple[list[SFTExample], LoadReport]:
     """MMLU dev CSVs (a file or a folder); difficulty = question length in words (a scored difficulty)."""
     path, report = Path(path), LoadReport()
-    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
-    if not files or not files[0].is_file():
-        raise DataError(f"MMLU data {path} not found (expected a subject .csv or a folder of them)")
+    files = _file_or_folder(path, ".csv", "MMLU data", "a subject .csv")
     examples = []
     for file in files:
         try:
