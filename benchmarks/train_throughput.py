@@ -4,7 +4,7 @@ Both models start from the same weights (moelm saves, transformers loads), see t
 step with AdamW (fused, the one-flag option for both). float32, then bf16 autocast on both. MFU uses the
 FLOPs-per-token formula of references §6 over a float32 GEMM's throughput measured in this run.
 
-    python benchmarks/train_throughput.py [--preset small --batch 4 --seq 256 --steps 4]
+    python benchmarks/train_throughput.py [--preset small --batch 4 --seq 256 --steps 4 --compile]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--modes", default="float32,bf16-autocast")
+    parser.add_argument("--compile", action="store_true", help="also time moelm under torch.compile (one flag)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -74,12 +75,25 @@ def main() -> None:
             "moelm_mfu": tokens / t_ours * per_token / peak,
             "hf_mfu": tokens / t_hf * per_token / peak,
         }
+        if args.compile:
+            compiled = torch.compile(ours)
+            seconds_per_step(compiled, batches[:2], autocast)  # compilation happens here, outside the timing
+            t_compiled = seconds_per_step(compiled, batches, autocast)
+            row["moelm_compiled_tok_s"] = tokens / t_compiled
+            row["compiled_ratio"] = t_hf / t_compiled
+            row["moelm_compiled_mfu"] = tokens / t_compiled * per_token / peak
         results.update({f"{mode}_{k}": v for k, v in row.items()})
         print(
             f"{mode:<14} {row['moelm_tok_s']:>12,.0f} {row['hf_tok_s']:>9,.0f} {row['ratio']:>5.2f}x "
             f"{row['moelm_mfu']:>9.1%}",
             flush=True,
         )
+        if args.compile:
+            print(
+                f"{'  compiled':<14} {row['moelm_compiled_tok_s']:>12,.0f} {'':>9} {row['compiled_ratio']:>5.2f}x "
+                f"{row['moelm_compiled_mfu']:>9.1%}",
+                flush=True,
+            )
     print(json.dumps({k: round(v, 4) for k, v in results.items()}))
 
 
