@@ -121,3 +121,14 @@ def test_second_run_reuses_the_tokenised_cache_and_bf16_autocast_trains(tmp_path
     bf16.run()
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").iterdir())] == stamps
     assert math.isfinite(bf16.history[-1]["loss"])
+
+
+@pytest.mark.slow  # torch.compile of forward and backward takes a minute or more on 2 cores
+def test_compiled_training_matches_eager_losses(tmp_path):
+    steps = [*TINY_RUN, "train.max_steps=3", "train.eval_every=100", "train.log_every=1", "train.save_every=100"]
+    eager = Trainer(load_recipe(None, steps), tmp_path / "eager", echo=lambda _: None)
+    eager.run()
+    compiled = Trainer(load_recipe(None, [*steps, "train.compile=true"]), tmp_path / "compiled", echo=lambda _: None)
+    compiled.run()
+    for a, b in zip(eager.history, compiled.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)

@@ -35,6 +35,8 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
         return "loop"  # CPU inference: the loop visits only the experts that received tokens
     if x.is_cuda:
         return "grouped_mm" if x.dtype in (torch.bfloat16, torch.float32) else "loop"
+    if torch.compiler.is_compiling():
+        return "loop"  # torch 2.13's meta kernel for CPU grouped_mm accepts only bf16: tracing fp32 would fail
     if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16()):
         return "grouped_mm"
     return "loop"
