@@ -273,3 +273,17 @@ def test_sft_config_errors_name_the_field(tmp_path):
         load_recipe(None, ["sft.batching=stack"])
     with pytest.raises(ConfigError, match="config.json"):
         SFTTrainer(load_recipe(None, []), tmp_path, base_model=tmp_path / "nothing")
+
+
+def test_loss_difficulty_is_each_examples_own_assistant_loss(tokenizer):
+    from moelm.train.sft import loss_difficulty
+
+    model = MoELM(tiny_config(vocab_size=tokenizer.get_vocab_size())).eval()
+    examples = []
+    for record in builtin_corpus(5, seed=9, domains=("math", "logic")):
+        ids, mask = encode_chat(tokenizer, builtin_example(record).messages)
+        examples.append(EncodedExample(np.asarray(ids), np.asarray(mask), "t", 1.0))
+    scores = loss_difficulty(model, examples, pad_id=2, batch_size=2)  # batched with right padding
+    with torch.no_grad():
+        alone = [model(**collate([[e]], None, pad_id=2)).lm_loss.item() for e in examples]
+    assert scores == pytest.approx(alone, rel=1e-4)

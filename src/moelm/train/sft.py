@@ -275,19 +275,18 @@ class SFTTrainer(Trainer):
         )
         self.held_out = held_val
         return SFTBatches(
-            encoded,
-            val,
-            held_val,
-            sampler,
-            train.batch_size,
-            seq_len,
-            train.max_steps * train.grad_accum,
-            self.pad_id(tokenizer),
-            sft.batching,
-            sft.bucket_batches,
-            train.eval_batches,
-            None,
-            sft.max_new_tokens,
+            train=encoded,
+            val=val,
+            val_examples=held_val,
+            sampler=sampler,
+            batch_size=train.batch_size,
+            seq_len=seq_len,
+            total_batches=train.max_steps * train.grad_accum,
+            pad_id=self.pad_id(tokenizer),
+            batching=sft.batching,
+            bucket_batches=sft.bucket_batches,
+            eval_batches=train.eval_batches,
+            max_new_tokens=sft.max_new_tokens,
         )
 
     @staticmethod
