@@ -185,6 +185,12 @@ def test_missing_benchmark_file_names_it(tmp_path, capsys):
     assert "gsm8k/test.jsonl" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--tasks", "gsm9k"]) == 2
     assert "available" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--samples", "0"]) == 2
+    assert "invalid samples=0" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": 0, "completion": "x"}\nnot json\n')
+    assert main(["eval", "--task", "gsm8k", "--predictions", str(bad), "--data-dir", str(tmp_path)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
 
 
 def test_builtin_task_end_to_end_writes_auditable_results(tmp_path):

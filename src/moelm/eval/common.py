@@ -22,6 +22,19 @@ class EvalSettings:
     max_new_tokens: int | None = None  # None = the task's default
     apply_chat_template: bool = False  # wrap generation prompts in the model's chat template
 
+    def __post_init__(self) -> None:
+        checks = [
+            ("limit", self.limit is None or self.limit > 0, "a positive integer"),
+            ("num_fewshot", self.num_fewshot is None or self.num_fewshot >= 0, "0 or more"),
+            ("samples", self.samples > 0, "a positive integer"),
+            ("temperature", self.temperature >= 0, "0 (greedy) or more"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens > 0, "a positive integer"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {allowed}")
+
 
 @dataclass
 class TaskResult:
