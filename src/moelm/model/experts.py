@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelm.config import ModelConfig
+from moelm.model import grouped_gemm
 from moelm.model.layers import cpu_has_native_bf16, linear
 from moelm.model.router import Routing
-
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def resolve_backend(requested: str, x: torch.Tensor) -> str:
@@ -27,7 +26,7 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
     0.83x transformers when grouped_mm was used there), and torch's CPU grouped_mm in bf16 is far slower on CPUs
     without bf16 hardware (transformers' bf16 MoE layer: 38 tok/s against our loop's 1,456 at T=4096).
     """
-    if requested == "loop" or _grouped_mm is None:
+    if requested == "loop" or not grouped_gemm.available:
         return "loop"
     if requested == "grouped_mm":
         return "grouped_mm"
@@ -35,8 +34,6 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
         return "loop"  # CPU inference: the loop visits only the experts that received tokens
     if x.is_cuda:
         return "grouped_mm" if x.dtype in (torch.bfloat16, torch.float32) else "loop"
-    if torch.compiler.is_compiling():
-        return "loop"  # torch 2.13's meta kernel for CPU grouped_mm accepts only bf16: tracing fp32 would fail
     if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16()):
         return "grouped_mm"
     return "loop"
@@ -100,9 +97,9 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets = counts_E.cumsum(0).to(torch.int32)
-        hidden_RI2 = _grouped_mm(rows_RH, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        hidden_RI2 = grouped_gemm.grouped_mm(rows_RH, self.gate_up_proj.transpose(1, 2), offsets)
         gate, up = hidden_RI2.chunk(2, dim=-1)
-        return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        return grouped_gemm.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
 
     def _loop(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # unbind once: its backward stacks the per-expert gradients into one [E, ...] tensor, where indexing
