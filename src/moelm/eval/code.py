@@ -68,11 +68,6 @@ def mbpp_prompt(problem: dict[str, Any], shots: list[dict[str, Any]]) -> str:
     return context + block(problem)
 
 
-def truncate(completion: str, stops: list[str]) -> str:
-    cuts = [completion.index(s) for s in stops if s in completion]
-    return completion[: min(cuts)] if cuts else completion
-
-
 def score(
     problems: list[dict[str, Any]],
     completions: list[list[str]],

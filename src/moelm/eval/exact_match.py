@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-THINK_CLOSE = "</think>"
+from moelm.infer.text import THINK_CLOSE
 
 
 def final_answer(reply: str) -> str:
@@ -38,26 +38,23 @@ def chat_exact_match(
     """
     judged = [e for e in examples if e.answer is not None]
     samples: list[dict[str, Any]] = []
-    keep_special = generator.skip_special_tokens
-    generator.skip_special_tokens = False  # the </think> marker must survive decoding
-    try:
-        for first in range(0, len(judged), batch_size):
-            chunk = judged[first : first + batch_size]
-            prompts = [generator.chat_prompt(e.messages[:-1]) for e in chunk]
-            for example, reply in zip(chunk, generator.generate(prompts, max_new_tokens), strict=True):
-                predicted = final_answer(reply)
-                correct = predicted == normalise(str(example.answer))
-                samples.append(
-                    {
-                        "task": example.task,
-                        "difficulty": example.difficulty,
-                        "reply": reply,
-                        "predicted": predicted,
-                        "correct": correct,
-                    }
-                )
-    finally:
-        generator.skip_special_tokens = keep_special
+    for first in range(0, len(judged), batch_size):
+        chunk = judged[first : first + batch_size]
+        prompts = [generator.chat_prompt(e.messages[:-1]) for e in chunk]
+        # specials kept: the </think> marker must survive decoding
+        replies = generator.generate(prompts, max_new_tokens, skip_special_tokens=False)
+        for example, reply in zip(chunk, replies, strict=True):
+            predicted = final_answer(reply)
+            correct = predicted == normalise(str(example.answer))
+            samples.append(
+                {
+                    "task": example.task,
+                    "difficulty": example.difficulty,
+                    "reply": reply,
+                    "predicted": predicted,
+                    "correct": correct,
+                }
+            )
     per_task: dict[str, list[bool]] = defaultdict(list)
     for sample in samples:
         per_task[sample["task"]].append(sample["correct"])

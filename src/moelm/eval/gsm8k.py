@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 
 from moelm.eval.common import EvalSettings, TaskResult, limited, read_jsonl, require
-from moelm.eval.exact_match import THINK_CLOSE
 from moelm.eval.lm import EvalModel
 from moelm.eval.metrics import INVALID, gsm8k_flexible, gsm8k_gold, gsm8k_strict, normalise_number
+from moelm.infer.text import THINK_CLOSE
 
 VARIANTS = {"gsm8k": 5, "gsm8k_cot": 8, "gsm8k_reasoning": 0}
 VERSION = "1"

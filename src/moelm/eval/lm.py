@@ -14,12 +14,7 @@ import torch.nn.functional as F
 
 from moelm.infer.generate import left_pad, stream
 from moelm.infer.sampling import SamplingParams
-from moelm.infer.text import TextGenerator
-
-
-def _cut_at(text: str, stops: Sequence[str]) -> str:
-    cuts = [text.index(s) for s in stops if s in text]
-    return text[: min(cuts)] if cuts else text
+from moelm.infer.text import TextGenerator, cut_at_stop
 
 
 @dataclass
@@ -29,9 +24,6 @@ class EvalModel:
     generator: TextGenerator
     batch_size: int = 8
     progress: Callable[[int], None] | None = None
-
-    def __post_init__(self) -> None:
-        self.generator.skip_special_tokens = False  # <think>/</think> must reach the answer extraction
 
     @property
     def max_length(self) -> int:
@@ -55,7 +47,7 @@ class EvalModel:
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
         model = self.generator.model
-        eos = self.generator._eos_ids()
+        eos = self.generator.eos_ids()
         for first in range(0, len(order), self.batch_size):
             rows = order[first : first + self.batch_size]
             ids, mask = left_pad([encoded[i] for i in rows], model.config.pad_token_id or 0)
@@ -76,37 +68,46 @@ class EvalModel:
             )
             new = torch.cat([step.tokens_BN for step in steps], dim=1)
             for i, row in zip(rows, new.tolist(), strict=True):
-                outputs[i] = _cut_at(self.generator.decode(row), stop)
+                # specials kept: <think>/</think> must reach the answer extraction
+                outputs[i] = cut_at_stop(self.generator.decode(row, skip_special_tokens=False), stop)
             if self.progress is not None:
                 self.progress(len(rows))
         return outputs
 
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
-        """Sum of log p(continuation | context) per request, context and continuation encoded separately."""
+        """Sum of log p(continuation | context) per request, context and continuation encoded separately.
+
+        Only the tokens before the last are fed, and requests whose fed tokens coincide share one forward: the
+        four single-token answers of a multiple-choice question cost one pass over its prompt, not four.
+        """
         pieces = []
         for context, continuation in requests:
             ctx, cont = self._encode(context), self._encode(continuation)
-            ids = (ctx + cont)[-(self.max_length) :]
+            ids = (ctx + cont)[-(self.max_length + 1) :]
             pieces.append((ids, min(len(cont), len(ids) - 1)))
-        scores = [0.0] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: len(pieces[i][0]))
+        sharing: dict[tuple[int, ...], list[int]] = {}
+        for index, (ids, _) in enumerate(pieces):
+            sharing.setdefault(tuple(ids[:-1]), []).append(index)
+        inputs = sorted((key for key in sharing if key), key=len)
+        scores = [0.0] * len(requests)  # an empty input means an empty continuation: log-likelihood 0
         model = self.generator.model
-        for first in range(0, len(order), self.batch_size):
-            rows = order[first : first + self.batch_size]
-            width = max(len(pieces[i][0]) for i in rows)
+        for first in range(0, len(inputs), self.batch_size):
+            rows = inputs[first : first + self.batch_size]
+            width = max(len(key) for key in rows)
             ids = torch.zeros(len(rows), width, dtype=torch.long)
             mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for r, i in enumerate(rows):
-                seq = pieces[i][0]
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
+            for r, key in enumerate(rows):
+                ids[r, : len(key)] = torch.tensor(key)
+                mask[r, : len(key)] = 1
             logprobs = F.log_softmax(model(ids, attention_mask=mask).logits.float(), dim=-1)
-            for r, i in enumerate(rows):
-                seq, n_cont = pieces[i]
-                positions = torch.arange(len(seq) - n_cont, len(seq))
-                targets = torch.tensor(seq[len(seq) - n_cont :])
-                scores[i] = float(logprobs[r, positions - 1, targets].sum())
+            done = 0
+            for r, key in enumerate(rows):
+                for i in sharing[key]:
+                    seq, n_cont = pieces[i]
+                    positions = torch.arange(len(seq) - 1 - n_cont, len(seq) - 1)
+                    scores[i] = float(logprobs[r, positions, torch.tensor(seq[len(seq) - n_cont :])].sum())
+                    done += 1
             if self.progress is not None:
-                self.progress(len(rows))
+                self.progress(done)
         return scores

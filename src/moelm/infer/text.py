@@ -49,17 +49,19 @@ class TextGenerator:
         """The conversation rendered with the model's chat template, ending where the assistant writes."""
         return render_chat(messages, self.chat_template, add_generation_prompt=True)
 
-    def decode(self, tokens: list[int]) -> str:
-        """Text of generated tokens up to (not including) the first EOS."""
-        eos = set(self._eos_ids())
+    def decode(self, tokens: list[int], skip_special_tokens: bool | None = None) -> str:
+        """Text of generated tokens up to (not including) the first EOS; specials kept or dropped as asked
+        (default: the generator's `skip_special_tokens`)."""
+        eos = set(self.eos_ids())
         kept = []
         for token in tokens:
             if token in eos:
                 break
             kept.append(token)
-        return self.tokenizer.decode(kept, skip_special_tokens=self.skip_special_tokens)
+        skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+        return self.tokenizer.decode(kept, skip_special_tokens=skip)
 
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
         ids = [self.model.config.eos_token_id] if self.model.config.eos_token_id is not None else []
         for token in ("</s>", "<|endoftext|>", "<|eos|>"):
             token_id = self.tokenizer.token_to_id(token)
@@ -93,7 +95,7 @@ class TextGenerator:
             torch.tensor([ids]),
             max_new_tokens,
             params,
-            eos_token_id=self._eos_ids(),
+            eos_token_id=self.eos_ids(),
             stop=hit_stop if stop_strings else None,
             seed=seed,
             speculative=speculative,
@@ -101,23 +103,30 @@ class TextGenerator:
         )
         for step in steps:
             new.extend(step.tokens_BN[0].tolist())
-            text = _cut_at_stop(self.decode(new), stop_strings)
+            text = cut_at_stop(self.decode(new), stop_strings)
             if text.startswith(emitted) and not text.endswith("\ufffd"):
                 yield text[len(emitted) :]
                 emitted = text
-        text = _cut_at_stop(self.decode(new), stop_strings)
+        text = cut_at_stop(self.decode(new), stop_strings)
         if text != emitted and text.startswith(emitted):  # whatever was held back for a partial character
             yield text[len(emitted) :]
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, **kwargs) -> list[str]:  # noqa: ANN003
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        skip_special_tokens: bool | None = None,
+        **kwargs,  # noqa: ANN003
+    ) -> list[str]:
         """Completions for a batch of prompts (left-padded into one batch)."""
         encoded = [self.tokenizer.encode(p).ids for p in prompts]
         ids, mask = left_pad(encoded)
-        out = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self._eos_ids(), **kwargs)
-        return [self.decode(row) for row in out[:, ids.shape[1] :].tolist()]
+        out = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self.eos_ids(), **kwargs)
+        return [self.decode(row, skip_special_tokens) for row in out[:, ids.shape[1] :].tolist()]
 
 
-def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string."""
     cuts = [text.index(s) for s in stop_strings if s in text]
     return text[: min(cuts)] if cuts else text
 
