@@ -8,6 +8,7 @@ from conftest import tiny_config
 
 from moelm import MoELM
 from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
+from moelm.infer.generate import compiled_capacity
 from moelm.infer.sampling import apply_repetition_penalty, filter_logits
 from moelm.model.cache import CacheCapacityError, KVCache
 
@@ -68,6 +69,71 @@ def test_cached_decode_logits_equal_full_recompute(attention):
         pieces = [model(ids[:, :5], cache=cache).logits]
         pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("attention", "batch", "experts_per_token", "eval_capacity_factor"),
+    [("mla", 1, 2, None), ("mla", 3, 2, None), ("mla", 3, 4, None), ("gqa", 3, 2, None), ("mla", 3, 2, 1.0)],
+)
+def test_fixed_shape_decode_step_equals_the_cached_forward(attention, batch, experts_per_token, eval_capacity_factor):
+    """decode_step (what the compiled graph runs) against the eager cached forward, on left-padded prompts,
+    through every expert dispatch it can take: gathered (1 token), every expert (3 tokens x 2 or 4 choices)
+    and capacity drops."""
+    config = tiny_config(
+        attention=attention,
+        num_key_value_heads=2 if attention == "gqa" else 4,
+        num_experts_per_tok=experts_per_token,
+        topk_group=2 if experts_per_token > 2 else 1,
+        eval_capacity_factor=eval_capacity_factor,
+        initializer_range=0.2,
+    )
+    model = MoELM(config).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]][:batch])
+    steps = torch.randint(3, 97, (batch, 6))
+    with torch.no_grad():
+        reference, fixed = KVCache(config, batch, 16), KVCache(config, batch, 32)  # capacity differs too
+        model(ids, attention_mask=mask, cache=reference)
+        model(ids, attention_mask=mask, cache=fixed)
+        for t in range(steps.shape[1]):
+            expected = model(steps[:, t : t + 1], cache=reference).logits[:, -1]
+            torch.testing.assert_close(model.decode_step(steps[:, t : t + 1], fixed), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed.next_position, reference.next_position, atol=0, rtol=0)
+    assert fixed.length == reference.length and fixed.max_next_position == int(reference.next_position.max())
+
+
+def test_every_fixed_shape_expert_dispatch_equals_the_expert_definition():
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    moe = model.layers[1].mlp
+    for tokens in (1, 3, 9):
+        x = torch.randn(tokens, 32)
+        with torch.no_grad():
+            routing = moe.gate(x)
+            expected = torch.zeros_like(x)
+            for t in range(tokens):
+                for e, w in zip(routing.expert_ids_TK[t].tolist(), routing.weights_TK[t], strict=True):
+                    expected[t] += w * moe.experts.expert_forward(e, x[t : t + 1])[0]
+            for fused in (False, True):
+                torch.testing.assert_close(moe.experts.decode(x, routing, fused=fused), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_refuses_a_full_cache_or_positions_past_the_model():
+    model = MoELM(tiny_config(max_position_embeddings=8)).eval()
+    with torch.no_grad():
+        cache = KVCache(model.config, 1, 6)
+        model(torch.randint(3, 97, (1, 5)), cache=cache)
+        model.decode_step(torch.tensor([[4]]), cache)
+        with pytest.raises(CacheCapacityError, match="cache slots"):
+            model.decode_step(torch.tensor([[4]]), cache)
+        cache = KVCache(model.config, 1, 16)
+        model(torch.randint(3, 97, (1, 7)), cache=cache)
+        model.decode_step(torch.tensor([[4]]), cache)  # position 7, the last one
+        with pytest.raises(CacheCapacityError, match="max_position_embeddings=8"):
+            model.decode_step(torch.tensor([[4]]), cache)
+        assert cache.length == 8  # the refused step claimed nothing
+
+
+def test_compiled_capacity_rounds_up_to_shared_buckets():
+    assert [compiled_capacity(n) for n in (1, 64, 65, 192, 257)] == [64, 64, 128, 256, 512]
 
 
 def test_absorbed_and_expanded_mla_agree_over_the_latent_cache():
@@ -207,7 +273,11 @@ def test_text_stream_stops_at_stop_strings_and_thinking_is_dimmed_or_hidden(tmp_
 
 @pytest.mark.slow  # torch.compile warm-up takes about a minute on 2 cores
 def test_compiled_decode_gives_the_same_tokens():
+    """One token (matrix-vector kernels, gathered experts) and a left-padded batch of three (GEMMs, every
+    expert): the compiled step must pick the same tokens as the eager engine."""
     model = MoELM(tiny_config(initializer_range=0.2)).eval()
     ids = torch.randint(3, 97, (1, 6))
-    plain = model.generate(ids, 5)
-    assert torch.equal(model.generate(ids, 5, compile=True), plain)
+    assert torch.equal(model.generate(ids, 8, compile=True), model.generate(ids, 8))
+    batch, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
+    compiled = model.generate(batch, 8, attention_mask=mask, compile=True)
+    assert torch.equal(compiled, model.generate(batch, 8, attention_mask=mask))

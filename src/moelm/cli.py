@@ -101,9 +101,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     generator = TextGenerator.from_pretrained(args.model)
     if args.compile:
-        from moelm.infer.generate import compile_blocks
+        from moelm.infer.generate import compile_decode
 
-        compile_blocks(generator.model)
+        compile_decode(generator.model)
     stats = GenerationStats()
     start = time.perf_counter()
     pieces = generator.stream(
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     generate.add_argument("--speculative", action="store_true", help="draft with the model's MTP head")
-    generate.add_argument("--compile", action="store_true", help="torch.compile the decoder blocks first")
+    generate.add_argument("--compile", action="store_true", help="capture the decode step as one compiled graph first")
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with a model directory")

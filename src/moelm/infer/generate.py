@@ -43,20 +43,27 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def compile_blocks(model: MoELM) -> MoELM:
-    """torch.compile every decoder block's single-token decode step (once): it runs as a fused graph instead of
-    ~50 small ops per layer (prefill stays eager). benchmarks/decode.py: small preset batch 1, 45.6 -> 91.4 tok/s."""
-    blocks = list(model.layers) + [m.block for m in model.mtp]
-    # Blocks share one code object and differ in layer_idx, which dynamo specialises on: one graph per layer
-    # and phase (prefill, decode), so the recompile limit must cover them all.
-    import torch._dynamo.config as dynamo_config
+def compile_decode(model: MoELM) -> MoELM:
+    """Capture the model's one-token decode step (`MoELM.decode_logits`) as one torch.compile graph, once per
+    model: fixed shapes per (batch, cache capacity), no host syncs, inductor's C++ wrapper instead of a
+    Python one. Generation then uses it for every decode step (prefill stays eager).
+    benchmarks/decode.py measures it against transformers' generate."""
+    if getattr(model, "compiled_decode", None) is None:
+        import torch._dynamo.config as dynamo_config
 
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 4 * len(blocks)))
-    for block in blocks:
-        if getattr(block, "compiled_decode", None) is None:
-            block.compiled_decode = torch.compile(block._forward, dynamic=True)  # used for 1-token steps only
+        # one graph per (batch, capacity bucket, dtype); dynamo's default limit of 8 would fall back to eager
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        model.compiled_decode = torch.compile(
+            model.decode_logits, fullgraph=True, dynamic=False, options={"cpp_wrapper": True}
+        )
     return model
+
+
+def compiled_capacity(slots: int) -> int:
+    """Cache capacity for a compiled decode: the next power of two (at least 64), so requests of similar
+    length share one captured graph instead of compiling one per exact length."""
+    return max(64, 1 << (slots - 1).bit_length())
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +105,8 @@ def stream(
     """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced."""
     params = params or SamplingParams()
     if compile:
-        compile_blocks(model)
+        compile_decode(model)
+    step_fn = None if speculative else getattr(model, "compiled_decode", None)
     stats = stats if stats is not None else GenerationStats()
     device = input_ids.device
     batch, prompt_len = input_ids.shape
@@ -112,6 +120,8 @@ def stream(
         generators = [torch.Generator(device=device).manual_seed(seed + row) for row in range(batch)]
     dtype = model.embed_tokens.weight.dtype
     capacity = prompt_len + max_new_tokens + (1 if speculative else 0)
+    if step_fn is not None:
+        capacity = compiled_capacity(capacity)
     cache = KVCache(model.config, batch, capacity, dtype=dtype, device=device)
     history = input_ids.masked_fill(attention_mask == 0, -1)
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -139,7 +149,10 @@ def stream(
         yield StepOutput(token.unsqueeze(1), finished.clone())
         if bool(finished.all()) or cache.length >= cache.capacity:
             return
-        logits = model(token.unsqueeze(1), cache=cache).logits[:, -1]
+        if step_fn is not None:
+            logits = model.decode_step(token.unsqueeze(1), cache, step_fn)
+        else:
+            logits = model(token.unsqueeze(1), cache=cache).logits[:, -1]
 
 
 def _speculative_loop(

@@ -111,6 +111,28 @@ class MultiHeadLatentAttention(nn.Module):
             k_pe = cache.second[layer, :, :end].unsqueeze(2)
         return self._expanded(q_nope, q_pe, latent, k_pe, mask)
 
+    def decode(
+        self,
+        x_B1H: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        latent_BSR: torch.Tensor,
+        k_pe_BSr: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One token per sequence against a read-only cache: the output and this token's cache entries.
+
+        Pure and fixed-shape (the whole capacity is scored, `mask` [B, 1, 1, S] hiding unwritten slots; the
+        token's own key is scored beside the cache), so torch.compile captures it once for every step; the
+        caller writes the returned entries into the cache (MoELM.decode_step)."""
+        q = self.project_query(x_B1H)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_pe = self.project_latent(x_B1H)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        out = self._absorbed(q_nope, q_pe, latent_BSR, k_pe_BSr, mask, own=(latent, k_pe))
+        return out, (latent.squeeze(1), k_pe.squeeze(1))
+
     def _expanded(
         self,
         q_nope: torch.Tensor,
@@ -134,19 +156,31 @@ class MultiHeadLatentAttention(nn.Module):
         latent_BSR: torch.Tensor,
         k_pe_BSr: torch.Tensor,
         mask: torch.Tensor | None,
+        own: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Weight-absorbed attention over the latent cache (references §3): W_UK folds into the query and
-        W_UV into the output, so K/V are never expanded: scores = (q_nope W_UK) c^T + q_pe k_pe^T."""
+        W_UV into the output, so K/V are never expanded: scores = (q_nope W_UK) c^T + q_pe k_pe^T.
+
+        own: a single query's own (latent [B, 1, R], rotated key [B, 1, r]) when they are not in the cache
+        yet; scored as one extra, always visible, key."""
         w_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
         w_uk_HdR, w_uv_HvR = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
         q_latent_BHTR = torch.einsum("bthd,hdr->bhtr", q_nope_BTHd, w_uk_HdR)
+        q_pe_BHTr = q_pe_BTHr.transpose(1, 2)
         scores = q_latent_BHTR @ latent_BSR.unsqueeze(1).transpose(-1, -2)
-        scores = scores + q_pe_BTHr.transpose(1, 2) @ k_pe_BSr.unsqueeze(1).transpose(-1, -2)
-        scores = scores.float() * self.scale
+        scores = scores + q_pe_BHTr @ k_pe_BSr.unsqueeze(1).transpose(-1, -2)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent_BSR.dtype)
-        out_latent_BHTR = probs @ latent_BSR.unsqueeze(1)
+        if own is not None:
+            own_latent_B1R, own_k_pe_B1r = own[0].unsqueeze(1), own[1].unsqueeze(1)
+            own_score = (q_latent_BHTR * own_latent_B1R).sum(-1, keepdim=True)
+            own_score = own_score + (q_pe_BHTr * own_k_pe_B1r).sum(-1, keepdim=True)
+            scores = torch.cat((scores, own_score), dim=-1)
+        probs = (scores.float() * self.scale).softmax(dim=-1).to(latent_BSR.dtype)
+        if own is None:
+            out_latent_BHTR = probs @ latent_BSR.unsqueeze(1)
+        else:
+            out_latent_BHTR = probs[..., :-1] @ latent_BSR.unsqueeze(1) + probs[..., -1:] * own_latent_B1R
         out = torch.einsum("bhtr,hvr->bthv", out_latent_BHTR, w_uv_HvR)
         return self.o_proj(out.flatten(2))
 
@@ -193,6 +227,30 @@ class GroupedQueryAttention(nn.Module):
             v = v.repeat_interleave(repeats, dim=2)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
         return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def decode(
+        self,
+        x_B1H: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys_BhSd: torch.Tensor,
+        values_BhSd: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One token per sequence against a read-only cache (see MultiHeadLatentAttention.decode): the output
+        and this token's K/V [B, h_kv, d]."""
+        q = apply_rope(self.q_proj(x_B1H).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rope(self.k_proj(x_B1H).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        v = self.v_proj(x_B1H).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k_all = torch.cat((keys_BhSd, k.transpose(1, 2)), dim=2)
+        v_all = torch.cat((values_BhSd, v.transpose(1, 2)), dim=2)
+        repeats = self.num_heads // self.num_kv_heads
+        if repeats > 1:
+            k_all = k_all.repeat_interleave(repeats, dim=1)
+            v_all = v_all.repeat_interleave(repeats, dim=1)
+        mask = F.pad(mask, (0, 1), value=True)  # the token's own key
+        out = attend(q.transpose(1, 2), k_all, v_all, mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).flatten(2)), (k.squeeze(1), v.squeeze(1))
 
 
 def build_attention(config: ModelConfig) -> nn.Module:

@@ -43,6 +43,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
+        self.max_next_position = 0  # host copy of next_position.max(), kept by reserve / claim_decode_slot
 
     @property
     def bytes_per_token(self) -> int:
@@ -70,8 +71,39 @@ class KVCache:
         start = self.length
         self.valid[:, start : start + new] = token_mask_BT.bool()
         self.next_position += token_mask_BT.long().sum(1)
+        self.max_next_position = int(self.next_position.max())
         self.length += new
         return start, positions
+
+    def claim_decode_slot(self) -> int:
+        """Claim the next slot for one decode token per sequence (MoELM.decode_step), checking capacity and
+        positions against host-side counters so no value is read back from the device."""
+        if self.length + 1 > self.capacity:
+            raise CacheCapacityError(
+                f"the request needs {self.length + 1} cache slots but the cache holds {self.capacity}; "
+                "allocate a larger capacity (prompt length + max_new_tokens)"
+            )
+        if self.max_next_position >= self.config.max_position_embeddings:
+            raise CacheCapacityError(
+                f"position {self.max_next_position} exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        self.length += 1
+        return self.length - 1
+
+    def write_slot(self, slot: int, first_LB: torch.Tensor, second_LB: torch.Tensor) -> None:
+        """Store one token per sequence at `slot` for the first L layers (entries [L, B, ...]) and advance
+        every sequence's position."""
+        layers = first_LB.shape[0]
+        if self.config.attention == "mla":
+            self.first[:layers, :, slot] = first_LB
+            self.second[:layers, :, slot] = second_LB
+        else:
+            self.first[:layers, :, :, slot] = first_LB
+            self.second[:layers, :, :, slot] = second_LB
+        self.valid[:, slot] = True
+        self.next_position += 1
+        self.max_next_position += 1
 
     def attention_mask(self, start: int, new: int) -> torch.Tensor:
         """Boolean [B, 1, new, start+new]: valid slots at or before each query's own slot (itself always)."""
@@ -87,4 +119,5 @@ class KVCache:
         dropped = self.valid[:, length : self.length].long().sum(1)
         self.valid[:, length:] = False
         self.next_position -= dropped
+        self.max_next_position = int(self.next_position.max())
         self.length = length

@@ -46,6 +46,18 @@ class MoE(nn.Module):
             y_TH = self._ffn(x_TH, routing)
         return y_TH.view_as(x_BTH), routing
 
+    def decode(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        """The layer for a captured decode graph: fixed shapes, no balance losses (inference only)."""
+        x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        routing = self.gate(x_TH)
+        if self.config.eval_capacity_factor is not None:
+            slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, self.config.eval_capacity_factor)
+            routing.dropped_TK = capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots)
+        y_TH = self.experts.decode(x_TH, routing)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        return y_TH.view_as(x_BTH)
+
     def _ffn(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         y_TH = self.experts(x_TH, routing)
         if self.shared_experts is not None:

@@ -58,9 +58,6 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
     ) -> tuple[torch.Tensor, Routing | None]:
-        compiled = getattr(self, "compiled_decode", None)
-        if compiled is not None and cache is not None and x.shape[1] == 1:
-            return compiled(x, cos, sin, mask, token_mask, cache, start)
         if self.checkpoint_block and self.training and torch.is_grad_enabled() and cache is None:
             # Non-reentrant checkpointing returns the first pass's Routing and replays the RNG state, so the
             # recomputation routes identically and nothing downstream sees its second set of counts.
@@ -83,6 +80,18 @@ class Block(nn.Module):
             ffn_out, routing = self.mlp(hidden, token_mask)
             return x + ffn_out, routing
         return x + self.mlp(hidden), None
+
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache: KVCache
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One fixed-shape decode step of this block (see MoELM.decode_logits): output and new cache entries."""
+        layer = self.layer_idx
+        attn_out, entries = self.self_attn.decode(
+            self.input_layernorm(x), cos, sin, cache.first[layer], cache.second[layer], mask
+        )
+        x = x + attn_out
+        hidden = self.post_attention_layernorm(x)
+        return x + (self.mlp.decode(hidden) if self.is_moe else self.mlp(hidden)), entries
 
 
 class MTPModule(nn.Module):
@@ -205,6 +214,35 @@ class MoELM(nn.Module):
             if out.loss is not None:
                 out.loss = out.loss + out.balance_loss
         return out
+
+    def decode_logits(
+        self, input_ids_B1: torch.Tensor, cache: KVCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next-token logits [B, V] for one new token per sequence, and its cache entries for every layer.
+
+        Reads the cache and changes nothing: every shape is fixed by (batch, cache capacity) and no value goes
+        back to the host, so torch.compile captures the whole step as one graph that serves every step of
+        every request of that shape (attention scores the whole capacity under the validity mask). Writing
+        the entries back is `decode_step`'s job, outside the graph: in-place cache updates inside it made
+        inductor copy the cache every step."""
+        mask = cache.valid[:, None, None, :]
+        hidden = self.embed_tokens(input_ids_B1)
+        cos, sin = self.rotary(cache.next_position.unsqueeze(1), hidden.dtype)
+        firsts, seconds = [], []
+        for block in self.layers:
+            hidden, (first, second) = block.decode(hidden, cos, sin, mask, cache)
+            firsts.append(first)
+            seconds.append(second)
+        logits = self.lm_head(self.norm(hidden[:, -1]))
+        return logits, torch.stack(firsts), torch.stack(seconds)
+
+    def decode_step(self, input_ids_B1: torch.Tensor, cache: KVCache, step_fn=None) -> torch.Tensor:  # noqa: ANN001
+        """Logits [B, V] for one token per sequence, appended to the cache; `step_fn` is `decode_logits` or
+        a compiled copy of it (moelm.infer.generate.compile_decode)."""
+        slot = cache.claim_decode_slot()
+        logits, firsts, seconds = (step_fn or self.decode_logits)(input_ids_B1, cache)
+        cache.write_slot(slot, firsts, seconds)
+        return logits
 
     def _mtp_loss(
         self,
