@@ -94,16 +94,22 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams
     return SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    """Complete one prompt (streamed with --stream), then report tokens/s."""
-    from moelm.infer.generate import GenerationStats
+def _load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
+    """The model directory as a TextGenerator, its decode step compiled when --compile asks for it."""
+    from moelm.infer.generate import compile_decode
     from moelm.infer.text import TextGenerator
 
     generator = TextGenerator.from_pretrained(args.model)
     if args.compile:
-        from moelm.infer.generate import compile_decode
-
         compile_decode(generator.model)
+    return generator
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Complete one prompt (streamed with --stream), then report tokens/s."""
+    from moelm.infer.generate import GenerationStats
+
+    generator = _load_generator(args)
     stats = GenerationStats()
     start = time.perf_counter()
     pieces = generator.stream(
@@ -123,9 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive chat: role template, <think> shown dimmed (or hidden), tokens/s after each answer."""
     from moelm.infer.generate import GenerationStats
-    from moelm.infer.text import TextGenerator, render_thinking
+    from moelm.infer.text import render_thinking
 
-    generator = TextGenerator.from_pretrained(args.model)
+    generator = _load_generator(args)
     generator.skip_special_tokens = False  # keep <think> tags so reasoning can be dimmed or hidden
     messages: list[dict[str, str]] = []
     if args.system:
@@ -285,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     generate.add_argument("--speculative", action="store_true", help="draft with the model's MTP head")
-    generate.add_argument("--compile", action="store_true", help="capture the decode step as one compiled graph first")
+    compile_help = "capture the decode step as one compiled graph (tens of seconds once; several times faster)"
+    generate.add_argument("--compile", action="store_true", help=compile_help)
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with a model directory")
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--compile", action="store_true", help=compile_help)
     chat.add_argument("--hide-think", action="store_true", help="hide <think> reasoning instead of dimming it")
     chat.set_defaults(func=cmd_chat)
 

@@ -138,9 +138,10 @@ def stream(
         token = torch.where(finished, torch.full_like(token, pad), token)
         history = torch.cat((history, token.unsqueeze(1)), dim=1)
         newly_done = torch.isin(token, eos) if eos.numel() else torch.zeros_like(finished)
-        for row in range(batch):
-            if not finished[row]:
-                new_tokens[row].append(int(token[row]))
+        # one host read per step for every row (per-element reads cost a sync each)
+        for row, (value, was_finished) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
+            if not was_finished:
+                new_tokens[row].append(value)
                 stats.new_tokens += 1
                 if stop is not None and stop(row, new_tokens[row]):
                     newly_done[row] = True
