@@ -133,22 +133,24 @@ def stream(
     if speculative:
         yield from _speculative_loop(model, cache, out, input_ids, max_new_tokens, params, eos, stop, generators, stats)
         return
+    eos_ids = set(eos.tolist())
+    track_history = params.repetition_penalty != 1.0  # only the penalty reads earlier tokens
+    done = [False] * batch  # host-side: every token is read back once per step anyway
     for _ in range(max_new_tokens):
-        token = sample(logits, params, generators, history)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        history = torch.cat((history, token.unsqueeze(1)), dim=1)
-        newly_done = torch.isin(token, eos) if eos.numel() else torch.zeros_like(finished)
-        # one host read per step for every row (per-element reads cost a sync each)
-        for row, (value, was_finished) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
-            if not was_finished:
+        token = sample(logits, params, generators, history if track_history else None)
+        if any(done):
+            token = token.masked_fill(finished, pad)
+        if track_history:
+            history = torch.cat((history, token.unsqueeze(1)), dim=1)
+        for row, value in enumerate(token.tolist()):
+            if not done[row]:
                 new_tokens[row].append(value)
                 stats.new_tokens += 1
-                if stop is not None and stop(row, new_tokens[row]):
-                    newly_done[row] = True
-        finished = finished | newly_done
+                done[row] = value in eos_ids or (stop is not None and stop(row, new_tokens[row]))
+        finished = torch.tensor(done, device=device)
         stats.steps += 1
-        yield StepOutput(token.unsqueeze(1), finished.clone())
-        if bool(finished.all()) or cache.length >= cache.capacity:
+        yield StepOutput(token.unsqueeze(1), finished)
+        if all(done) or cache.length >= cache.capacity:
             return
         if step_fn is not None:
             logits = model.decode_step(token.unsqueeze(1), cache, step_fn)
