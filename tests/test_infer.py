@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from moelm import MoELM
 from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
-from moelm.infer.generate import compiled_capacity
+from moelm.infer.generate import compile_decode, compiled_capacity
 from moelm.infer.sampling import apply_repetition_penalty, filter_logits
 from moelm.model.cache import CacheCapacityError, KVCache
 
@@ -130,6 +130,19 @@ def test_decode_step_refuses_a_full_cache_or_positions_past_the_model():
         with pytest.raises(CacheCapacityError, match="max_position_embeddings=8"):
             model.decode_step(torch.tensor([[4]]), cache)
         assert cache.length == 8  # the refused step claimed nothing
+
+
+def test_compiled_decode_is_rebuilt_when_dtype_or_mode_change():
+    """The compiled step skips dynamo's module guards, so compile_decode itself must notice what they caught
+    (torch.compile is lazy: nothing is compiled here)."""
+    model = MoELM(tiny_config()).eval()
+    first = compile_decode(model).compiled_decode
+    assert compile_decode(model).compiled_decode is first
+    model.double()
+    second = compile_decode(model).compiled_decode
+    assert second is not first
+    model.train()
+    assert compile_decode(model).compiled_decode is not second
 
 
 def test_compiled_capacity_rounds_up_to_shared_buckets():
@@ -281,3 +294,16 @@ def test_compiled_decode_gives_the_same_tokens():
     batch, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
     compiled = model.generate(batch, 8, attention_mask=mask, compile=True)
     assert torch.equal(compiled, model.generate(batch, 8, attention_mask=mask))
+    # Module guards are skipped for speed: weights changed in place must still be read, and another model of
+    # the same shape must get its own graph, not this one.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    assert torch.equal(model.generate(ids, 8, compile=True), _eager_copy(model).generate(ids, 8))
+    other = MoELM(tiny_config(initializer_range=0.2, n_routed_experts=4, n_group=1)).eval()  # same cache shape
+    assert torch.equal(other.generate(ids, 8, compile=True), _eager_copy(other).generate(ids, 8))
+
+
+def _eager_copy(model: MoELM) -> MoELM:
+    copy = MoELM(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
