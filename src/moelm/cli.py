@@ -100,6 +100,7 @@ def _load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
     from moelm.infer.text import TextGenerator
 
     generator = TextGenerator.from_pretrained(args.model)
+    generator.model.eval()
     if args.compile:
         compile_decode(generator.model)
     return generator
@@ -202,7 +203,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.model is None:
             raise ValueError("moelm eval needs --model DIR (or --task and --predictions FILE)")
         from moelm.eval.lm import EvalModel
-        from moelm.infer.text import TextGenerator
 
         tasks = parse_tasks(args.task or args.tasks)
         settings = EvalSettings(
@@ -217,8 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
         if settings.samples > 1 and settings.temperature == 0:
             print("moelm: note: several samples with temperature 0 are identical", file=sys.stderr)
-        generator = TextGenerator.from_pretrained(args.model)
-        generator.model.eval()
+        generator = _load_generator(args)
         bar = _progress_bar("requests")
         model = EvalModel(generator, args.batch_size, bar.update if bar is not None else None)
         document = run_tasks(model, str(args.model), tasks, args.data_dir, settings)
@@ -324,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="first N documents per task (MMLU: per subject)")
     evaluate.add_argument("--num-fewshot", type=int, default=None, help="override the task's standard shot count")
     evaluate.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    evaluate.add_argument("--compile", action="store_true", help="compile the decode step (long generation runs)")
     evaluate.add_argument("--temperature", type=float, default=0.0)
     evaluate.add_argument("--top-p", type=float, default=1.0)
     evaluate.add_argument("--seed", type=int, default=1234)
