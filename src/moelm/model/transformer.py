@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from moelm.model.moe import MoE
 from moelm.model.router import Router, Routing
 
 IGNORE_INDEX = -100
+# (input_ids [B, 1], cache) -> (logits [B, V], first entries [L, B, ...], second entries [L, B, ...])
+DecodeFn = Callable[[torch.Tensor, KVCache], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -236,7 +239,7 @@ class MoELM(nn.Module):
         logits = self.lm_head(self.norm(hidden[:, -1]))
         return logits, torch.stack(firsts), torch.stack(seconds)
 
-    def decode_step(self, input_ids_B1: torch.Tensor, cache: KVCache, step_fn=None) -> torch.Tensor:  # noqa: ANN001
+    def decode_step(self, input_ids_B1: torch.Tensor, cache: KVCache, step_fn: DecodeFn | None = None) -> torch.Tensor:
         """Logits [B, V] for one token per sequence, appended to the cache; `step_fn` is `decode_logits` or
         a compiled copy of it (moelm.infer.generate.compile_decode)."""
         slot = cache.claim_decode_slot()
