@@ -88,8 +88,8 @@ class RoutedExperts(nn.Module):
 
         fused (default: while torch.compile traces): each assignment's expert rows are read through its
         expert id inside a multiply-reduce, which inductor turns into one kernel that streams exactly the
-        chosen experts' weights, with no gathered copy; small preset batch 16: 2.1 ms per layer against 7.5 ms
-        for every expert as a batched GEMM (benchmarks/decode.py measures the whole step). Used up to 2E
+        chosen experts' weights, with no gathered copy (a batched GEMM over every expert was several times
+        slower at decode batch sizes; benchmarks/decode.py measures the whole step). Used up to 2E
         assignments; beyond that every expert runs on every token. Eagerly, a few assignments gather their
         experts' weights for one batched GEMM, more run every expert."""
         weights_TK = routing.weights_TK

@@ -53,9 +53,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _streamed_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A one-row linear as multiply + sum, which inductor compiles into a kernel that streams the weight
-    at memory bandwidth with both cores; the BLAS GEMV it replaces reached a third of that on this machine for
-    the small preset's LM head (decode of one token: benchmarks/decode.py)."""
+    """A one-row linear as multiply + sum, which inductor fuses with its neighbours into a kernel that
+    streams the weight with both cores; the BLAS GEMV it replaces was the slowest part of a compiled batch-1
+    decode step (benchmarks/decode.py measures the whole step)."""
     out = (weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)
     if bias is not None:
         out = out + bias
