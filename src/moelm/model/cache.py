@@ -57,17 +57,9 @@ class KVCache:
     def reserve(self, token_mask_BT: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Claim slots for T new tokens; returns the first slot and the new tokens' positions [B, T]."""
         new = token_mask_BT.shape[1]
-        if self.length + new > self.capacity:
-            raise CacheCapacityError(
-                f"the request needs {self.length + new} cache slots but the cache holds {self.capacity}; "
-                "allocate a larger capacity (prompt length + max_new_tokens)"
-            )
         positions = self.next_position.unsqueeze(1) + token_mask_BT.long().cumsum(1) - 1
         positions = positions.clamp(min=0)
-        if int(positions.max()) >= self.config.max_position_embeddings:
-            raise CacheCapacityError(
-                f"position {int(positions.max())} exceeds max_position_embeddings={self.config.max_position_embeddings}"
-            )
+        self._check_room(self.length + new, int(positions.max()))
         start = self.length
         self.valid[:, start : start + new] = token_mask_BT.bool()
         self.next_position += token_mask_BT.long().sum(1)
@@ -75,19 +67,21 @@ class KVCache:
         self.length += new
         return start, positions
 
+    def _check_room(self, slots_needed: int, highest_position: int) -> None:
+        if slots_needed > self.capacity:
+            raise CacheCapacityError(
+                f"the request needs {slots_needed} cache slots but the cache holds {self.capacity}; "
+                "allocate a larger capacity (prompt length + max_new_tokens)"
+            )
+        if highest_position >= self.config.max_position_embeddings:
+            raise CacheCapacityError(
+                f"position {highest_position} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+
     def claim_decode_slot(self) -> int:
         """Claim the next slot for one decode token per sequence (MoELM.decode_step), checking capacity and
         positions against host-side counters so no value is read back from the device."""
-        if self.length + 1 > self.capacity:
-            raise CacheCapacityError(
-                f"the request needs {self.length + 1} cache slots but the cache holds {self.capacity}; "
-                "allocate a larger capacity (prompt length + max_new_tokens)"
-            )
-        if self.max_next_position >= self.config.max_position_embeddings:
-            raise CacheCapacityError(
-                f"position {self.max_next_position} exceeds "
-                f"max_position_embeddings={self.config.max_position_embeddings}"
-            )
+        self._check_room(self.length + 1, self.max_next_position)
         self.length += 1
         return self.length - 1
 

@@ -34,11 +34,7 @@ class MoE(nn.Module):
         batch = x_BTH.shape[0] if x_BTH.dim() == 3 else 1  # [T, H] input: one sequence
         seq_len = x_TH.shape[0] // batch
         token_mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
-        routing = self.gate(x_TH, token_mask_T)
-        capacity_factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
-        if capacity_factor is not None:
-            slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, capacity_factor)
-            routing.dropped_TK = capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots)
+        routing = self._route(x_TH, token_mask_T)
         routing.losses.update(self._balance_losses(routing, batch, seq_len, token_mask_BT))
         if self.checkpoint_ffn and self.training and torch.is_grad_enabled():
             y_TH = checkpoint(self._ffn, x_TH, routing, use_reentrant=False)
@@ -46,13 +42,19 @@ class MoE(nn.Module):
             y_TH = self._ffn(x_TH, routing)
         return y_TH.view_as(x_BTH), routing
 
+    def _route(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
+        """The router's choice, with over-capacity assignments marked when a capacity factor applies."""
+        routing = self.gate(x_TH, token_mask_T)
+        capacity_factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        if capacity_factor is not None:
+            slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, capacity_factor)
+            routing.dropped_TK = capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots)
+        return routing
+
     def decode(self, x_BTH: torch.Tensor) -> torch.Tensor:
         """The layer for a captured decode graph: fixed shapes, no balance losses (inference only)."""
         x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
-        routing = self.gate(x_TH)
-        if self.config.eval_capacity_factor is not None:
-            slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, self.config.eval_capacity_factor)
-            routing.dropped_TK = capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots)
+        routing = self._route(x_TH)
         y_TH = self.experts.decode(x_TH, routing)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
