@@ -142,6 +142,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     print("moelm chat: empty line or Ctrl-D to leave", file=sys.stderr)
+    first_answer = True
     while True:
         try:
             line = input("> ").strip()
@@ -159,8 +160,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             shown, inside = render_thinking(piece, not args.hide_think, inside)
             print(shown, end="", flush=True)
         elapsed = time.perf_counter() - start
-        # a new (batch, capacity bucket) shape compiles during its first answer
-        note = ", includes compiling" if args.compile and len(messages) <= 2 else ""
+        note = ", includes compiling" if args.compile and first_answer else ""  # its shape compiled meanwhile
+        first_answer = False
         print(f"\n[{stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(answer).split("</think>")[-1].strip()})
 

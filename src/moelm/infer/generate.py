@@ -95,11 +95,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[t
     return ids, mask
 
 
-def _eos_set(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    """EOS ids as a set: tokens are read back to the host each step, so stopping is decided there."""
     if eos_token_id is None:
-        return torch.empty(0, dtype=torch.long, device=device)
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+        return frozenset()
+    return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
 
 
 @torch.inference_mode()
@@ -131,7 +131,7 @@ def stream(
     if speculative and (batch != 1 or not len(model.mtp) or not bool(attention_mask.all())):
         raise ValueError("speculative decoding needs a model with MTP modules and one unpadded sequence")
     pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
-    eos = _eos_set(eos_token_id, device)
+    eos_ids = _eos_set(eos_token_id)
     if generators is None and seed is not None:
         generators = [torch.Generator(device=device).manual_seed(seed + row) for row in range(batch)]
     dtype = model.embed_tokens.weight.dtype
@@ -147,9 +147,10 @@ def stream(
     out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
     logits = out.logits[:, -1]
     if speculative:
-        yield from _speculative_loop(model, cache, out, input_ids, max_new_tokens, params, eos, stop, generators, stats)
+        yield from _speculative_loop(
+            model, cache, out, input_ids, max_new_tokens, params, eos_ids, stop, generators, stats
+        )
         return
-    eos_ids = set(eos.tolist())
     track_history = params.repetition_penalty != 1.0  # only the penalty reads earlier tokens
     done = [False] * batch  # host-side: every token is read back once per step anyway
     for _ in range(max_new_tokens):
@@ -181,7 +182,7 @@ def _speculative_loop(
     input_ids: torch.Tensor,
     max_new_tokens: int,
     params: SamplingParams,
-    eos: torch.Tensor,
+    eos_ids: frozenset[int],
     stop: StopCheck | None,
     generators: list[torch.Generator] | None,
     stats: GenerationStats,
@@ -196,7 +197,6 @@ def _speculative_loop(
     0..e-2 (an entry needs the token after its slot), `pending` is the sampled token for slot e.
     """
     generator = generators[0] if generators else None
-    eos_ids = set(eos.tolist())
     produced: list[int] = []
     history = input_ids.clone()
 

@@ -8,6 +8,8 @@ GEMM per expert that received tokens. Outputs are weighted and scattered back wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,26 +113,33 @@ class RoutedExperts(nn.Module):
     def _streamed(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Every assignment as a matrix-vector product written as multiply + sum over the indexed weights, so a
         compiler fuses the indexing into the reduction (eagerly this would materialise the products)."""
-        top_k = expert_ids_TK.shape[1]
-        flat_ids = expert_ids_TK.flatten()
-        rows_RH = x_TH.repeat_interleave(top_k, dim=0)
-        hidden_RI2 = (self.gate_up_proj[flat_ids] * rows_RH.unsqueeze(1)).sum(-1)
-        gate, up = hidden_RI2.chunk(2, dim=-1)
-        out_RH = (self.down_proj[flat_ids] * (F.silu(gate) * up).unsqueeze(1)).sum(-1)
-        weights_R = weights_TK.flatten().to(out_RH.dtype)
-        return (out_RH * weights_R.unsqueeze(-1)).view(-1, top_k, x_TH.shape[-1]).sum(dim=1)
+        return self._per_assignment(
+            x_TH, expert_ids_TK, weights_TK, lambda w_RNK, x_RK: (w_RNK * x_RK[:, None]).sum(-1)
+        )
 
     def _gathered(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Decode of a token or two: gather the few chosen experts' weights and run one batched GEMM each
         way; cheaper than sorting and dispatching when there are fewer assignments than experts."""
+        return self._per_assignment(
+            x_TH, expert_ids_TK, weights_TK, lambda w_RNK, x_RK: (x_RK[:, None] @ w_RNK.transpose(1, 2))[:, 0]
+        )
+
+    def _per_assignment(
+        self,
+        x_TH: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        matvec: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Each (token, expert) pair through its expert's weights, indexed per pair, then the weighted k-way sum;
+        `matvec(weights [R, N, K], rows [R, K]) -> [R, N]` decides how the products are computed."""
         top_k = expert_ids_TK.shape[1]
         flat_ids = expert_ids_TK.flatten()
-        rows_R1H = x_TH.repeat_interleave(top_k, dim=0).unsqueeze(1)
-        hidden = rows_R1H @ self.gate_up_proj[flat_ids].transpose(1, 2)
-        gate, up = hidden.chunk(2, dim=-1)
-        out_R1H = (F.silu(gate) * up) @ self.down_proj[flat_ids].transpose(1, 2)
-        weights_R = weights_TK.flatten().to(out_R1H.dtype)
-        return (out_R1H.squeeze(1) * weights_R.unsqueeze(-1)).view(-1, top_k, x_TH.shape[-1]).sum(dim=1)
+        rows_RH = x_TH.repeat_interleave(top_k, dim=0)
+        gate, up = matvec(self.gate_up_proj[flat_ids], rows_RH).chunk(2, dim=-1)
+        out_RH = matvec(self.down_proj[flat_ids], F.silu(gate) * up)
+        weights_R = weights_TK.flatten().to(out_RH.dtype)
+        return (out_RH * weights_R.unsqueeze(-1)).view(-1, top_k, x_TH.shape[-1]).sum(dim=1)
 
     def _grouped(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets = counts_E.cumsum(0).to(torch.int32)

@@ -36,7 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     result matches a native bf16 GEMM up to the final rounding; on an AVX2-only CPU it is several times faster
     than torch's emulated bf16 GEMM (benchmarks/forward.py bfloat16 rows: 5.6-6.2x transformers' forward).
     """
-    if x.device.type == "cpu" and x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+    one_row = x.numel() == x.shape[-1]
+    if x.device.type == "cpu" and one_row and torch.compiler.is_compiling() and not torch.is_grad_enabled():
         return _streamed_matvec(x, weight, bias)
     if x.device.type != "cpu" or cpu_has_native_bf16():
         return F.linear(x, weight, bias)
