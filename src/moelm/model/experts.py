@@ -41,6 +41,37 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
     return "loop"
 
 
+class _SortedRows(torch.autograd.Function):
+    """rows[r] = x[order[r] // k]: each token's row repeated for its k (token, slot) pairs, in sorted order.
+    Backward gathers the pairs back into (token, slot) order and sums each token's k rows."""
+
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x_TH.index_select(0, order.div(top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad_RH: torch.Tensor):  # noqa: ANN001, ANN205
+        (inverse,) = ctx.saved_tensors
+        grad_TH = grad_RH.index_select(0, inverse).view(-1, ctx.top_k, grad_RH.shape[-1]).sum(dim=1)
+        return grad_TH, None, None, None
+
+
+class _UnsortRows(torch.autograd.Function):
+    """out[i] = rows[inverse[i]] for a permutation; backward is the gather by the permutation itself."""
+
+    @staticmethod
+    def forward(ctx, rows_RH: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(order)
+        return rows_RH.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad_RH: torch.Tensor):  # noqa: ANN001, ANN205
+        (order,) = ctx.saved_tensors
+        return grad_RH.index_select(0, order), None, None
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts of width moe_intermediate_size, applied to the tokens the router assigned them."""
 
@@ -67,19 +98,24 @@ class RoutedExperts(nn.Module):
         counts = counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))[: self.num_experts]
         if routing.dropped_TK is not None:
             order = order[: int(counts.sum())]
-        token_of_row = order // expert_ids_TK.shape[1]
-        rows_RH = x_TH[token_of_row]
+        top_k = expert_ids_TK.shape[1]
+        token_of_row = order // top_k
+        # Training: every token owns exactly k rows, so the sort is a permutation of the (token, slot) pairs and
+        # both directions are gathers whose backward is the opposite gather; indexing's own backward is an
+        # accumulating index_put, a serial scatter on CPU (probe: 5 ms per call at T=2048, k=4).
+        sorted_pairs = routing.dropped_TK is None and torch.is_grad_enabled()
+        inverse = order.argsort() if sorted_pairs else None
+        rows_RH = _SortedRows.apply(x_TH, order, inverse, top_k) if sorted_pairs else x_TH[token_of_row]
         if resolve_backend(self.backend, x_TH) == "grouped_mm":
             out_RH = self._grouped(rows_RH, counts)
         else:
             out_RH = self._loop(rows_RH, counts)
-        if routing.dropped_TK is None and torch.is_grad_enabled():
-            # Training: every token owns exactly k rows, so undo the sort with one gather and a batched k-way
-            # weighted sum; its backward is much cheaper than scatter-add's (benchmarks/moe_layer.py T=4096
-            # 1.15x -> 1.18x transformers). Without autograd the scatter-add below is faster (benchmarks/
-            # forward.py tiny float32 fell from 1.34x to 1.16x transformers with the gather there).
-            top_k = expert_ids_TK.shape[1]
-            out_TKH = out_RH[order.argsort()].view(-1, top_k, out_RH.shape[-1])
+        if sorted_pairs:
+            # Undo the sort with one gather and a batched k-way weighted sum; its backward is much cheaper than
+            # scatter-add's (benchmarks/moe_layer.py T=4096 1.15x -> 1.18x transformers). Without autograd the
+            # scatter-add below is faster (benchmarks/forward.py tiny float32 fell from 1.34x to 1.16x
+            # transformers with the gather there).
+            out_TKH = _UnsortRows.apply(out_RH, inverse, order).view(-1, top_k, out_RH.shape[-1])
             return (routing.weights_TK.to(out_RH.dtype).unsqueeze(1) @ out_TKH).squeeze(1)
         row_weights = routing.weights_TK.flatten()[order].to(out_RH.dtype)
         out_RH = out_RH * row_weights.unsqueeze(-1)
