@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,3 +18,20 @@ def copy_bandwidth(megabytes: int = 512) -> float:
     for _ in range(3):
         dst.copy_(src)
     return 3 * 2 * src.numel() * 4 / (time.perf_counter() - start)
+
+
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin (one warm-up call each first).
+
+    A shared machine's speed drifts by tens of percent over a minute; timing the contestants in turn, round
+    after round, exposes them to the same drift instead of giving one the fast minute and the other the slow one.
+    """
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -2,7 +2,7 @@
 
 Total parameters grow with the expert count while active parameters stay fixed, so an ideal MoE step costs the
 same at every count. moelm and transformers' DeepseekV3ForCausalLM (same configs, same weights, grouped_mm
-experts) run a forward, backward and AdamW step on the same tokens in one process.
+experts) run a forward, backward and AdamW step on the same tokens in one process, timed in turn.
 
     python benchmarks/expert_scaling.py [--experts 8,16,32,64 --top-k 4 --hidden 256 --intermediate 128]
 """
@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
+from collections.abc import Callable
 
 import torch
+from common import interleaved_medians
 
 from moelm import ModelConfig, MoELM
 
 
-def step_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int, hf: bool) -> float:
-    """Median seconds of one forward + backward + AdamW step (fused AdamW for both, as a trainer would)."""
+def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward + AdamW step (fused AdamW for both, as a trainer would)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
-    for step in range(repeats + 1):
-        start = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
 
 
 def build(args: argparse.Namespace, experts: int) -> tuple[MoELM, torch.nn.Module]:
@@ -75,7 +72,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     ids = torch.randint(0, 2048, (args.batch, args.seq))
     counts = [int(e) for e in args.experts.split(",")]
@@ -83,8 +80,9 @@ def main() -> None:
     print(f"{'experts':>7} {'total M':>8} {'active M':>9} {'moelm s/step':>13} {'HF s/step':>10}")
     for experts in counts:
         ours, theirs = build(args, experts)
-        t_ours = step_seconds(ours, ids, args.repeats, hf=False)
-        t_hf = step_seconds(theirs, ids, args.repeats, hf=True)
+        steps = {"ours": training_step(ours, ids), "hf": training_step(theirs, ids)}
+        seconds = interleaved_medians(steps, args.repeats)
+        t_ours, t_hf = seconds["ours"], seconds["hf"]
         results[f"E{experts}_moelm_s"] = t_ours
         results[f"E{experts}_hf_s"] = t_hf
         print(

@@ -1,10 +1,11 @@
 """MoE layer forward+backward throughput: moelm vs transformers' DeepseekV3MoE vs a dense SwiGLU.
 
-Same weights and inputs in one process. transformers runs its experts with the `grouped_mm` implementation,
-as it does inside DeepseekV3ForCausalLM (the bare module would fall back to a slower loop). The dense SwiGLU
-has the same active parameters ((k + shared) * I intermediate width). Rooflines: at large T the achieved
-FLOP/s of the whole moelm layer over a large GEMM's FLOP/s measured in this run; at small T the time the
-weight and gradient bytes need at the measured copy bandwidth over the measured time.
+Same weights and inputs in one process, the three timed in turn, round after round. transformers runs its
+experts with the `grouped_mm` implementation, as it does inside DeepseekV3ForCausalLM (the bare module would
+fall back to a slower loop). The dense SwiGLU has the same active parameters ((k + shared) * I intermediate
+width). Rooflines: at large T the achieved FLOP/s of the whole moelm layer over a large GEMM's FLOP/s measured
+in this run; at small T the time the weight and gradient bytes need at the measured copy bandwidth over the
+measured time.
 
     python benchmarks/moe_layer.py [--tokens 4096,64] [--dtypes float32,bfloat16] [--experts 64 --top-k 6]
 """
@@ -13,31 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from common import copy_bandwidth
+from common import copy_bandwidth, interleaved_medians
 
 from moelm import ModelConfig
 from moelm.model.layers import SwiGLU, linear
 from moelm.model.moe import MoE
 
 
-def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, repeats: int, unpack: bool) -> float:
-    """Median seconds of forward + backward (input and parameter gradients)."""
+def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor, unpack: bool) -> Callable[[], None]:
+    """One forward + backward (input and parameter gradients) into fresh gradient buffers."""
     grad_out = torch.randn_like(x)
-    times = []
-    for step in range(repeats + 1):
+
+    def step() -> None:
         module.zero_grad(set_to_none=True)
         x.grad = None
-        start = time.perf_counter()
         out = module(x)
-        out = out[0] if unpack else out
-        out.backward(grad_out)
-        if step:  # first call is warm-up
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        (out[0] if unpack else out).backward(grad_out)
+
+    return step
 
 
 def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048) -> float:
@@ -107,9 +105,13 @@ def main() -> None:
             x = torch.randn(1, tokens, args.hidden, dtype=dtype, requires_grad=True)
             with torch.no_grad():
                 diff = (ours(x)[0].float() - theirs(x).float()).abs().max().item()
-            t_ours = fwd_bwd_seconds(ours, x, args.repeats, unpack=True)
-            t_hf = fwd_bwd_seconds(theirs, x, args.repeats, unpack=False)
-            t_dense = fwd_bwd_seconds(dense, x, args.repeats, unpack=False)
+            steps = {
+                "ours": fwd_bwd_step(ours, x, unpack=True),
+                "hf": fwd_bwd_step(theirs, x, unpack=False),
+                "dense": fwd_bwd_step(dense, x, unpack=False),
+            }
+            seconds = interleaved_medians(steps, args.repeats)
+            t_ours, t_hf, t_dense = seconds["ours"], seconds["hf"], seconds["dense"]
             # fwd+bwd FLOPs: 3 x forward; forward 6*H*I per (token, expert) pair incl. shared, plus the router.
             pairs = tokens * (args.top_k + 1)
             flops = 3 * (pairs * 6 * args.hidden * args.intermediate + 2 * tokens * args.hidden * args.experts)

@@ -1,8 +1,9 @@
 """Training tokens/s and MFU: moelm vs transformers' DeepseekV3ForCausalLM, same config, data and optimizer.
 
 Both models start from the same weights (moelm saves, transformers loads), see the same random batches and
-step with AdamW (fused, the one-flag option for both). float32, then bf16 autocast on both. MFU uses the
-FLOPs-per-token formula of references §6 over a float32 GEMM's throughput measured in this run.
+step with AdamW (fused, the one-flag option for both), timed in turn step after step. float32, then bf16
+autocast on both. MFU uses the FLOPs-per-token formula of references §6 over a float32 GEMM's throughput
+measured in this run.
 
     python benchmarks/train_throughput.py [--preset small --batch 4 --seq 256 --steps 4 --compile]
 """
@@ -11,32 +12,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
-import statistics
 import tempfile
-import time
+from collections.abc import Callable
 
 import torch
+from common import interleaved_medians
 
 from moelm import MoELM, load_config
 from moelm.train.trainer import flops_per_token, measured_peak_flops
 
 
-def seconds_per_step(model: torch.nn.Module, batches: list[torch.Tensor], autocast: bool) -> float:
-    """Median seconds of forward + backward + AdamW step over the batches (the first is warm-up)."""
+def training_step(model: torch.nn.Module, batches: list[torch.Tensor], autocast: bool) -> Callable[[], None]:
+    """One forward + backward + AdamW step (fused, the one-flag option for both) on the next batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
-    for index, ids in enumerate(batches):
+    batch_stream = itertools.cycle(batches)
+
+    def step() -> None:
+        ids = next(batch_stream)
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        start = time.perf_counter()
         with context:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if index:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
 
 
 def main() -> None:
@@ -66,8 +68,12 @@ def main() -> None:
             ours.save_pretrained(directory)
             theirs = AutoModelForCausalLM.from_pretrained(directory).train()
         per_token = flops_per_token(ours, args.seq)
-        t_ours = seconds_per_step(ours, batches, autocast)
-        t_hf = seconds_per_step(theirs, batches, autocast)
+        steps = {"ours": training_step(ours, batches, autocast), "hf": training_step(theirs, batches, autocast)}
+        if args.compile:
+            steps["compiled"] = training_step(torch.compile(ours), batches, autocast)
+            steps["compiled"]()  # compilation happens here, outside the timing
+        seconds = interleaved_medians(steps, args.steps)
+        t_ours, t_hf = seconds["ours"], seconds["hf"]
         row = {
             "moelm_tok_s": tokens / t_ours,
             "hf_tok_s": tokens / t_hf,
@@ -76,9 +82,7 @@ def main() -> None:
             "hf_mfu": tokens / t_hf * per_token / peak,
         }
         if args.compile:
-            compiled = torch.compile(ours)
-            seconds_per_step(compiled, batches[:2], autocast)  # compilation happens here, outside the timing
-            t_compiled = seconds_per_step(compiled, batches, autocast)
+            t_compiled = seconds["compiled"]
             row["moelm_compiled_tok_s"] = tokens / t_compiled
             row["compiled_ratio"] = t_hf / t_compiled
             row["moelm_compiled_mfu"] = tokens / t_compiled * per_token / peak
