@@ -307,3 +307,16 @@ def _eager_copy(model: MoELM) -> MoELM:
     copy = MoELM(model.config).eval()
     copy.load_state_dict(model.state_dict())
     return copy
+
+
+def test_generation_runs_one_forward_per_sampled_token_and_none_after_the_last(monkeypatch):
+    torch.manual_seed(0)
+    model = MoELM(tiny_config()).eval()
+    calls = []
+    forward = MoELM.forward
+    monkeypatch.setattr(
+        MoELM, "forward", lambda self, ids, **kw: calls.append(ids.shape[1]) or forward(self, ids, **kw)
+    )
+    out = model.generate(torch.tensor([[5, 6, 7]]), 4)
+    assert out.shape == (1, 7)
+    assert calls == [3, 1, 1, 1]  # prefill, then a decode step for each of tokens 2..4

@@ -153,7 +153,7 @@ def stream(
         return
     track_history = params.repetition_penalty != 1.0  # only the penalty reads earlier tokens
     done = [False] * batch  # host-side: every token is read back once per step anyway
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         token = sample(logits, params, generators, history if track_history else None)
         if any(done):
             token = token.masked_fill(finished, pad)
@@ -167,8 +167,8 @@ def stream(
         finished = torch.tensor(done, device=device)
         stats.steps += 1
         yield StepOutput(token.unsqueeze(1), finished)
-        if all(done) or cache.length >= cache.capacity:
-            return
+        if all(done) or index == max_new_tokens - 1 or cache.length >= cache.capacity:
+            return  # no decode step for a token nobody will sample
         if step_fn is not None:
             logits = model.decode_step(token.unsqueeze(1), cache, step_fn)
         else:
