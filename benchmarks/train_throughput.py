@@ -21,6 +21,7 @@ import torch
 from common import interleaved_medians
 
 from moelm import MoELM, load_config
+from moelm.train.allocator import reuse_freed_memory
 from moelm.train.trainer import flops_per_token, measured_peak_flops
 
 
@@ -49,7 +50,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--modes", default="float32,bf16-autocast")
     parser.add_argument("--compile", action="store_true", help="also time moelm under torch.compile (one flag)")
+    parser.add_argument(
+        "--reuse-freed-memory", action="store_true", help="glibc malloc tuning as `moelm pretrain` applies it"
+    )
     args = parser.parse_args()
+    if args.reuse_freed_memory:
+        reuse_freed_memory()  # process-wide: transformers, timed in the same process, benefits alike
     from transformers import AutoModelForCausalLM
 
     config = load_config(args.preset).replace(num_nextn_predict_layers=0)

@@ -56,6 +56,7 @@ class TrainSection:
     max_skipped: int = 5
     dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
     compile: bool = False  # torch.compile the model for training
+    reuse_freed_memory: bool = True  # glibc: keep freed step buffers for reuse (moelm.train.allocator)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tok
 from moelm.model.balance import BiasBalancer
 from moelm.model.telemetry import CollapseMonitor, routing_metrics
 from moelm.model.transformer import MoELM
+from moelm.train.allocator import reuse_freed_memory
 from moelm.train.checkpoint import load_latest, save_checkpoint
 from moelm.train.recipe import Recipe
 
@@ -234,6 +235,8 @@ class Trainer:
     def run(self, resume: bool = False) -> MoELM:
         """Train to train.max_steps, save OUT/model, print samples; returns the trained model."""
         recipe, train = self.recipe, self.recipe.train
+        if train.reuse_freed_memory:
+            reuse_freed_memory()
         tokenizer = self.prepare_tokenizer()
         batches = self.prepare_batches(tokenizer)
         model = self.build_model(tokenizer).train()
