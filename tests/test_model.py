@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from moelm import MoELM
-from moelm.model.layers import RotaryEmbedding, apply_rope
+from moelm.model.layers import RotaryEmbedding, apply_rope, linear
 
 
 def test_lm_loss_is_next_token_cross_entropy_ignoring_minus_100():
@@ -145,3 +145,20 @@ def test_loss_decreases_when_fitting_a_fixed_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_for_a_few_rows_matches_the_float64_product(rows, bias):
+    """Inference with 2-6 rows takes a transposed GEMM; every row count must give the same product."""
+    torch.manual_seed(rows)
+    weight, b = torch.randn(48, 32), torch.randn(48) if bias else None
+    x = torch.randn(1, rows, 64)[..., ::2]  # non-contiguous rows, a batch dimension in front
+    expected = x.double() @ weight.double().T + (0 if b is None else b.double())
+    with torch.no_grad():
+        out = linear(x, weight, b)
+    assert out.shape == (1, rows, 48)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # bf16 takes the same path after its upcast
+        low = linear(x.bfloat16(), weight.bfloat16(), None if b is None else b.bfloat16())
+    torch.testing.assert_close(low.double(), expected, atol=0.1, rtol=0.05)

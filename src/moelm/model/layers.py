@@ -36,13 +36,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     result matches a native bf16 GEMM up to the final rounding; on an AVX2-only CPU it is several times faster
     than torch's emulated bf16 GEMM (benchmarks/forward.py bfloat16 rows: 5.6-6.2x transformers' forward).
     """
-    one_row = x.numel() == x.shape[-1]
-    if x.device.type == "cpu" and one_row and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return _streamed_matvec(x, weight, bias)
-    if x.device.type != "cpu" or cpu_has_native_bf16():
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return _streamed_matvec(x, weight, bias)
+    if cpu_has_native_bf16():
+        return _cpu_linear(x, weight, bias, rows)
     if x.dtype in (torch.bfloat16, torch.float16):
-        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        out = _cpu_linear(x.float(), weight.float(), None if bias is None else bias.float(), rows)
         return out.to(x.dtype)
     if torch.is_autocast_enabled("cpu"):
         # bf16 autocast: round the operands to bf16 as autocast would, multiply in fp32, return bf16.
@@ -50,7 +52,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         with torch.autocast("cpu", enabled=False):
             out = F.linear(x.to(low).float(), weight.to(low).float(), None if bias is None else bias.to(low).float())
         return out.to(low)
-    return F.linear(x, weight, bias)
+    return _cpu_linear(x, weight, bias, rows)
+
+
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """F.linear, except that 2-6 rows without autograd multiply as weight @ rows^T with the rows contiguous.
+
+    For so few rows the BLAS kernel behind x @ weight^T streams the weight at a third of the memory bandwidth;
+    weight @ rows^T with each row a contiguous column runs about twice as fast. Prefill's routed experts see a
+    few rows each (probe, small preset, 64-token prompt: the 7 MoE layers' experts 75 -> 48 ms).
+    """
+    if not 2 <= rows <= 6 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, -1).contiguous().T).T
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _streamed_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
