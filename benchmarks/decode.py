@@ -2,7 +2,8 @@
 
 For each preset, dtype and batch size: prompt of 64 tokens, 128 new tokens, greedy, no EOS; moelm eager and
 with `compile=True` (the decode step captured as one graph; compile time excluded by a warm-up run of the same
-shape), transformers as its users run it. Tokens are checked equal to transformers' (in float32). Also moelm
+shape), transformers as its users run it; the three are timed in turn, round after round (median of
+`--repeats`), so machine drift hits them alike. Tokens are checked equal to transformers' (in float32). Also moelm
 with MTP speculation (acceptance rate reported; an untrained MTP head rarely agrees, so speculation only pays
 off on trained models) and the decode roofline: bytes a step must read (active parameters except the
 embedding table, of which one row per token is read, plus the KV cache) over the read bandwidth (half the copy
@@ -17,9 +18,10 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
-from common import copy_bandwidth
+from common import copy_bandwidth, interleaved_medians
 
 from moelm import MoELM, load_config
 from moelm.infer import GenerationStats
@@ -32,6 +34,20 @@ def timed(fn) -> tuple[float, object]:  # noqa: ANN001
     return time.perf_counter() - start, result
 
 
+def recorded(outputs: dict[str, torch.Tensor], name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """fn as a timed step that keeps its latest output under `name` (tokens are compared after timing)."""
+    return lambda: outputs.__setitem__(name, fn())
+
+
+def generate_eagerly(model: MoELM, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """model.generate without its compiled decode step, which stays in place for the compiled rounds."""
+    saved, model.compiled_decode = getattr(model, "compiled_decode", None), None
+    try:
+        return model.generate(ids, new)
+    finally:
+        model.compiled_decode = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,small")
@@ -39,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -70,17 +87,28 @@ def main() -> None:
             active_bytes = streamed * torch.finfo(dtype).bits // 8
             for batch in (int(b) for b in args.batches.split(",")):
                 ids = torch.randint(3, config.vocab_size, (batch, args.prompt))
-                with torch.inference_mode():
-                    ours.generate(ids[:, :8], 4)  # warm-up
-                    t_ours, out_ours = timed(lambda ids=ids, ours=ours: ours.generate(ids, args.new))
-                    ours.generate(ids, args.new, compile=True)  # compiles this (batch, capacity, dtype) graph
-                    t_comp, out_comp = timed(lambda ids=ids, ours=ours: ours.generate(ids, args.new, compile=True))
-                    ours.compiled_decode = None  # the remaining rows run eagerly again
-                    t_hf, out_hf = timed(
+                outputs: dict[str, torch.Tensor] = {}
+                steps = {
+                    "eager": recorded(
+                        outputs, "eager", lambda ids=ids, ours=ours: generate_eagerly(ours, ids, args.new)
+                    ),
+                    # the warm-up call compiles this (batch, capacity, dtype) graph, outside the timing
+                    "compiled": recorded(
+                        outputs, "compiled", lambda ids=ids, ours=ours: ours.generate(ids, args.new, compile=True)
+                    ),
+                    "hf": recorded(
+                        outputs,
+                        "hf",
                         lambda ids=ids, hf=hf: hf.generate(
                             ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None
-                        )
-                    )
+                        ),
+                    ),
+                }
+                with torch.inference_mode():
+                    seconds = interleaved_medians(steps, args.repeats)
+                ours.compiled_decode = None  # the remaining rows start eagerly again
+                t_ours, t_comp, t_hf = seconds["eager"], seconds["compiled"], seconds["hf"]
+                out_ours, out_comp, out_hf = outputs["eager"], outputs["compiled"], outputs["hf"]
                 same = bool(torch.equal(out_ours, out_hf)) and bool(torch.equal(out_comp, out_hf))
                 tokens = batch * args.new
                 kv_bytes = cache.bytes_per_token // 4 * torch.finfo(dtype).bits // 8 * (args.prompt + args.new // 2)
