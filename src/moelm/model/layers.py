@@ -60,7 +60,8 @@ def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     For so few rows the BLAS kernel behind x @ weight^T streams the weight at a third of the memory bandwidth;
     weight @ rows^T with each row a contiguous column runs about twice as fast. Prefill's routed experts see a
-    few rows each (probe, small preset, 64-token prompt: the 7 MoE layers' experts 75 -> 48 ms, the whole prefill ~10% faster).
+    few rows each (probe, small preset, 64-token prompt: the 7 MoE layers' experts 75 -> 48 ms, the whole
+    prefill ~10% faster).
     """
     if not 2 <= rows <= 6 or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
