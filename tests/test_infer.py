@@ -142,7 +142,12 @@ def test_compiled_decode_is_rebuilt_when_dtype_or_mode_change():
     second = compile_decode(model).compiled_decode
     assert second is not first
     model.train()
-    assert compile_decode(model).compiled_decode is not second
+    third = compile_decode(model).compiled_decode
+    assert third is not second
+    assert compile_decode(model, "inductor").compiled_decode is not third
+    assert compile_decode(model).compiled_decode_key[-1] == "inductor"  # the choice sticks
+    with pytest.raises(ValueError, match="'auto', 'aot', 'inductor'"):
+        compile_decode(model, "tensorrt")
 
 
 def test_compiled_capacity_rounds_up_to_shared_buckets():
@@ -284,11 +289,12 @@ def test_text_stream_stops_at_stop_strings_and_thinking_is_dimmed_or_hidden(tmp_
     assert hidden == "d" and not inside
 
 
-@pytest.mark.slow  # torch.compile warm-up takes about a minute on 2 cores
-def test_compiled_decode_gives_the_same_tokens():
+@pytest.mark.slow  # compiling takes about a minute per backend on 2 cores
+@pytest.mark.parametrize("backend", ["aot", "inductor"])
+def test_compiled_decode_gives_the_same_tokens(backend):
     """One token (matrix-vector kernels, gathered experts) and a left-padded batch of three (GEMMs, every
     expert): the compiled step must pick the same tokens as the eager engine."""
-    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    model = compile_decode(MoELM(tiny_config(initializer_range=0.2)).eval(), backend)
     ids = torch.randint(3, 97, (1, 6))
     assert torch.equal(model.generate(ids, 8, compile=True), model.generate(ids, 8))
     batch, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
@@ -299,8 +305,12 @@ def test_compiled_decode_gives_the_same_tokens():
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)
     assert torch.equal(model.generate(ids, 8, compile=True), _eager_copy(model).generate(ids, 8))
-    other = MoELM(tiny_config(initializer_range=0.2, n_routed_experts=4, n_group=1)).eval()  # same cache shape
-    assert torch.equal(other.generate(ids, 8, compile=True), _eager_copy(other).generate(ids, 8))
+    # A parameter replaced by a new tensor: AOT packages hold pointers to the old one and must be rebuilt.
+    model.norm.weight = torch.nn.Parameter(torch.rand_like(model.norm.weight) * 2)
+    assert torch.equal(model.generate(ids, 8, compile=True), _eager_copy(model).generate(ids, 8))
+    assert model.compiled_decode_key[-1] == backend  # generate(compile=True) kept the chosen backend
+    other = compile_decode(MoELM(tiny_config(initializer_range=0.2, n_routed_experts=4, n_group=1)).eval(), backend)
+    assert torch.equal(other.generate(ids, 8, compile=True), _eager_copy(other).generate(ids, 8))  # same cache shape
 
 
 def _eager_copy(model: MoELM) -> MoELM:

@@ -16,7 +16,7 @@ import torch
 
 from moelm.infer.sampling import SamplingParams, draw, sample, token_distribution
 from moelm.model.cache import KVCache
-from moelm.model.transformer import MoELM
+from moelm.model.transformer import DecodeFn, MoELM
 
 StopCheck = Callable[[int, list[int]], bool]  # (sequence index, its new tokens so far) -> stop?
 
@@ -44,36 +44,53 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def compile_decode(model: MoELM) -> MoELM:
-    """Capture the model's one-token decode step (`MoELM.decode_logits`) as one torch.compile graph: fixed
-    shapes per (batch, cache capacity), no host syncs, inductor's C++ wrapper instead of a Python one.
-    Generation then uses it for every decode step (prefill stays eager).
+def compile_decode(model: MoELM, backend: str | None = None) -> MoELM:
+    """Compile the model's one-token decode step (`MoELM.decode_logits`): fixed shapes per (batch, cache
+    capacity), no host syncs. Generation then uses it for every decode step (prefill stays eager).
 
-    Dynamo's guards on the model's ~100 modules cost about a millisecond per step (benchmarks/decode.py, small
-    preset batch 1 compiled: 133 -> 144 tok/s across the change), so they are skipped, which is safe only for
-    this one model object: the step is compiled from a private copy of the function's code (dynamo keeps
-    compiled graphs per code object, so no other model can hit them), parameters are still read at every call
-    (in-place weight updates are seen), and a change of dtype, device or train/eval mode — the things the
-    skipped guards would have caught — recompiles here. Input shapes stay guarded (one graph per batch and capacity).
+    backend (default: the one this model was last compiled with, else "auto"):
+    - "aot", what "auto" picks on CPU: AOTInductor packages called with the token and the cache tensors only,
+      the model's weights loaded by reference (moelm.infer.aot), skipping torch.compile's per-call Python path.
+    - "inductor", what "auto" picks elsewhere: torch.compile with inductor's C++ wrapper. Dynamo's guards on the
+      model's ~100 modules cost about a millisecond per step (benchmarks/decode.py, small preset batch 1
+      compiled: 133 -> 144 tok/s across the change), so they are skipped, which is safe only for this one model
+      object: the step is compiled from a private copy of the function's code (dynamo keeps compiled graphs per
+      code object, so no other model can hit them), and parameters are read at every call.
+    Both see in-place weight updates; a change of dtype, device or train/eval mode rebuilds the step here.
     benchmarks/decode.py measures it against transformers' generate."""
+    backend = backend or getattr(model, "compiled_decode_backend", "auto")
+    if backend not in ("auto", "aot", "inductor"):
+        raise ValueError(f"invalid compile backend {backend!r}: must be one of 'auto', 'aot', 'inductor'")
+    model.compiled_decode_backend = backend
     weight = model.embed_tokens.weight
-    key = (weight.dtype, weight.device, model.training)
+    if backend == "auto":
+        backend = "aot" if weight.device.type == "cpu" else "inductor"
+    key = (weight.dtype, weight.device, model.training, backend)
     if getattr(model, "compiled_decode", None) is None or getattr(model, "compiled_decode_key", None) != key:
-        import torch._dynamo.config as dynamo_config
+        if backend == "aot":
+            from moelm.infer.aot import AotDecodeStep
 
-        # one graph per (batch, capacity bucket); dynamo's default limit of 8 would fall back to eager
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-        function = type(model).decode_logits
-        private = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
-        model.compiled_decode = torch.compile(
-            types.MethodType(private, model),
-            fullgraph=True,
-            dynamic=False,
-            options={"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-        )
+            model.compiled_decode = AotDecodeStep(model)
+        else:
+            model.compiled_decode = _inductor_decode(model)
         model.compiled_decode_key = key
     return model
+
+
+def _inductor_decode(model: MoELM) -> DecodeFn:
+    import torch._dynamo.config as dynamo_config
+
+    # one graph per (batch, capacity bucket); dynamo's default limit of 8 would fall back to eager
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    function = type(model).decode_logits
+    private = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+    return torch.compile(
+        types.MethodType(private, model),
+        fullgraph=True,
+        dynamic=False,
+        options={"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+    )
 
 
 def compiled_capacity(slots: int) -> int:

@@ -45,6 +45,24 @@ class KVCache:
         self.length = 0
         self.max_next_position = 0  # host copy of next_position.max(), kept by reserve / claim_decode_slot
 
+    @classmethod
+    def from_tensors(
+        cls,
+        config: ModelConfig,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        valid: torch.Tensor,
+        next_position: torch.Tensor,
+    ) -> KVCache:
+        """A cache over existing tensors (no copy): how an exported decode step, which takes tensors only, hands
+        them to `MoELM.decode_logits`. Host-side counters start empty; the step reads only the tensors."""
+        cache = cls.__new__(cls)
+        cache.config, cache.first, cache.second = config, first, second
+        cache.valid, cache.next_position = valid, next_position
+        cache.batch_size, cache.capacity = valid.shape
+        cache.length, cache.max_next_position = 0, 0
+        return cache
+
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers."""
