@@ -46,22 +46,24 @@ class AotDecodeStep:
         self.step = _DecodeStep(model)
         self.runners: dict[tuple[int, ...], object] = {}
         self._directory = tempfile.TemporaryDirectory(prefix="moelm-aot-")
-        # (module, attribute) of every weight the packages read, with the tensor and storage seen at build time
+        # where every weight the packages read is registered (its module's parameter or buffer dict), with the
+        # tensor and storage seen at build time; checked before each step: a dict lookup and a pointer per weight
         self._slots = [
-            (module, name, f"{prefix}.{name}" if prefix else name)
+            (registry, name, f"{prefix}.{name}" if prefix else name)
             for prefix, module in self.step.named_modules()
-            for name in (*module._parameters, *module._buffers)
-            if getattr(module, name) is not None
+            for registry in (module._parameters, module._buffers)
+            for name, tensor in registry.items()
+            if tensor is not None
         ]
         self._snapshot = self._take_snapshot()
 
     def _take_snapshot(self) -> list[tuple[torch.Tensor, int]]:
-        return [(getattr(module, name), getattr(module, name).data_ptr()) for module, name, _ in self._slots]
+        return [(registry[name], registry[name].data_ptr()) for registry, name, _ in self._slots]
 
     def _weights_replaced(self) -> bool:
         return any(
-            getattr(module, name) is not tensor or tensor.data_ptr() != pointer
-            for (module, name, _), (tensor, pointer) in zip(self._slots, self._snapshot, strict=True)
+            registry.get(name) is not tensor or tensor.data_ptr() != pointer
+            for (registry, name, _), (tensor, pointer) in zip(self._slots, self._snapshot, strict=True)
         )
 
     def __call__(self, input_ids_B1: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
