@@ -42,14 +42,14 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
 
 
 class _SortedRows(torch.autograd.Function):
-    """rows[r] = x[order[r] // k]: each token's row repeated for its k (token, slot) pairs, in sorted order.
+    """rows[r] = x[token_of_row[r]]: each token's row repeated for its k (token, slot) pairs, in sorted order.
     Backward gathers the pairs back into (token, slot) order and sums each token's k rows."""
 
     @staticmethod
-    def forward(ctx, x_TH: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x_TH: torch.Tensor, token_of_row: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(inverse)
         ctx.top_k = top_k
-        return x_TH.index_select(0, order.div(top_k, rounding_mode="floor"))
+        return x_TH.index_select(0, token_of_row)
 
     @staticmethod
     def backward(ctx, grad_RH: torch.Tensor):  # noqa: ANN001, ANN205
@@ -105,7 +105,7 @@ class RoutedExperts(nn.Module):
         # accumulating index_put, a serial scatter on CPU (probe: 5 ms per call at T=2048, k=4).
         sorted_pairs = routing.dropped_TK is None and torch.is_grad_enabled()
         inverse = order.argsort() if sorted_pairs else None
-        rows_RH = _SortedRows.apply(x_TH, order, inverse, top_k) if sorted_pairs else x_TH[token_of_row]
+        rows_RH = _SortedRows.apply(x_TH, token_of_row, inverse, top_k) if sorted_pairs else x_TH[token_of_row]
         if resolve_backend(self.backend, x_TH) == "grouped_mm":
             out_RH = self._grouped(rows_RH, counts)
         else:
