@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from moelm.train.allocator import reuse_freed_memory
 
 
 def copy_bandwidth(megabytes: int = 512) -> float:
@@ -35,3 +38,16 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) ->
             step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def add_allocator_flag(parser: argparse.ArgumentParser) -> None:
+    """--reuse-freed-memory: the glibc malloc setting `moelm pretrain` applies by default."""
+    parser.add_argument(
+        "--reuse-freed-memory", action="store_true", help="glibc malloc tuning as `moelm pretrain` applies it"
+    )
+
+
+def apply_allocator_flag(args: argparse.Namespace) -> None:
+    """Process-wide: transformers, timed in the same process, benefits alike."""
+    if args.reuse_freed_memory:
+        reuse_freed_memory()

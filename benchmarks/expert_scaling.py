@@ -15,10 +15,9 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from common import interleaved_medians
+from common import add_allocator_flag, apply_allocator_flag, interleaved_medians
 
 from moelm import ModelConfig, MoELM
-from moelm.train.allocator import reuse_freed_memory
 
 
 def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
@@ -74,12 +73,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--reuse-freed-memory", action="store_true", help="glibc malloc tuning as `moelm pretrain` applies it"
-    )
+    add_allocator_flag(parser)
     args = parser.parse_args()
-    if args.reuse_freed_memory:
-        reuse_freed_memory()  # process-wide: transformers, timed in the same process, benefits alike
+    apply_allocator_flag(args)
     ids = torch.randint(0, 2048, (args.batch, args.seq))
     counts = [int(e) for e in args.experts.split(",")]
     results: dict[str, float] = {}

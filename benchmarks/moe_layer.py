@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import copy_bandwidth, interleaved_medians
+from common import add_allocator_flag, apply_allocator_flag, copy_bandwidth, interleaved_medians
 
 from moelm import ModelConfig
 from moelm.model.layers import SwiGLU, linear
 from moelm.model.moe import MoE
-from moelm.train.allocator import reuse_freed_memory
 
 
 def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor, unpack: bool) -> Callable[[], None]:
@@ -89,12 +88,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--reuse-freed-memory", action="store_true", help="glibc malloc tuning as `moelm pretrain` applies it"
-    )
+    add_allocator_flag(parser)
     args = parser.parse_args()
-    if args.reuse_freed_memory:
-        reuse_freed_memory()  # process-wide: transformers, timed in the same process, benefits alike
+    apply_allocator_flag(args)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     results: dict[str, float] = {"copy_gb_s": bandwidth / 1e9}

@@ -18,10 +18,9 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from common import interleaved_medians
+from common import add_allocator_flag, apply_allocator_flag, interleaved_medians
 
 from moelm import MoELM, load_config
-from moelm.train.allocator import reuse_freed_memory
 from moelm.train.trainer import flops_per_token, measured_peak_flops
 
 
@@ -50,12 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--modes", default="float32,bf16-autocast")
     parser.add_argument("--compile", action="store_true", help="also time moelm under torch.compile (one flag)")
-    parser.add_argument(
-        "--reuse-freed-memory", action="store_true", help="glibc malloc tuning as `moelm pretrain` applies it"
-    )
+    add_allocator_flag(parser)
     args = parser.parse_args()
-    if args.reuse_freed_memory:
-        reuse_freed_memory()  # process-wide: transformers, timed in the same process, benefits alike
+    apply_allocator_flag(args)
     from transformers import AutoModelForCausalLM
 
     config = load_config(args.preset).replace(num_nextn_predict_layers=0)
@@ -76,8 +72,8 @@ def main() -> None:
         per_token = flops_per_token(ours, args.seq)
         steps = {"ours": training_step(ours, batches, autocast), "hf": training_step(theirs, batches, autocast)}
         if args.compile:
+            # compiled in interleaved_medians' warm-up call, outside the timing
             steps["compiled"] = training_step(torch.compile(ours), batches, autocast)
-            steps["compiled"]()  # compilation happens here, outside the timing
         seconds = interleaved_medians(steps, args.steps)
         t_ours, t_hf = seconds["ours"], seconds["hf"]
         row = {
