@@ -5,8 +5,8 @@ small preset, probe): dynamo's frame entry and cache lookup, collecting the ~120
 AOTAutograd wrapper. An AOTInductor
 package is called with the token and the four cache tensors only; its weights are constants that point at the
 model's own parameters (user-managed, nothing copied), so in-place weight updates are seen and a parameter
-replaced by a new tensor rebuilds the packages. Probe, small preset, batch 1: 4.67-4.97 ms per step against
-torch.compile's 4.96-5.47 ms in the same process; benchmarks/decode.py measures whole requests.
+replaced by a new tensor rebuilds the packages. benchmarks/decode_step.py, small preset, batch 1: 3.97-4.44 ms per
+step against torch.compile's 4.67-4.68 ms; benchmarks/decode.py measures whole requests.
 """
 
 from __future__ import annotations
