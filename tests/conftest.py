@@ -38,6 +38,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_package_cache(tmp_path_factory):
+    """Compiled decode packages go to a directory of this test session, not the user's ~/.cache."""
+    import os
+
+    previous = os.environ.get("MOELM_AOT_CACHE")
+    os.environ["MOELM_AOT_CACHE"] = str(tmp_path_factory.mktemp("aot-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MOELM_AOT_CACHE")
+    else:
+        os.environ["MOELM_AOT_CACHE"] = previous
+
+
 def save_tiny_model_with_tokenizer(directory, **overrides):
     """A saved tiny model plus a byte-level BPE tokenizer.json trained here on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

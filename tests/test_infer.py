@@ -8,6 +8,7 @@ from conftest import tiny_config
 
 from moelm import MoELM
 from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
+from moelm.infer.aot import AotDecodeStep, package_cache_dir, package_key
 from moelm.infer.generate import compile_decode, compiled_capacity
 from moelm.infer.sampling import apply_repetition_penalty, filter_logits
 from moelm.model.cache import CacheCapacityError, KVCache
@@ -311,6 +312,58 @@ def test_compiled_decode_gives_the_same_tokens(backend):
     assert model.compiled_decode_key[-1] == backend  # generate(compile=True) kept the chosen backend
     other = compile_decode(MoELM(tiny_config(initializer_range=0.2, n_routed_experts=4, n_group=1)).eval(), backend)
     assert torch.equal(other.generate(ids, 8, compile=True), _eager_copy(other).generate(ids, 8))  # same cache shape
+
+
+@pytest.mark.slow  # two package builds, about half a minute each
+def test_decode_packages_are_reused_across_models_and_rebuilt_when_damaged(tmp_path):
+    """A package holds no weights, so a second model of the same config (a later process, another checkpoint)
+    loads it instead of compiling, and still decodes with its own weights."""
+    config = tiny_config(initializer_range=0.2)
+    first, second = MoELM(config).eval(), MoELM(config).eval()
+    cache = KVCache(config, 1, 64)
+    ids = torch.randint(3, 97, (1, 5))
+    with torch.inference_mode():
+        second(ids, cache=cache)
+        token = ids[:, -1:]
+        expected = second.decode_logits(token, cache)[0]
+        builder = AotDecodeStep(first, cache_dir=tmp_path)
+        builder(token, cache)
+        assert builder.built == 1 and len(list(tmp_path.glob("decode-*.pt2"))) == 1
+        reuser = AotDecodeStep(second, cache_dir=tmp_path)
+        torch.testing.assert_close(reuser(token, cache)[0], expected)
+        assert reuser.built == 0
+        next(tmp_path.glob("decode-*.pt2")).write_bytes(b"not a package")
+        repaired = AotDecodeStep(second, cache_dir=tmp_path)
+        with pytest.warns(UserWarning, match="rebuilding decode package"):
+            torch.testing.assert_close(repaired(token, cache)[0], expected)
+        assert repaired.built == 1
+
+
+def test_decode_package_key_depends_on_architecture_and_shapes_not_on_weights(monkeypatch, tmp_path):
+    config = tiny_config()
+    model = MoELM(config).eval()
+    cache = KVCache(config, 1, 64)
+    inputs = (torch.zeros(1, 1, dtype=torch.long), cache.first, cache.second, cache.valid, cache.next_position)
+    key = package_key(model, inputs)
+    assert key == package_key(MoELM(config).eval(), inputs)  # other weights, same package
+    wider = KVCache(config, 1, 128)
+    assert key != package_key(model, inputs[:1] + (wider.first, wider.second, wider.valid, wider.next_position))
+    assert key != package_key(MoELM(tiny_config(n_routed_experts=4, n_group=1)).eval(), inputs)
+    assert key != package_key(MoELM(config).eval().to(torch.bfloat16), inputs)
+
+    class Foreign(torch.nn.Module):  # code the key cannot fingerprint: never cached
+        def forward(self, x):
+            return x
+
+    model.norm = Foreign()
+    assert package_key(model, inputs) is None
+    monkeypatch.setenv("MOELM_AOT_CACHE", "off")
+    assert package_cache_dir() is None
+    monkeypatch.setenv("MOELM_AOT_CACHE", str(tmp_path))
+    assert package_cache_dir() == tmp_path
+    monkeypatch.delenv("MOELM_AOT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert package_cache_dir() == tmp_path / "moelm" / "aot"
 
 
 def _eager_copy(model: MoELM) -> MoELM:

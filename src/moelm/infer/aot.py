@@ -7,16 +7,27 @@ package is called with the token and the four cache tensors only; its weights ar
 model's own parameters (user-managed, nothing copied), so in-place weight updates are seen and a parameter
 replaced by a new tensor rebuilds the packages. benchmarks/decode_step.py, small preset, batch 1: 3.97-4.44 ms per
 step against torch.compile's 4.67-4.68 ms; benchmarks/decode.py measures whole requests.
+
+Building a package takes about a minute on 2 cores, and since a package holds no weights it serves every model
+of the same architecture: packages are kept on disk (`package_cache_dir`) under a key of everything the compiled
+code depends on, so a later process — or another checkpoint of the same shape — loads one in a second.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+import platform
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import moelm
 from moelm.model.cache import KVCache
 from moelm.model.transformer import MoELM
 
@@ -40,12 +51,64 @@ class _DecodeStep(nn.Module):
         return self.model.decode_logits(input_ids_B1, cache)
 
 
-class AotDecodeStep:
-    """Callable like `MoELM.decode_logits(input_ids_B1, cache)`; builds a package the first time it sees a shape."""
+CACHE_ENV = "MOELM_AOT_CACHE"
 
-    def __init__(self, model: MoELM) -> None:
+
+def package_cache_dir() -> Path | None:
+    """Where decode packages are kept between processes: $MOELM_AOT_CACHE if set ("off" or "0" keeps none),
+    else $XDG_CACHE_HOME/moelm/aot, else ~/.cache/moelm/aot."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "0", "off", "false", "no") else Path(chosen)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "moelm" / "aot"
+
+
+@functools.cache
+def _code_fingerprint() -> str:
+    """A digest of moelm's own source: the exported graph is whatever this code traces to."""
+    root = Path(moelm.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def package_key(model: MoELM, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """The on-disk name of the package for this model and these step inputs: a digest of what the compiled code
+    depends on (moelm's source, torch version, CPU instruction set, config, the shapes, dtypes and strides of
+    every weight and input) and of nothing it does not (weight values). None for a model holding modules from
+    outside moelm and torch, whose code the digest could not see."""
+    if any(not type(module).__module__.startswith(("moelm.", "torch.")) for module in model.modules()):
+        return None
+    described = {
+        "moelm_source": _code_fingerprint(),
+        "torch": torch.__version__,
+        "python": platform.python_version_tuple()[:2],
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": model.config.to_dict(),
+        "training": model.training,
+        "weights": [
+            (name, list(t.shape), list(t.stride()), str(t.dtype), str(t.device))
+            for name, t in [*model.named_parameters(), *model.named_buffers()]
+        ],
+        "inputs": [(list(t.shape), list(t.stride()), str(t.dtype), str(t.device)) for t in inputs],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+class AotDecodeStep:
+    """Callable like `MoELM.decode_logits(input_ids_B1, cache)`; builds a package the first time it sees a shape,
+    or loads it from `cache_dir` (default `package_cache_dir()`, where MOELM_AOT_CACHE=off keeps none)."""
+
+    def __init__(self, model: MoELM, cache_dir: Path | str | None = None) -> None:
         self.step = _DecodeStep(model)
         self.runners: dict[tuple[int, ...], object] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else package_cache_dir()
+        self.built = 0  # packages compiled by this step (the rest came from the cache)
         self._directory = tempfile.TemporaryDirectory(prefix="moelm-aot-")
         # where every weight the packages read is registered (its module's parameter or buffer dict), with the
         # tensor and storage seen at build time; checked before each step: a dict lookup and a pointer per weight
@@ -80,15 +143,45 @@ class AotDecodeStep:
         return logits, firsts, seconds
 
     def _build(self, tensors: tuple[torch.Tensor, ...], index: int) -> object:
+        key = package_key(self.step.model, tensors)
+        cached = self._cache_path(key)
+        if cached is not None and cached.exists():
+            try:
+                return self._load(cached)
+            except (RuntimeError, OSError, ValueError, KeyError) as error:  # stale or damaged: build it again
+                warnings.warn(f"rebuilding decode package {cached.name}: cannot load it ({error})", stacklevel=2)
+                cached.unlink(missing_ok=True)
+        local = Path(self._directory.name) / f"decode-{index}.pt2"
         with torch.inference_mode(False), torch.no_grad():
             examples = tuple(torch.zeros_like(t) for t in tensors)  # ordinary tensors: export refuses inference ones
             exported = torch.export.export(self.step, examples, strict=False)
             path = torch._inductor.aoti_compile_and_package(
                 exported,
-                package_path=str(Path(self._directory.name) / f"decode-{index}.pt2"),
+                package_path=str(local),
                 inductor_configs={"aot_inductor.package_constants_in_so": False},
             )
-        runner = torch._inductor.aoti_load_package(path)
+        self.built += 1
+        if cached is not None:
+            try:  # written under a temporary name, then renamed: readers never see half a package
+                partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.pt2")
+                partial.write_bytes(Path(path).read_bytes())
+                os.replace(partial, cached)
+            except OSError as error:
+                warnings.warn(f"decode package not cached in {cached.parent}: {error}", stacklevel=2)
+        return self._load(Path(path))
+
+    def _cache_path(self, key: str | None) -> Path | None:
+        if self.cache_dir is None or key is None:
+            return None
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            warnings.warn(f"decode packages not cached: cannot create {self.cache_dir} ({error})", stacklevel=2)
+            return None
+        return self.cache_dir / f"decode-{key}.pt2"
+
+    def _load(self, path: Path) -> object:
+        runner = torch._inductor.aoti_load_package(str(path))
         constants = {fqn: tensor for (_, _, fqn), (tensor, _) in zip(self._slots, self._snapshot, strict=True)}
         runner.load_constants(
             {fqn: constants[fqn] for fqn in runner.get_constant_fqns()},
