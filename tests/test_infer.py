@@ -350,6 +350,12 @@ def test_decode_package_key_depends_on_architecture_and_shapes_not_on_weights(mo
     assert key != package_key(model, inputs[:1] + (wider.first, wider.second, wider.valid, wider.next_position))
     assert key != package_key(MoELM(tiny_config(n_routed_experts=4, n_group=1)).eval(), inputs)
     assert key != package_key(MoELM(config).eval().to(torch.bfloat16), inputs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert key != package_key(model, inputs)  # the thread count is compiled into the kernels
+    finally:
+        torch.set_num_threads(threads)
 
     class Foreign(torch.nn.Module):  # code the key cannot fingerprint: never cached
         def forward(self, x):

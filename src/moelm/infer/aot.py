@@ -77,9 +77,9 @@ def _code_fingerprint() -> str:
 
 def package_key(model: MoELM, inputs: tuple[torch.Tensor, ...]) -> str | None:
     """The on-disk name of the package for this model and these step inputs: a digest of what the compiled code
-    depends on (moelm's source, torch version, CPU instruction set, config, the shapes, dtypes and strides of
-    every weight and input) and of nothing it does not (weight values). None for a model holding modules from
-    outside moelm and torch, whose code the digest could not see."""
+    depends on (moelm's source, torch version, CPU instruction set and thread count, GPU model, config, the
+    shapes, dtypes and strides of every weight and input) and of nothing it does not (weight values). None for
+    a model holding modules from outside moelm and torch, whose code the digest could not see."""
     if any(not type(module).__module__.startswith(("moelm.", "torch.")) for module in model.modules()):
         return None
     described = {
@@ -88,6 +88,8 @@ def package_key(model: MoELM, inputs: tuple[torch.Tensor, ...]) -> str | None:
         "python": platform.python_version_tuple()[:2],
         "machine": platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),  # inductor writes the thread count into the kernels
+        "accelerator": _accelerator(model.embed_tokens.weight.device),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": model.config.to_dict(),
         "training": model.training,
@@ -98,6 +100,12 @@ def package_key(model: MoELM, inputs: tuple[torch.Tensor, ...]) -> str | None:
         "inputs": [(list(t.shape), list(t.stride()), str(t.dtype), str(t.device)) for t in inputs],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def _accelerator(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    return f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
 
 
 class AotDecodeStep:
