@@ -170,11 +170,12 @@ class AotDecodeStep:
             )
         self.built += 1
         if cached is not None:
+            partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.pt2")
             try:  # written under a temporary name, then renamed: readers never see half a package
-                partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.pt2")
                 partial.write_bytes(Path(path).read_bytes())
                 os.replace(partial, cached)
-            except OSError as error:
+            except OSError as error:  # a full or read-only disk: this process still has its package
+                partial.unlink(missing_ok=True)
                 warnings.warn(f"decode package not cached in {cached.parent}: {error}", stacklevel=2)
         return self._load(Path(path))
 
