@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -151,8 +152,7 @@ class AotDecodeStep:
         return logits, firsts, seconds
 
     def _build(self, tensors: tuple[torch.Tensor, ...], index: int) -> object:
-        key = package_key(self.step.model, tensors)
-        cached = self._cache_path(key)
+        cached = self._cache_path(tensors)
         if cached is not None and cached.exists():
             try:
                 return self._load(cached)
@@ -172,15 +172,16 @@ class AotDecodeStep:
         if cached is not None:
             partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.pt2")
             try:  # written under a temporary name, then renamed: readers never see half a package
-                partial.write_bytes(Path(path).read_bytes())
+                shutil.copyfile(path, partial)
                 os.replace(partial, cached)
             except OSError as error:  # a full or read-only disk: this process still has its package
                 partial.unlink(missing_ok=True)
                 warnings.warn(f"decode package not cached in {cached.parent}: {error}", stacklevel=2)
         return self._load(Path(path))
 
-    def _cache_path(self, key: str | None) -> Path | None:
-        if self.cache_dir is None or key is None:
+    def _cache_path(self, tensors: tuple[torch.Tensor, ...]) -> Path | None:
+        key = None if self.cache_dir is None else package_key(self.step.model, tensors)
+        if key is None:
             return None
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
