@@ -5,8 +5,8 @@ small preset, probe): dynamo's frame entry and cache lookup, collecting the ~120
 AOTAutograd wrapper. An AOTInductor
 package is called with the token and the four cache tensors only; its weights are constants that point at the
 model's own parameters (user-managed, nothing copied), so in-place weight updates are seen and a parameter
-replaced by a new tensor rebuilds the packages. benchmarks/decode_step.py, small preset, batch 1: 3.97-4.44 ms per
-step against torch.compile's 4.67-4.68 ms; benchmarks/decode.py measures whole requests.
+replaced by a new tensor rebuilds the packages. benchmarks/decode_step.py, small preset, batch 1: 3.97-5.16 ms per
+step against torch.compile's 4.67-5.36 ms (three runs, 1.04-1.18x); benchmarks/decode.py measures whole requests.
 
 Building a package takes about a minute on 2 cores, and since a package holds no weights it serves every model
 of the same architecture: packages are kept on disk (`package_cache_dir`) under a key of everything the compiled

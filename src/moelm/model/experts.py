@@ -111,10 +111,9 @@ class RoutedExperts(nn.Module):
         else:
             out_RH = self._loop(rows_RH, counts)
         if sorted_pairs:
-            # Undo the sort with one gather and a batched k-way weighted sum; its backward is much cheaper than
-            # scatter-add's (benchmarks/moe_layer.py T=4096 1.15x -> 1.18x transformers). Without autograd the
-            # scatter-add below is faster (benchmarks/forward.py tiny float32 fell from 1.34x to 1.16x
-            # transformers with the gather there).
+            # Undo the sort with one gather and a batched k-way weighted sum, whose backward is a gather too
+            # instead of scatter-add's. Without autograd the scatter-add below is faster (benchmarks/forward.py
+            # tiny float32 fell from 1.34x to 1.16x transformers with the gather there).
             out_TKH = _UnsortRows.apply(out_RH, inverse, order).view(-1, top_k, out_RH.shape[-1])
             return (routing.weights_TK.to(out_RH.dtype).unsqueeze(1) @ out_TKH).squeeze(1)
         row_weights = routing.weights_TK.flatten()[order].to(out_RH.dtype)
