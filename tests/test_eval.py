@@ -185,8 +185,10 @@ def test_missing_benchmark_file_names_it(tmp_path, capsys):
     assert "gsm8k/test.jsonl" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--tasks", "gsm9k"]) == 2
     assert "available" in capsys.readouterr().err
-    assert main(["eval", "--model", str(tmp_path), "--samples", "0"]) == 2
-    assert "invalid samples=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage_error:  # the parser rejects it: usage line, then the message
+        main(["eval", "--model", str(tmp_path), "--samples", "0"])
+    assert usage_error.value.code == 2
+    assert "argument --samples: must be a positive integer, got '0'" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": 0, "completion": "x"}\nnot json\n')
     assert main(["eval", "--task", "gsm8k", "--predictions", str(bad), "--data-dir", str(tmp_path)]) == 2

@@ -118,7 +118,7 @@ def test_second_run_reuses_the_tokenised_cache_and_bf16_autocast_trains(tmp_path
     assert len(cached) == 2 and all(p.suffix == ".npy" for p in cached)
     stamps = [p.stat().st_mtime_ns for p in cached]
     bf16 = Trainer(load_recipe(None, [*overrides, "train.dtype=bfloat16"]), tmp_path, echo=lambda _: None)
-    bf16.run()
+    bf16.run(overwrite=True)  # a new run in the same directory: the old run goes, the keyed data cache stays
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").iterdir())] == stamps
     assert math.isfinite(bf16.history[-1]["loss"])
 

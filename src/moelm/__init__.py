@@ -1,7 +1,28 @@
-"""moelm: DeepSeek-style Mixture-of-Experts language models in plain PyTorch."""
+"""moelm: DeepSeek-style Mixture-of-Experts language models in plain PyTorch.
 
-from moelm.config import ConfigError, ModelConfig, load_config
-from moelm.model import MoELM, MoELMOutput, Routing
+The model classes are imported on first use, so `moelm --help`, `--version` and argument errors answer without
+loading torch (seconds on a busy machine).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "ModelConfig", "MoELM", "MoELMOutput", "Routing", "load_config", "__version__"]
+
+_LAZY = {
+    "ConfigError": "moelm.config",
+    "ModelConfig": "moelm.config",
+    "load_config": "moelm.config",
+    "MoELM": "moelm.model",
+    "MoELMOutput": "moelm.model",
+    "Routing": "moelm.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moelm' has no attribute {name!r}")

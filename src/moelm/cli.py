@@ -1,19 +1,26 @@
-"""`moelm` command line: each subcommand parses arguments and calls the Python API, nothing more."""
+"""`moelm` command line: each subcommand parses arguments and calls the Python API, nothing more.
+
+torch and the model are imported inside the commands, so `--help`, `--version` and argument errors answer at
+once; every numeric flag is checked by the parser, so a bad value is a one-line usage error, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from moelm import __version__
+from moelm.config import load_config, preset_names
 
-from moelm.config import ConfigError, ModelConfig, load_config, preset_names
-from moelm.model.hf import CheckpointError
-from moelm.model.transformer import MoELM
+if TYPE_CHECKING:
+    from moelm.config import ModelConfig
+    from moelm.model.transformer import MoELM
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float8": 1}
 
@@ -57,6 +64,10 @@ def _print_summary(config: ModelConfig, model: MoELM) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Print configuration, parameter counts and weight memory of a preset, YAML, config.json or model dir."""
+    import torch
+
+    from moelm.model.transformer import MoELM
+
     config = load_config(args.model)
     for key, value in config.to_dict().items():
         print(f"  {key}: {value}")
@@ -67,7 +78,13 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Build a model from a preset, report its size and run one forward pass with a loss."""
+    import torch
+
+    from moelm.model.transformer import MoELM
+
     config = load_config(args.preset)
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     torch.manual_seed(args.seed)
     model = MoELM(config).eval()
     _print_summary(config, model)
@@ -131,6 +148,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"[{stats.new_tokens} tokens, {stats.new_tokens / elapsed:.1f} tokens/s{extra}]", file=sys.stderr)
 
 
+def use_colour(stream: object = None) -> bool:
+    """ANSI colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    stream = stream if stream is not None else sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive chat: role template, <think> shown dimmed (or hidden), tokens/s after each answer."""
     from moelm.infer.generate import GenerationStats
@@ -138,6 +161,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     generator = _load_generator(args)
     generator.skip_special_tokens = False  # keep <think> tags so reasoning can be dimmed or hidden
+    colour = use_colour()
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -157,7 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             generator.chat_prompt(messages), args.max_new_tokens, _sampling(args), ["<|"], args.seed, stats
         ):
             answer.append(piece)
-            shown, inside = render_thinking(piece, not args.hide_think, inside)
+            shown, inside = render_thinking(piece, not args.hide_think, inside, dim=colour)
             print(shown, end="", flush=True)
         elapsed = time.perf_counter() - start
         note = ", includes compiling" if args.compile and first_answer else ""  # its shape compiled meanwhile
@@ -166,15 +190,40 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(answer).split("</think>")[-1].strip()})
 
 
+def _number(kind: type, allowed: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: parse as `kind`, then check the range; the message says what is allowed."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = allowed  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, "a positive integer", lambda v: v > 0)
+NON_NEGATIVE_INT = _number(int, "a non-negative integer", lambda v: v >= 0)
+NON_NEGATIVE_FLOAT = _number(float, "a non-negative number", lambda v: v >= 0)
+POSITIVE_FLOAT = _number(float, "a positive number", lambda v: v > 0)
+TOP_P = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+MIN_P = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+SEED = _number(int, "an integer in 0..2**63-1", lambda v: 0 <= v < 2**63)
+
+
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model directory with tokenizer.json")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
+    parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=TOP_P, default=1.0)
+    parser.add_argument("--min-p", type=MIN_P, default=0.0)
+    parser.add_argument("--repetition-penalty", type=POSITIVE_FLOAT, default=1.0)
+    parser.add_argument("--seed", type=SEED, default=None)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -183,7 +232,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from moelm.train.trainer import Trainer
 
     recipe = load_recipe(args.config, args.set)
-    Trainer(recipe, args.out).run(resume=args.resume)
+    Trainer(recipe, args.out).run(resume=args.resume, overwrite=args.overwrite)
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
@@ -193,14 +242,21 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from moelm.train.sft import SFTTrainer
 
     recipe = load_recipe(args.config, args.set)
-    SFTTrainer(recipe, args.out, base_model=args.model).run(resume=args.resume)
+    SFTTrainer(recipe, args.out, base_model=args.model).run(resume=args.resume, overwrite=args.overwrite)
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a model on benchmark tasks, or score a file of precomputed completions."""
     from moelm.eval.common import EvalSettings
-    from moelm.eval.harness import parse_tasks, results_table, run_tasks, score_predictions, write_results
+    from moelm.eval.harness import (
+        check_task_data,
+        parse_tasks,
+        results_table,
+        run_tasks,
+        score_predictions,
+        write_results,
+    )
 
     if args.predictions is not None:
         if not args.task:
@@ -212,6 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from moelm.eval.lm import EvalModel
 
         tasks = parse_tasks(args.task or args.tasks)
+        check_task_data(tasks, args.data_dir)  # every task's files, before the model is even loaded
         settings = EvalSettings(
             limit=args.limit,
             num_fewshot=args.num_fewshot,
@@ -234,6 +291,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.output is not None:
         write_results(document, args.output)
         print(f"results written to {args.output}")
+    failed = document.get("failed") or {}
+    if failed:
+        kept = f"; the finished tasks' results are in {args.output}" if args.output is not None else ""
+        details = "; ".join(f"{name}: {message}" for name, message in failed.items())
+        raise EvalTaskError(f"task(s) {', '.join(failed)} failed ({details}){kept}")
+
+
+class EvalTaskError(RuntimeError):
+    """Some tasks of an evaluation failed after others finished (their results are kept)."""
 
 
 def _progress_bar(unit: str):  # noqa: ANN202 - tqdm or None
@@ -249,10 +315,10 @@ def cmd_data_builtin(args: argparse.Namespace) -> None:
     import json
 
     from moelm.data.builtin import builtin_corpus
+    from moelm.files import atomic_write_text
 
-    with open(args.out, "w") as handle:
-        for record in builtin_corpus(args.num_records, seed=args.seed):
-            handle.write(json.dumps(record.to_dict()) + "\n")
+    records = builtin_corpus(args.num_records, seed=args.seed)
+    atomic_write_text(args.out, "".join(json.dumps(record.to_dict()) + "\n" for record in records))
     print(f"wrote {args.num_records} records to {args.out}")
 
 
@@ -271,12 +337,15 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="recipe YAML (default: built-in defaults)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
+    mode.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start over")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="moelm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moelm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"moelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="configuration, parameter counts and memory of a model")
@@ -285,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a preset model, print its size and run a forward pass")
     demo.add_argument("--preset", default="tiny", help="preset name or YAML file")
-    demo.add_argument("--batch-size", type=int, default=2)
-    demo.add_argument("--seq-len", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--batch-size", type=POSITIVE_INT, default=2)
+    demo.add_argument("--seq-len", type=POSITIVE_INT, default=64)
+    demo.add_argument("--seed", type=SEED, default=0)
     demo.add_argument("--save", type=Path, default=None, help="also write the model as an HF directory")
     demo.set_defaults(func=cmd_demo)
 
@@ -327,15 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", default=None, help="one task (with --predictions: humaneval|mbpp|gsm8k)")
     evaluate.add_argument("--predictions", type=Path, default=None, help="JSONL of {task_id, completion} to score")
     evaluate.add_argument("--data-dir", type=Path, default=None, help="folder with gsm8k/ mmlu/ bbh/ humaneval/ mbpp/")
-    evaluate.add_argument("--limit", type=int, default=None, help="first N documents per task (MMLU: per subject)")
-    evaluate.add_argument("--num-fewshot", type=int, default=None, help="override the task's standard shot count")
-    evaluate.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k)")
+    evaluate.add_argument(
+        "--limit", type=POSITIVE_INT, default=None, help="first N documents per task (MMLU: per subject)"
+    )
+    evaluate.add_argument("--num-fewshot", type=NON_NEGATIVE_INT, default=None, help="override the standard shot count")
+    evaluate.add_argument("--samples", type=POSITIVE_INT, default=1, help="completions per problem (pass@k)")
     evaluate.add_argument("--compile", action="store_true", help="compile the decode step (long generation runs)")
-    evaluate.add_argument("--temperature", type=float, default=0.0)
-    evaluate.add_argument("--top-p", type=float, default=1.0)
-    evaluate.add_argument("--seed", type=int, default=1234)
-    evaluate.add_argument("--max-new-tokens", type=int, default=None)
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0)
+    evaluate.add_argument("--top-p", type=TOP_P, default=1.0)
+    evaluate.add_argument("--seed", type=SEED, default=1234)
+    evaluate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None)
+    evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     evaluate.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the chat template")
     evaluate.add_argument("--output", type=Path, default=None, help="results JSON (metrics, settings, samples)")
     evaluate.set_defaults(func=cmd_eval)
@@ -343,26 +414,41 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     builtin = data.add_parser("builtin", help="write the built-in multi-domain corpus as JSONL")
     builtin.add_argument("--out", type=Path, required=True)
-    builtin.add_argument("--num-records", type=int, default=1000)
-    builtin.add_argument("--seed", type=int, default=0)
+    builtin.add_argument("--num-records", type=POSITIVE_INT, default=1000)
+    builtin.add_argument("--seed", type=SEED, default=0)
     builtin.set_defaults(func=cmd_data_builtin)
 
     tok = sub.add_parser("tokenizer", help="tokenizer utilities").add_subparsers(dest="tok_command", required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
     tok_train.add_argument("--data", required=True, help="'builtin', a .jsonl/.txt file or a folder")
     tok_train.add_argument("--text-field", default="text")
-    tok_train.add_argument("--vocab-size", type=int, default=2048)
+    tok_train.add_argument("--vocab-size", type=POSITIVE_INT, default=2048)
     tok_train.add_argument("--out", type=Path, required=True)
     tok_train.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `moelm` console script; user errors print one line and exit 2."""
+    """Entry point of the `moelm` console script.
+
+    User errors print one line and exit 2, a failed evaluation task 1, an interrupted run 130 (SIGINT) or 143
+    (SIGTERM) after saying where it can resume from.
+    """
     args = build_parser().parse_args(argv)
+    from moelm.train.interrupt import TrainingInterrupted
+
     try:
         args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except TrainingInterrupted as stop:
+        print(f"moelm: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("\nmoelm: interrupted", file=sys.stderr)
+        return 130
+    except EvalTaskError as error:
+        print(f"moelm: error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError) as error:  # ConfigError, CheckpointError, DataError, ...
         print(f"moelm: error: {error}", file=sys.stderr)
         return 2
     return 0

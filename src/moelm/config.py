@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -48,6 +52,97 @@ MOELM_ONLY_FIELDS = (
 
 class ConfigError(ValueError):
     """An invalid configuration value: the message names the field, the value and what is allowed."""
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads `3e-3` and `1e2` as numbers.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so the way most people write a
+    learning rate (`3e-3`) arrives as the string '3e-3'. YAML 1.2 (and every JSON reader) calls it a number.
+    """
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text the way moelm reads recipes, presets and `--set` values (scientific notation included)."""
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Any: "any value"}
+    if hint in names:
+        return names[hint]
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce_value(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint, naming `key` when it does not fit.
+
+    Integers given as integral floats (`1e2`) become ints and ints become floats where a float is expected;
+    fractions for integer fields, strings for numbers, numbers for strings and so on are rejected up front, so a
+    wrong type never reaches the code that would crash on it.
+    """
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return coerce_value(key, value, option)
+            except ConfigError:
+                continue
+        _fail(key, value, _type_name(hint))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, float):
+            _fail(key, value, "an integer (no fraction)")
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [coerce_value(f"{key}[{i}]", item, args[0]) if args else item for i, item in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return value
+    else:
+        return value
+    _fail(key, value, _type_name(hint))
+    return None  # unreachable: _fail raises
+
+
+def coerce_fields(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`values` (a mapping of a dataclass's fields) with every value checked and coerced to its field's type."""
+    hints = get_type_hints(cls, vars(typing))
+    return {
+        name: coerce_value(prefix + name, value, hints[name]) if name in hints else value
+        for name, value in values.items()
+    }
 
 
 @dataclass
@@ -106,6 +201,8 @@ class ModelConfig:
     activation_checkpointing: str = "none"  # none | full (whole blocks) | moe (expert FFNs only)
 
     def __post_init__(self) -> None:
+        for name, value in coerce_fields(ModelConfig, self.__dict__).items():
+            setattr(self, name, value)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -254,8 +351,10 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
         """Load a YAML preset or recipe; a `model:` section is accepted so recipes can embed the model."""
-        with open(path) as handle:
-            data = yaml.safe_load(handle) or {}
+        try:
+            data = load_yaml(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
         if "model" in data and isinstance(data["model"], dict):
@@ -334,7 +433,20 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         """Read an HF `config.json`."""
-        return cls.from_hf_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found") from None
+        except ValueError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields")
+        return cls.from_hf_dict(data)
+
+
+def _one_line(error: Exception) -> str:
+    """A YAML parser message (several lines with a caret) folded into one line."""
+    return " ".join(str(error).split())
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:

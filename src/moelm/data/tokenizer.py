@@ -27,12 +27,13 @@ SPECIAL_TOKENS = (
 )
 
 
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
     """Byte-level BPE trained on `texts`; special tokens get the first ids (BOS 0, EOS 1, PAD 2)."""
-    if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(
-            f"invalid vocab_size={vocab_size}: must be at least {len(SPECIAL_TOKENS) + 256} (bytes + specials)"
-        )
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"invalid vocab_size={vocab_size}: must be at least {MIN_VOCAB_SIZE} (bytes + specials)")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -53,7 +54,10 @@ def load_tokenizer_file(path: str | Path) -> Tokenizer:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer file {file} not found")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+        raise ValueError(f"{file}: not a readable tokenizer.json ({error})") from None
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:

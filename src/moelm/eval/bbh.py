@@ -69,5 +69,5 @@ def evaluate(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskRe
     metrics = {f"exact_match/{t}": sum(v) / len(v) for t, v in sorted(per_task.items())}
     metrics["exact_match"] = sum(s["correct"] for s in samples) / max(len(samples), 1)
     metrics["exact_match_task_mean"] = sum(sum(v) / len(v) for v in per_task.values()) / max(len(per_task), 1)
-    metrics["n"] = float(len(samples))
+    metrics["n"] = len(samples)
     return TaskResult("bbh", VERSION, metrics, {"num_fewshot": 3, "max_new_tokens": max_new, "stop": stop}, samples)

@@ -97,6 +97,6 @@ def evaluate(model: EvalModel, data_dir: Path | None, settings: EvalSettings, nu
         groups[f"accuracy/{sample['domain']}/level{sample['difficulty']}"].append(sample["correct"])
     metrics = {name: sum(v) / len(v) for name, v in sorted(groups.items())}
     metrics["accuracy"] = sum(s["correct"] for s in samples) / max(len(samples), 1)
-    metrics["n"] = float(len(samples))
+    metrics["n"] = len(samples)
     config = {"seed": HELD_OUT_SEED, "domains": list(DOMAINS), "max_new_tokens": max_new}
     return TaskResult("builtin", VERSION, metrics, config, samples)

@@ -100,10 +100,10 @@ def score(
         if k <= n_min:
             values = [pass_at_k(len(v), sum(v), k) for v in passed.values()]
             metrics[f"pass@{k}"] = sum(values) / len(values)
-    metrics["n_problems"] = float(len(passed))
-    metrics["samples_per_problem"] = float(n_min)
+    metrics["n_problems"] = len(passed)
+    metrics["samples_per_problem"] = int(n_min)
     if results:
-        metrics["sandbox_enforced"] = float(len(results[0].enforced))
+        metrics["sandbox_enforced"] = len(results[0].enforced)
     return metrics, samples
 
 

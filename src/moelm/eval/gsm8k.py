@@ -74,7 +74,7 @@ def score(variant: str, docs: list[dict], completions: list[str]) -> tuple[dict[
     metrics = {
         "exact_match_strict": sum(s["strict_match"] for s in samples) / n,
         "exact_match_flexible": sum(s["flexible_match"] for s in samples) / n,
-        "n": float(len(samples)),
+        "n": len(samples),
     }
     return metrics, samples
 

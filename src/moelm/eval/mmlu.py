@@ -92,6 +92,6 @@ def evaluate(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskRe
         metrics[f"acc_category/{category}"] = sum(correct) / len(correct)
     every = [c for correct in per_subject.values() for c in correct]
     metrics["acc"] = sum(every) / max(len(every), 1)
-    metrics["n"] = float(len(every))
+    metrics["n"] = len(every)
     config = {"num_fewshot": k, "choices": [f" {letter}" for letter in LETTERS], "limit_per_subject": settings.limit}
     return TaskResult("mmlu", VERSION, metrics, config, samples)

@@ -131,14 +131,17 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def render_thinking(text: str, show: bool, inside: bool) -> tuple[str, bool]:
-    """ANSI-dim the parts of a streamed piece inside <think>...</think> (or drop them when show=False)."""
+def render_thinking(text: str, show: bool, inside: bool, dim: bool = True) -> tuple[str, bool]:
+    """ANSI-dim the parts of a streamed piece inside <think>...</think> (or drop them when show=False).
+
+    `dim=False` keeps the reasoning as plain text, for output that is not a colour terminal.
+    """
     out = []
     while text:
         marker = THINK_CLOSE if inside else THINK_OPEN
         head, found, text = text.partition(marker)
         if inside:
-            out.append(f"\033[2m{head}\033[0m" if show and head else "")
+            out.append("" if not (show and head) else f"\033[2m{head}\033[0m" if dim else head)
         else:
             out.append(head)
         if found:

@@ -9,7 +9,6 @@ too. Loading uses safetensors only: no pickle is ever opened.
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moelm.config import ModelConfig
+from moelm.files import atomic_path, atomic_write_text
 from moelm.model.layers import RotaryEmbedding
 from moelm.model.transformer import MoELM
 
@@ -136,22 +136,23 @@ def save_pretrained(
             weight_map.update(dict.fromkeys(shard, filename))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    _atomic_write_text(path / "config.json", json.dumps(config, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    tmp = target.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _atomic_write_text(target: Path, text: str) -> None:
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+def _safe_open(file: Path):  # noqa: ANN202 - safetensors handle
+    """Open a safetensors file; a damaged or unreadable one is a CheckpointError naming the file."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({error}); re-save or re-download it") from None
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -159,14 +160,17 @@ def _open_checkpoint(path: Path) -> dict[str, Path]:
     """Map every tensor name in the directory to the safetensors file that holds it."""
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map' object)") from None
         return {name: path / filename for name, filename in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files (moelm never loads pickled .bin checkpoints)")
     located = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with _safe_open(file) as handle:
             located.update(dict.fromkeys(handle.keys(), file))
     return located
 
@@ -186,8 +190,11 @@ class _TensorReader:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         file = self.locations[name]
         if file not in self.handles:
-            self.handles[file] = safe_open(str(file), framework="pt")
-        return self.handles[file].get_tensor(name)
+            self.handles[file] = _safe_open(file)
+        try:
+            return self.handles[file].get_tensor(name)
+        except Exception as error:  # a tensor whose bytes lie past a truncated end
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({error}); the file is damaged") from None
 
 
 def _assemble(name: str, parts: list[tuple[str, Callable]], target: torch.Tensor, reader: _TensorReader):

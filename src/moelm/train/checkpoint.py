@@ -1,9 +1,10 @@
-"""Atomic, resumable training checkpoints under OUT/checkpoints/step-N/.
+"""Atomic, verified, resumable training checkpoints under OUT/checkpoints/step-N/.
 
-Each checkpoint is written into a temporary directory and renamed into place, so a crash mid-save never leaves
-a broken latest checkpoint. `model/` is an HF-compatible model directory (safetensors); `trainer.pt` holds the
-optimizer state, RNG states and data position as plain tensors and containers, loadable with
-`torch.load(weights_only=True)` (no pickled code).
+Each checkpoint is written into a temporary directory, sealed with a `manifest.json` (size and SHA-256 of every
+file, written last) and renamed into place, so a crash mid-save never leaves a broken latest checkpoint, and a
+file damaged afterwards (a full disk, a copy cut short) is found before it is trusted. `model/` is an
+HF-compatible model directory (safetensors); `trainer.pt` holds the optimizer state, RNG states and data position
+as plain tensors and containers, loadable with `torch.load(weights_only=True)` (no pickled code).
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moelm.files import MANIFEST, DamagedFileError, verify_manifest, write_manifest
+from moelm.model.hf import CheckpointError
 from moelm.model.transformer import MoELM
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer.pt"
 
 
 def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
@@ -33,7 +38,7 @@ def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(
     out_dir: Path, step: int, model: MoELM, state: dict[str, Any], tokenizer_file: Path | None, keep_last: int
 ) -> Path:
-    """Write step-N atomically, then drop all but the newest `keep_last` checkpoints."""
+    """Write step-N atomically with its manifest, then drop all but the newest `keep_last` checkpoints."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -42,7 +47,8 @@ def save_checkpoint(
     model.save_pretrained(tmp / "model")
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "model" / "tokenizer.json")
-    torch.save(state, tmp / "trainer.pt")
+    torch.save(state, tmp / TRAINER_STATE)
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -51,10 +57,39 @@ def save_checkpoint(
     return final
 
 
-def load_latest(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint directory and its trainer state, or None when there is none."""
-    dirs = checkpoint_dirs(out_dir)
-    if not dirs:
-        return None
-    path = dirs[-1][1]
-    return path, torch.load(path / "trainer.pt", weights_only=True)
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state after checking the directory against its manifest.
+
+    Raises DamagedFileError naming the file that is missing, truncated or altered. Checkpoints written before
+    manifests existed are read without the check; a damaged file there still fails with its name.
+    """
+    if (path / MANIFEST).is_file():
+        verify_manifest(path)
+    file = path / TRAINER_STATE
+    try:
+        return torch.load(file, weights_only=True)
+    except FileNotFoundError:
+        raise DamagedFileError(f"{file} is missing") from None
+    except Exception as error:  # torch.load raises RuntimeError / UnpicklingError / EOFError on damaged zips
+        raise DamagedFileError(f"{file} is unreadable ({' '.join(str(error).split())[:200]})") from None
+
+
+def load_latest(out_dir: Path, warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint and its trainer state, or None when there is none at all.
+
+    A damaged newer checkpoint is skipped with a warning naming it; when every checkpoint is damaged this is a
+    CheckpointError listing what is wrong with each, so nothing is silently retrained from scratch.
+    """
+    problems = []
+    for _, path in reversed(checkpoint_dirs(out_dir)):
+        try:
+            return path, read_trainer_state(path)
+        except DamagedFileError as error:
+            problems.append(str(error))
+            warn(f"skipping damaged checkpoint {path.name}: {error}")
+    if problems:
+        raise CheckpointError(
+            f"no intact checkpoint in {out_dir / 'checkpoints'} ({'; '.join(problems)}); "
+            "start over with --overwrite or restore the files"
+        )
+    return None

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from moelm.config import ConfigError, ModelConfig, load_config
+from moelm.config import ConfigError, ModelConfig, coerce_fields, load_config, load_yaml
+from moelm.data.tokenizer import MIN_VOCAB_SIZE
 from moelm.train.curriculum import PACINGS
 
 
@@ -118,6 +119,33 @@ class Recipe:
             ("train.save_every", self.train.save_every, self.train.save_every > 0, "a positive integer"),
             ("train.keep_last", self.train.keep_last, self.train.keep_last > 0, "a positive integer"),
             ("train.dtype", self.train.dtype, self.train.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            ("train.eval_every", self.train.eval_every, self.train.eval_every > 0, "a positive integer"),
+            ("train.eval_batches", self.train.eval_batches, self.train.eval_batches > 0, "a positive integer"),
+            ("train.log_every", self.train.log_every, self.train.log_every > 0, "a positive integer"),
+            ("train.max_skipped", self.train.max_skipped, self.train.max_skipped > 0, "a positive integer"),
+            (
+                "data.vocab_size",
+                self.data.vocab_size,
+                self.data.vocab_size >= MIN_VOCAB_SIZE,
+                f"at least {MIN_VOCAB_SIZE} (256 bytes + special tokens)",
+            ),
+            ("data.builtin_records", self.data.builtin_records, self.data.builtin_records > 0, "a positive integer"),
+            ("optim.min_lr_ratio", self.optim.min_lr_ratio, 0 <= self.optim.min_lr_ratio <= 1, "in [0, 1]"),
+            ("optim.weight_decay", self.optim.weight_decay, self.optim.weight_decay >= 0, "a non-negative number"),
+            ("optim.beta1", self.optim.beta1, 0 <= self.optim.beta1 < 1, "in [0, 1)"),
+            ("optim.beta2", self.optim.beta2, 0 <= self.optim.beta2 < 1, "in [0, 1)"),
+            ("optim.warmup_steps", self.optim.warmup_steps, self.optim.warmup_steps >= 0, "a non-negative integer"),
+            ("optim.decay_fraction", self.optim.decay_fraction, 0 <= self.optim.decay_fraction <= 1, "in [0, 1]"),
+            ("optim.grad_clip", self.optim.grad_clip, self.optim.grad_clip > 0, "a positive number"),
+            ("log.sample_tokens", self.log.sample_tokens, self.log.sample_tokens >= 0, "a non-negative integer"),
+            (
+                "sft.mixture_temperature",
+                self.sft.mixture_temperature,
+                self.sft.mixture_temperature > 0,
+                "a positive number",
+            ),
+            ("sft.val_examples", self.sft.val_examples, self.sft.val_examples >= 0, "a non-negative integer"),
+            ("sft.max_new_tokens", self.sft.max_new_tokens, self.sft.max_new_tokens > 0, "a positive integer"),
             ("sft.pacing", self.sft.pacing, self.sft.pacing in PACINGS, f"one of {list(PACINGS)}"),
             ("sft.batching", self.sft.batching, self.sft.batching in ("pack", "pad"), "pack or pad"),
             (
@@ -158,7 +186,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         target = raw.setdefault(section, {})
         if isinstance(target, str):  # model given as a preset name: overrides extend it
             target = raw[section] = {"preset": target}
-        target[name] = yaml.safe_load(value)  # values are YAML: 16, 3e-4, true, null, [a, b]
+        try:
+            target[name] = load_yaml(value)  # values are YAML: 16, 3e-4, true, null, [a, b]
+        except yaml.YAMLError:
+            raise ConfigError(f"invalid override {item!r}: the value is not valid YAML") from None
     return raw
 
 
@@ -167,7 +198,7 @@ def _build_section(cls: type, values: dict[str, Any], section: str):  # noqa: AN
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; allowed: {sorted(allowed)}")
-    return cls(**values)
+    return cls(**coerce_fields(cls, values, f"{section}."))
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -177,7 +208,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {path} not found")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe is a mapping with sections model, {', '.join(SECTIONS)}")
     raw = apply_overrides(raw, overrides or [])
@@ -187,11 +221,26 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     model_raw = raw.get("model", "tiny")
     if isinstance(model_raw, str):
         model_raw = {"preset": model_raw}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"invalid model={model_raw!r}: must be a preset name or a mapping of model fields")
     model_raw = dict(model_raw)
     preset = model_raw.pop("preset", "tiny")  # explicit fields override the preset they start from
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"invalid model.preset={preset!r}: must be a preset name or a YAML path")
     base = load_config(preset).to_dict() if preset else {}
+    known = {f.name for f in fields(ModelConfig)}
+    model_raw = coerce_fields(ModelConfig, {k: v for k, v in model_raw.items() if k in known}, "model.") | {
+        k: v
+        for k, v in model_raw.items()
+        if k not in known  # unknown keys: from_dict names them
+    }
     model = ModelConfig.from_dict({**base, **model_raw})
-    sections = {name: _build_section(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"invalid recipe section {name}={values!r}: must be a mapping of {name}.KEY: value")
+        sections[name] = _build_section(cls, values, name)
     recipe = Recipe(model=model, **sections)
     recipe.validate()
     return recipe

@@ -13,6 +13,8 @@ import hashlib
 import itertools
 import json
 import math
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,16 +29,52 @@ from moelm.data.fim import apply_fim
 from moelm.data.packing import batch_inputs, pack_documents_to_files
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
+from moelm.files import atomic_write_text
 from moelm.model.balance import BiasBalancer
 from moelm.model.telemetry import CollapseMonitor, routing_metrics
 from moelm.model.transformer import MoELM
 from moelm.train.allocator import reuse_freed_memory
 from moelm.train.checkpoint import load_latest, save_checkpoint
+from moelm.train.interrupt import StopOnSignal, TrainingInterrupted
 from moelm.train.recipe import Recipe
+
+# What a run writes into its output directory; --overwrite clears these (the content-keyed data cache stays).
+RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "recipe.json", "tokenizer.json", "tensorboard")
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many non-finite steps); a checkpoint was saved first."""
+
+
+class OutputDirError(ValueError):
+    """The output directory holds another run and neither resuming nor overwriting it was asked for."""
+
+
+def claim_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Make sure a new run never mixes with an old one in `out_dir`.
+
+    A non-empty directory is refused unless the run continues it (`resume`) or starts over (`overwrite`, which
+    deletes the old run's files). Like transformers' `overwrite_output_dir`, the safe choice is the default.
+    """
+    if resume and overwrite:
+        raise OutputDirError("--resume and --overwrite exclude each other: continue the run or start it over")
+    if resume or not out_dir.is_dir():
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise OutputDirError(
+            f"output directory {out_dir} is not empty ({shown}); pass --resume to continue that run, "
+            "--overwrite to delete it and start over, or choose another --out"
+        )
+    for name in RUN_ENTRIES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def learning_rate(step: int, recipe: Recipe) -> float:
@@ -158,6 +196,12 @@ class Trainer:
         else:
             docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
             tokenizer = train_tokenizer(docs, vocab_size=data.vocab_size)
+            got = tokenizer.get_vocab_size()
+            if got < data.vocab_size:
+                self.echo(
+                    f"tokenizer: {got} tokens of data.vocab_size={data.vocab_size} asked (byte-level BPE stops "
+                    "when no pair of tokens repeats in the corpus; the model is sized to what it got)"
+                )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(self.tokenizer_file))
         return tokenizer
@@ -232,8 +276,17 @@ class Trainer:
         torch.manual_seed(self.recipe.train.seed)
         return MoELM(config)
 
-    def run(self, resume: bool = False) -> MoELM:
-        """Train to train.max_steps, save OUT/model, print samples; returns the trained model."""
+    def run(self, resume: bool = False, overwrite: bool = False) -> MoELM:
+        """Train to train.max_steps, save OUT/model, print samples; returns the trained model.
+
+        A non-empty output directory needs `resume` (continue it) or `overwrite` (start over). The first SIGINT
+        or SIGTERM ends the current step, saves a checkpoint and raises TrainingInterrupted.
+        """
+        claim_output_dir(self.out_dir, resume, overwrite)
+        with StopOnSignal() as stop:
+            return self._run(resume, stop)
+
+    def _run(self, resume: bool, stop: StopOnSignal) -> MoELM:
         recipe, train = self.recipe, self.recipe.train
         if train.reuse_freed_memory:
             reuse_freed_memory()
@@ -252,7 +305,7 @@ class Trainer:
             balancer = BiasBalancer(model, model.config.bias_update_rate, model.config.bias_update_centered)
             balancer.register(optimizer)
         step, cursor, skipped_total = 0, 0, 0
-        latest = load_latest(self.out_dir) if resume else None
+        latest = load_latest(self.out_dir, warn=_warn) if resume else None
         if latest is not None:
             path, state = latest
             model.load_state_dict(MoELM.from_pretrained(path / "model").state_dict())
@@ -263,6 +316,7 @@ class Trainer:
             self.echo(f"resumed from {path} at step {step}")
         elif resume:
             self.echo("no checkpoint to resume from; starting fresh")
+            self._truncate_metrics(0)
         (self.out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         peak = measured_peak_flops()
         per_token = flops_per_token(model, recipe.data.seq_len)
@@ -272,7 +326,14 @@ class Trainer:
         forward = torch.compile(model) if train.compile else model
         device_type = model.embed_tokens.weight.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.dtype == "bfloat16")
+        saved_step = step if latest is not None else None
         while step < train.max_steps:
+            if stop.requested is not None:
+                if step != saved_step and step > 0:
+                    self._save(step, model, optimizer, cursor, skipped_total)
+                    saved_step = step
+                checkpoint = self.out_dir / "checkpoints" / f"step-{saved_step}" if saved_step is not None else None
+                raise TrainingInterrupted(step, stop.requested, str(checkpoint) if checkpoint else None)
             start = time.perf_counter()
             lr = learning_rate(step, recipe)
             for group in optimizer.param_groups:
@@ -333,6 +394,7 @@ class Trainer:
             progress(step, record)
             if step % train.save_every == 0 or step == train.max_steps:
                 self._save(step, model, optimizer, cursor, skipped_total)
+                saved_step = step
         model.eval()
         model.save_pretrained(self.out_dir / "model")
         tokenizer.save(str(self.out_dir / "model" / "tokenizer.json"))
@@ -393,10 +455,23 @@ class Trainer:
         return self._writer
 
     def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past the resumed step (and a last line cut short by a kill)."""
         path = self.out_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinity for a line that is not a complete record."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _warn(message: str) -> None:
+    print(f"moelm: warning: {message}", file=sys.stderr)
 
 
 def _loss_values(out) -> dict[str, float]:  # noqa: ANN001 - MoELMOutput
