@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -71,3 +73,29 @@ def save_tiny_model_with_tokenizer(directory, **overrides):
     model.save_pretrained(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
     return model, tokenizer
+
+
+# A recipe small enough that a pre-training step takes milliseconds (overrides for load_recipe / --set).
+TINY_RUN = [
+    "model.hidden_size=64",
+    "model.num_hidden_layers=2",
+    "model.moe_intermediate_size=32",
+    "model.intermediate_size=128",
+    "model.kv_lora_rank=32",
+    "data.builtin_records=600",
+    "data.vocab_size=400",
+    "data.seq_len=64",
+    "train.batch_size=8",
+    "train.eval_every=20",
+    "train.log_every=5",
+    "log.progress=false",
+    "log.sample_tokens=4",
+]
+
+
+def pretrain_command(out, steps, *extra):
+    """`moelm pretrain` of the tiny recipe in a subprocess, saving every 5 steps."""
+    args = [sys.executable, "-m", "moelm.cli", "pretrain", "--out", str(out)]
+    for item in [*TINY_RUN, f"train.max_steps={steps}", "train.save_every=5", "train.keep_last=10", *extra]:
+        args += ["--set", item]
+    return args

@@ -10,28 +10,13 @@ import sys
 import time
 
 import pytest
+from conftest import TINY_RUN, pretrain_command
 from safetensors.torch import load_file
 
 from moelm import ConfigError
 from moelm.cli import main
 from moelm.train.recipe import load_recipe
 from moelm.train.trainer import Trainer, learning_rate
-
-TINY_RUN = [
-    "model.hidden_size=64",
-    "model.num_hidden_layers=2",
-    "model.moe_intermediate_size=32",
-    "model.intermediate_size=128",
-    "model.kv_lora_rank=32",
-    "data.builtin_records=600",
-    "data.vocab_size=400",
-    "data.seq_len=64",
-    "train.batch_size=8",
-    "train.eval_every=20",
-    "train.log_every=5",
-    "log.progress=false",
-    "log.sample_tokens=4",
-]
 
 
 def test_unknown_keys_and_bad_values_fail_before_training(tmp_path):
@@ -81,19 +66,12 @@ def test_empty_corpus_is_a_clear_error(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def _pretrain_command(out, steps):
-    args = [sys.executable, "-m", "moelm.cli", "pretrain", "--out", str(out)]
-    for item in [*TINY_RUN, f"train.max_steps={steps}", "train.save_every=5", "train.keep_last=10"]:
-        args += ["--set", item]
-    return args
-
-
 def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     steps = 20
-    subprocess.run(_pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True)
+    subprocess.run(pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True)
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
-        _pretrain_command(interrupted, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        pretrain_command(interrupted, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
     while time.time() < deadline and not (interrupted / "checkpoints" / "step-10").is_dir():
@@ -101,7 +79,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (interrupted / "model").exists(), "the run was meant to die before finishing"
-    subprocess.run([*_pretrain_command(interrupted, steps), "--resume"], check=True, capture_output=True)
+    subprocess.run([*pretrain_command(interrupted, steps), "--resume"], check=True, capture_output=True)
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(interrupted / "model" / "model.safetensors")
     assert straight.keys() == resumed.keys()

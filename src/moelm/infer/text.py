@@ -144,6 +144,8 @@ def render_thinking(text: str, show: bool, inside: bool, dim: bool = True) -> tu
             out.append("" if not (show and head) else f"\033[2m{head}\033[0m" if dim else head)
         else:
             out.append(head)
+        if found and show and not dim:
+            out.append(marker)
         if found:
             inside = not inside
     return "".join(out), inside
