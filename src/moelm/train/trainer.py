@@ -322,7 +322,7 @@ class Trainer:
         per_token = flops_per_token(model, recipe.data.seq_len)
         monitor = CollapseMonitor()
         consecutive = 0
-        progress = _progress(train.max_steps, step, recipe.log.progress)
+        progress = _Progress(train.max_steps, step, recipe.log.progress)
         forward = torch.compile(model) if train.compile else model
         device_type = model.embed_tokens.weight.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.dtype == "bfloat16")
@@ -332,6 +332,7 @@ class Trainer:
                 if step != saved_step and step > 0:
                     self._save(step, model, optimizer, cursor, skipped_total)
                     saved_step = step
+                progress.close()
                 checkpoint = self.out_dir / "checkpoints" / f"step-{saved_step}" if saved_step is not None else None
                 raise TrainingInterrupted(step, stop.requested, str(checkpoint) if checkpoint else None)
             start = time.perf_counter()
@@ -482,21 +483,25 @@ def _loss_values(out) -> dict[str, float]:  # noqa: ANN001 - MoELMOutput
     return values
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Callable[[int, dict[str, float]], None]:
-    """A tqdm bar (ETA, loss, tokens/s) when tqdm is installed and wanted; otherwise nothing."""
-    if not enabled:
-        return lambda step, record: None
-    try:
+class _Progress:
+    """A tqdm bar (ETA, loss, tokens/s) when wanted; closed before any final message so lines do not mix."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
         from tqdm import tqdm
-    except ImportError:
-        return lambda step, record: None
-    bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(step: int, record: dict[str, float]) -> None:
-        bar.n = step
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        bar.refresh()
-        if step >= total:
-            bar.close()
+        self.total = total
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if enabled else None
 
-    return update
+    def __call__(self, step: int, record: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        self.bar.refresh()
+        if step >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
