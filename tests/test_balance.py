@@ -10,7 +10,6 @@ from conftest import tiny_config
 
 from moelm import MoELM
 from moelm.model.balance import (
-    BiasBalancer,
     capacity,
     capacity_drops,
     cv_squared,
@@ -20,7 +19,8 @@ from moelm.model.balance import (
     switch_loss,
 )
 from moelm.model.moe import MoE
-from moelm.model.telemetry import CollapseMonitor, routing_metrics
+from moelm.train.bias_balancer import BiasBalancer
+from moelm.train.telemetry import CollapseMonitor, routing_metrics
 
 
 def test_switch_loss_hand_value_and_gradient_pushes_away_from_overloaded_expert():

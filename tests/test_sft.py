@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 from moelm import MoELM
 from moelm.config import ConfigError
+from moelm.constants import IGNORE_INDEX
 from moelm.data.builtin import builtin_corpus
 from moelm.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
@@ -24,7 +25,6 @@ from moelm.data.sft import builtin_example, load_bbh, load_gsm8k, load_jsonl, lo
 from moelm.data.sources import DataError
 from moelm.data.tokenizer import train_tokenizer
 from moelm.eval.exact_match import chat_exact_match, final_answer
-from moelm.model.transformer import IGNORE_INDEX
 from moelm.train.curriculum import CurriculumSampler, mixture_probabilities, pacing_fraction
 from moelm.train.sft import EncodedExample, collate
 

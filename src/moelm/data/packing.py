@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moelm.model.transformer import IGNORE_INDEX
+from moelm.constants import IGNORE_INDEX
 
 
 def _packed_stream(

@@ -1,18 +1,15 @@
-"""Load balancing: auxiliary losses, router z-loss, expert capacity, and the aux-loss-free bias update.
+"""Load balancing inside the network: auxiliary losses, router z-loss, expert capacity.
 
-Everything here is a pure function of one layer's routing tensors, or (for the bias update) an object the
-trainer owns and feeds with the routing values the model returned; nothing is kept in module state, so the
-values survive activation checkpointing and gradient accumulation unchanged. Formulas: references §2.
+Everything here is a pure function of one layer's routing tensors; nothing is kept in module state, so the
+values survive activation checkpointing and gradient accumulation unchanged. The aux-loss-free bias update is
+training machinery and lives in `moelm.train.bias_balancer`. Formulas: references §2.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 
 def _masked_mean(values_T: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
@@ -118,53 +115,3 @@ def capacity_drops(expert_ids_TK: torch.Tensor, num_experts: int, slots: int) ->
     position = torch.empty_like(priority_ids)
     position[order] = torch.arange(priority_ids.numel(), device=priority_ids.device) - starts[priority_ids[order]]
     return (position >= slots).view(top_k, num_tokens).t()
-
-
-class BiasBalancer:
-    """Aux-loss-free balancing: b_i += gamma * sign(mean load - load_i) once per optimizer step.
-
-    Feed it every micro-batch's `MoELMOutput.routing` with `observe`; `step()` (or the hook from
-    `register(optimizer)`) applies the update from the counts accumulated since the last step, summed over
-    data-parallel ranks when torch.distributed is initialised, then resets them. Counts come from returned
-    routing values, so activation-checkpoint recomputation cannot double them.
-    """
-
-    def __init__(self, model: nn.Module, rate: float, centered: bool = False) -> None:
-        self.rate = rate
-        self.centered = centered
-        self.biases: dict[int, torch.Tensor] = {}
-        for module in model.modules():
-            layer_idx = getattr(module, "layer_idx", None)
-            gate = getattr(getattr(module, "mlp", None), "gate", None)
-            if layer_idx is not None and gate is not None:
-                self.biases[layer_idx] = gate.e_score_correction_bias
-        self.counts: dict[int, torch.Tensor] = {}
-
-    def observe(self, routing: Mapping[int, object]) -> None:
-        """Add one micro-batch's (padding-free) assignment counts."""
-        with torch.no_grad():
-            for layer_idx, layer_routing in routing.items():
-                if layer_idx not in self.biases:
-                    continue
-                counts = layer_routing.tokens_per_expert_E.detach().float()
-                previous = self.counts.get(layer_idx)
-                self.counts[layer_idx] = counts if previous is None else previous + counts
-
-    @torch.no_grad()
-    def step(self) -> dict[int, torch.Tensor]:
-        """Apply one update per layer from the accumulated counts; returns the updates applied."""
-        updates = {}
-        for layer_idx, counts in self.counts.items():
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(counts)
-            update = self.rate * torch.sign(counts.mean() - counts)
-            if self.centered:
-                update = update - update.mean()
-            self.biases[layer_idx].add_(update.to(self.biases[layer_idx].device))
-            updates[layer_idx] = update
-        self.counts = {}
-        return updates
-
-    def register(self, optimizer: torch.optim.Optimizer):  # noqa: ANN201 - torch's RemovableHandle
-        """Run `step()` after every `optimizer.step()`; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.step())

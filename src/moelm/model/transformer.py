@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moelm.config import ModelConfig
+from moelm.constants import IGNORE_INDEX
 from moelm.model.attention import build_attention
 from moelm.model.cache import KVCache
 from moelm.model.experts import RoutedExperts
@@ -19,7 +20,6 @@ from moelm.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from moelm.model.moe import MoE
 from moelm.model.router import Router, Routing
 
-IGNORE_INDEX = -100
 # (input_ids [B, 1], cache) -> (logits [B, V], first entries [L, B, ...], second entries [L, B, ...])
 DecodeFn = Callable[[torch.Tensor, KVCache], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -308,6 +308,12 @@ class MoELM(nn.Module):
         from moelm.infer.generate import generate  # the engine lives above the model; imported on use
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def balancing_biases(self) -> dict[int, torch.Tensor]:
+        """Each MoE layer's selection bias buffer by layer index (MTP blocks included): what aux-loss-free
+        balancing updates in place."""
+        blocks = [*self.layers, *(module.block for module in self.mtp)]
+        return {block.layer_idx: block.mlp.gate.e_score_correction_bias for block in blocks if block.is_moe}
 
     # ------------------------------------------------------------------ parameter accounting
     def num_parameters(self, include_mtp: bool = False) -> int:

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from moelm.config import ConfigError
+from moelm.constants import IGNORE_INDEX
 from moelm.data.chat import encode_chat, load_chat_template
 from moelm.data.packing import batch_inputs
 from moelm.data.sft import FORMATS, SFTExample, length_difficulty, load_source
 from moelm.data.sources import DataError
 from moelm.data.tokenizer import EOS, PAD, load_tokenizer_file, special_id
 from moelm.eval.exact_match import chat_exact_match
-from moelm.model.transformer import IGNORE_INDEX, MoELM
+from moelm.model.transformer import MoELM
 from moelm.train.curriculum import CurriculumSampler
 from moelm.train.trainer import Trainer
 

@@ -30,13 +30,13 @@ from moelm.data.packing import batch_inputs, pack_documents_to_files
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
 from moelm.files import atomic_write_text
-from moelm.model.balance import BiasBalancer
-from moelm.model.telemetry import CollapseMonitor, routing_metrics
 from moelm.model.transformer import MoELM
 from moelm.train.allocator import reuse_freed_memory
+from moelm.train.bias_balancer import BiasBalancer
 from moelm.train.checkpoint import load_latest, save_checkpoint
 from moelm.train.interrupt import StopOnSignal, TrainingInterrupted
 from moelm.train.recipe import Recipe
+from moelm.train.telemetry import CollapseMonitor, routing_metrics
 
 # What a run writes into its output directory; --overwrite clears these (the content-keyed data cache stays).
 RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "recipe.json", "tokenizer.json", "tensorboard")
