@@ -16,7 +16,8 @@ import torch
 from common import interleaved_medians
 
 from moelm import MoELM, load_config
-from moelm.infer.generate import compile_decode, compiled_capacity
+from moelm.infer.compiled import compile_decode
+from moelm.infer.generate import compiled_capacity
 from moelm.model.cache import KVCache
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     with torch.inference_mode():
         model(ids, cache=cache, logits_to_keep=1)
         for backend in ("aot", "inductor"):
-            step = compile_decode(model, backend).compiled_decode
+            step = compile_decode(model, backend).step()
             logits[backend] = step(token, cache)[0]  # builds the step for this shape
 
             def run(step=step) -> None:  # noqa: ANN001

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moelm import MoELM
+from moelm.infer import generate
 from moelm.model.hf import CheckpointError
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install moelm[dev])")
@@ -180,6 +181,6 @@ def test_greedy_generation_matches_transformers_token_for_token(tmp_path):
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22]])
     eos = hf.config.eos_token_id
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0)
-    ours_out = ours.generate(ids, 64, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    ours_out = generate(ours, ids, 64, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(ours_out[:, : expected.shape[1]], expected)
     assert (ours_out[:, expected.shape[1] :] == 0).all()  # HF trims columns once every row has stopped

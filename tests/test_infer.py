@@ -9,7 +9,8 @@ from conftest import tiny_config
 from moelm import MoELM
 from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
 from moelm.infer.aot import AotDecodeStep, package_cache_dir, package_key
-from moelm.infer.generate import compile_decode, compiled_capacity
+from moelm.infer.compiled import compile_decode
+from moelm.infer.generate import compiled_capacity, generate
 from moelm.infer.sampling import apply_repetition_penalty, filter_logits
 from moelm.model.cache import CacheCapacityError, KVCache
 
@@ -134,21 +135,25 @@ def test_decode_step_refuses_a_full_cache_or_positions_past_the_model():
 
 
 def test_compiled_decode_is_rebuilt_when_dtype_or_mode_change():
-    """The compiled step skips dynamo's module guards, so compile_decode itself must notice what they caught
-    (torch.compile is lazy: nothing is compiled here)."""
+    """The compiled step skips dynamo's module guards, so CompiledDecode itself must notice what they caught
+    (torch.compile is lazy: nothing is compiled here). The state lives beside the model, not on it."""
     model = MoELM(tiny_config()).eval()
-    first = compile_decode(model).compiled_decode
-    assert compile_decode(model).compiled_decode is first
+    compiled = compile_decode(model)
+    first = compiled.step()
+    assert compiled.step() is first
     model.double()
-    second = compile_decode(model).compiled_decode
+    second = compiled.step()
     assert second is not first
     model.train()
-    third = compile_decode(model).compiled_decode
+    third = compiled.step()
     assert third is not second
-    assert compile_decode(model, "inductor").compiled_decode is not third
-    assert compile_decode(model).compiled_decode_key[-1] == "inductor"  # the choice sticks
+    inductor = compile_decode(model, "inductor")
+    assert inductor.step() is not third and inductor.key[-1] == "inductor"
+    assert not any(name.startswith("compiled") for name in vars(model))
     with pytest.raises(ValueError, match="'auto', 'aot', 'inductor'"):
         compile_decode(model, "tensorrt")
+    with pytest.raises(ValueError, match="another model"):
+        generate(MoELM(tiny_config()), torch.tensor([[3, 4]]), 2, compiled=compiled)
 
 
 def test_compiled_capacity_rounds_up_to_shared_buckets():
@@ -183,7 +188,7 @@ def test_requests_beyond_cache_or_positions_fail_clearly():
     with pytest.raises(CacheCapacityError, match="cache slots"):
         model(torch.randint(0, 97, (1, 9)), cache=KVCache(model.config, 1, 8))
     with pytest.raises(CacheCapacityError, match="max_position_embeddings=16"):
-        model.generate(torch.randint(0, 97, (1, 10)), max_new_tokens=10)
+        generate(model, torch.randint(0, 97, (1, 10)), max_new_tokens=10)
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -191,7 +196,7 @@ def test_batched_left_padded_generation_matches_each_prompt_alone():
     model = MoELM(tiny_config(initializer_range=0.2)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
     ids, mask = left_pad(prompts)
-    batched = model.generate(ids, 12, attention_mask=mask)
+    batched = generate(model, ids, 12, attention_mask=mask)
     for row, prompt in enumerate(prompts):
         alone = naive_greedy(model, torch.tensor([prompt]), 12)
         assert batched[row, -12:].tolist() == alone[0, -12:].tolist()
@@ -200,9 +205,9 @@ def test_batched_left_padded_generation_matches_each_prompt_alone():
 def test_each_sequence_stops_on_its_own_eos_and_then_pads():
     model = MoELM(tiny_config(initializer_range=0.2)).eval()
     ids = torch.randint(3, 97, (2, 4))
-    free = model.generate(ids, 8)
+    free = generate(model, ids, 8)
     eos = int(free[0, 6])  # row 0's 3rd new token becomes its EOS
-    out = model.generate(ids, 8, eos_token_id=eos, pad_token_id=0)
+    out = generate(model, ids, 8, eos_token_id=eos, pad_token_id=0)
     stop_at = (free[0, 4:] == eos).nonzero()[0].item()
     assert out[0, 4 + stop_at].item() == eos
     assert (out[0, 5 + stop_at :] == 0).all()
@@ -214,7 +219,7 @@ def test_stream_yields_the_same_tokens_as_generate_and_stop_callbacks_end_a_row(
     model = MoELM(tiny_config(initializer_range=0.2)).eval()
     ids = torch.randint(3, 97, (1, 5))
     streamed = [step.tokens_BN[0, 0].item() for step in stream(model, ids, 6)]
-    assert streamed == model.generate(ids, 6)[0, 5:].tolist()
+    assert streamed == generate(model, ids, 6)[0, 5:].tolist()
     stopped = list(stream(model, ids, 6, stop=lambda row, tokens: len(tokens) == 2))
     assert len(stopped) == 2 and stopped[-1].finished_B.all()
 
@@ -222,8 +227,8 @@ def test_stream_yields_the_same_tokens_as_generate_and_stop_callbacks_end_a_row(
 def test_greedy_generation_is_reproducible_with_seeded_sampling():
     model = MoELM(tiny_config()).eval()
     ids = torch.randint(0, 97, (2, 5))
-    first = model.generate(ids, 8, temperature=1.0, top_p=0.9, seed=7)
-    assert torch.equal(first, model.generate(ids, 8, temperature=1.0, top_p=0.9, seed=7))
+    first = generate(model, ids, 8, temperature=1.0, top_p=0.9, seed=7)
+    assert torch.equal(first, generate(model, ids, 8, temperature=1.0, top_p=0.9, seed=7))
 
 
 # ---------------------------------------------------------------------------------------------- speculation
@@ -258,7 +263,7 @@ def test_speculative_greedy_equals_plain_greedy_and_accepts_drafts_of_a_trained_
     model.eval()
     prompt = pattern[None, :4]
     stats = GenerationStats()
-    speculative = model.generate(prompt, 20, speculative=True, stats=stats)
+    speculative = generate(model, prompt, 20, speculative=True, stats=stats)
     assert torch.equal(speculative, naive_greedy(model, prompt, 20))
     assert stats.acceptance_rate > 0.8
     assert stats.steps < 15  # accepted drafts emit two tokens per model step
@@ -266,10 +271,10 @@ def test_speculative_greedy_equals_plain_greedy_and_accepts_drafts_of_a_trained_
 
 def test_speculative_sampling_runs_and_respects_max_new_tokens():
     model = MoELM(tiny_config(num_nextn_predict_layers=1)).eval()
-    out = model.generate(torch.randint(0, 97, (1, 4)), 9, temperature=0.8, speculative=True, seed=1)
+    out = generate(model, torch.randint(0, 97, (1, 4)), 9, temperature=0.8, speculative=True, seed=1)
     assert out.shape == (1, 13)
     with pytest.raises(ValueError, match="MTP"):
-        MoELM(tiny_config()).generate(torch.zeros(1, 3, dtype=torch.long), 2, speculative=True)
+        generate(MoELM(tiny_config()), torch.zeros(1, 3, dtype=torch.long), 2, speculative=True)
 
 
 def test_text_stream_stops_at_stop_strings_and_thinking_is_dimmed_or_hidden(tmp_path):
@@ -295,23 +300,25 @@ def test_text_stream_stops_at_stop_strings_and_thinking_is_dimmed_or_hidden(tmp_
 def test_compiled_decode_gives_the_same_tokens(backend):
     """One token (matrix-vector kernels, gathered experts) and a left-padded batch of three (GEMMs, every
     expert): the compiled step must pick the same tokens as the eager engine."""
-    model = compile_decode(MoELM(tiny_config(initializer_range=0.2)).eval(), backend)
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    compiled = compile_decode(model, backend)
     ids = torch.randint(3, 97, (1, 6))
-    assert torch.equal(model.generate(ids, 8, compile=True), model.generate(ids, 8))
+    assert torch.equal(generate(model, ids, 8, compiled=compiled), generate(model, ids, 8))
     batch, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]])
-    compiled = model.generate(batch, 8, attention_mask=mask, compile=True)
-    assert torch.equal(compiled, model.generate(batch, 8, attention_mask=mask))
+    out = generate(model, batch, 8, attention_mask=mask, compiled=compiled)
+    assert torch.equal(out, generate(model, batch, 8, attention_mask=mask))
     # Module guards are skipped for speed: weights changed in place must still be read, and another model of
     # the same shape must get its own graph, not this one.
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)
-    assert torch.equal(model.generate(ids, 8, compile=True), _eager_copy(model).generate(ids, 8))
+    assert torch.equal(generate(model, ids, 8, compiled=compiled), generate(_eager_copy(model), ids, 8))
     # A parameter replaced by a new tensor: AOT packages hold pointers to the old one and must be rebuilt.
     model.norm.weight = torch.nn.Parameter(torch.rand_like(model.norm.weight) * 2)
-    assert torch.equal(model.generate(ids, 8, compile=True), _eager_copy(model).generate(ids, 8))
-    assert model.compiled_decode_key[-1] == backend  # generate(compile=True) kept the chosen backend
-    other = compile_decode(MoELM(tiny_config(initializer_range=0.2, n_routed_experts=4, n_group=1)).eval(), backend)
-    assert torch.equal(other.generate(ids, 8, compile=True), _eager_copy(other).generate(ids, 8))  # same cache shape
+    assert torch.equal(generate(model, ids, 8, compiled=compiled), generate(_eager_copy(model), ids, 8))
+    assert compiled.key[-1] == backend
+    other = MoELM(tiny_config(initializer_range=0.2, n_routed_experts=4, n_group=1)).eval()
+    other_compiled = compile_decode(other, backend)
+    assert torch.equal(generate(other, ids, 8, compiled=other_compiled), generate(_eager_copy(other), ids, 8))
 
 
 @pytest.mark.slow  # two package builds, about half a minute each
@@ -386,6 +393,6 @@ def test_generation_runs_one_forward_per_sampled_token_and_none_after_the_last(m
     monkeypatch.setattr(
         MoELM, "forward", lambda self, ids, **kw: calls.append(ids.shape[1]) or forward(self, ids, **kw)
     )
-    out = model.generate(torch.tensor([[5, 6, 7]]), 4)
+    out = generate(model, torch.tensor([[5, 6, 7]]), 4)
     assert out.shape == (1, 7)
     assert calls == [3, 1, 1, 1]  # prefill, then a decode step for each of tokens 2..4

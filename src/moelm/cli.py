@@ -113,13 +113,12 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams
 
 def _load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
     """The model directory as a TextGenerator, its decode step compiled when --compile asks for it."""
-    from moelm.infer.generate import compile_decode
     from moelm.infer.text import TextGenerator
 
     generator = TextGenerator.from_pretrained(args.model)
     generator.model.eval()
     if args.compile:
-        compile_decode(generator.model)
+        generator.compile()
     return generator
 
 

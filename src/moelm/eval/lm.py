@@ -65,11 +65,12 @@ class EvalModel:
                 eos_token_id=eos,
                 stop=hit_stop if stop else None,
                 generators=[torch.Generator().manual_seed(seed + i) for i in rows],
+                compiled=self.generator.compiled,
             )
             new = torch.cat([step.tokens_BN for step in steps], dim=1)
             for i, row in zip(rows, new.tolist(), strict=True):
                 # specials kept: <think>/</think> must reach the answer extraction
-                outputs[i] = cut_at_stop(self.generator.decode(row, skip_special_tokens=False), stop)
+                outputs[i] = cut_at_stop(self.generator.detokenize(row, skip_special_tokens=False), stop)
             if self.progress is not None:
                 self.progress(len(rows))
         return outputs

@@ -8,15 +8,15 @@ sequences emit `pad_token_id` while the others continue. `stream` yields tokens 
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from moelm.infer.compiled import CompiledDecode
 from moelm.infer.sampling import SamplingParams, draw, sample, token_distribution
 from moelm.model.cache import KVCache
-from moelm.model.transformer import DecodeFn, MoELM
+from moelm.model.transformer import MoELM
 
 StopCheck = Callable[[int, list[int]], bool]  # (sequence index, its new tokens so far) -> stop?
 
@@ -42,55 +42,6 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
-
-
-def compile_decode(model: MoELM, backend: str | None = None) -> MoELM:
-    """Compile the model's one-token decode step (`MoELM.decode_logits`): fixed shapes per (batch, cache
-    capacity), no host syncs. Generation then uses it for every decode step (prefill stays eager).
-
-    backend (default: the one this model was last compiled with, else "auto"):
-    - "aot", what "auto" picks on CPU: AOTInductor packages called with the token and the cache tensors only,
-      the model's weights loaded by reference (moelm.infer.aot), skipping torch.compile's per-call Python path.
-    - "inductor", what "auto" picks elsewhere: torch.compile with inductor's C++ wrapper. Dynamo's guards on the
-      model's ~100 modules cost about a millisecond per step (benchmarks/decode.py, small preset batch 1
-      compiled: 133 -> 144 tok/s across the change), so they are skipped, which is safe only for this one model
-      object: the step is compiled from a private copy of the function's code (dynamo keeps compiled graphs per
-      code object, so no other model can hit them), and parameters are read at every call.
-    Both see in-place weight updates; a change of dtype, device or train/eval mode rebuilds the step here.
-    benchmarks/decode.py measures it against transformers' generate."""
-    backend = backend or getattr(model, "compiled_decode_backend", "auto")
-    if backend not in ("auto", "aot", "inductor"):
-        raise ValueError(f"invalid compile backend {backend!r}: must be one of 'auto', 'aot', 'inductor'")
-    model.compiled_decode_backend = backend
-    weight = model.embed_tokens.weight
-    if backend == "auto":
-        backend = "aot" if weight.device.type == "cpu" else "inductor"
-    key = (weight.dtype, weight.device, model.training, backend)
-    if getattr(model, "compiled_decode", None) is None or getattr(model, "compiled_decode_key", None) != key:
-        if backend == "aot":
-            from moelm.infer.aot import AotDecodeStep
-
-            model.compiled_decode = AotDecodeStep(model)
-        else:
-            model.compiled_decode = _inductor_decode(model)
-        model.compiled_decode_key = key
-    return model
-
-
-def _inductor_decode(model: MoELM) -> DecodeFn:
-    import torch._dynamo.config as dynamo_config
-
-    # one graph per (batch, capacity bucket); dynamo's default limit of 8 would fall back to eager
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-    function = type(model).decode_logits
-    private = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
-    return torch.compile(
-        types.MethodType(private, model),
-        fullgraph=True,
-        dynamic=False,
-        options={"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-    )
 
 
 def compiled_capacity(slots: int) -> int:
@@ -133,13 +84,17 @@ def stream(
     generators: list[torch.Generator] | None = None,
     speculative: bool = False,
     stats: GenerationStats | None = None,
-    compile: bool = False,
+    compiled: CompiledDecode | None = None,
 ) -> Iterator[StepOutput]:
-    """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced."""
+    """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced.
+
+    `compiled` (from `compile_decode(model)`) runs every decode step through its compiled graph; prefill and
+    speculative decoding stay eager.
+    """
     params = params or SamplingParams()
-    if compile or getattr(model, "compiled_decode", None) is not None:
-        compile_decode(model)  # recompiles if the model's dtype, device or mode changed since
-    step_fn = None if speculative else getattr(model, "compiled_decode", None)
+    if compiled is not None and compiled.model is not model:
+        raise ValueError("the compiled decode step belongs to another model")
+    step_fn = None if speculative or compiled is None else compiled.step()
     stats = stats if stats is not None else GenerationStats()
     device = input_ids.device
     batch, prompt_len = input_ids.shape
@@ -290,7 +245,7 @@ def generate(
     stop: StopCheck | None = None,
     speculative: bool = False,
     stats: GenerationStats | None = None,
-    compile: bool = False,
+    compiled: CompiledDecode | None = None,
 ) -> torch.Tensor:
     """Prompt + new tokens [B, T + n] like transformers' generate (finished rows padded with pad_token_id)."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -306,7 +261,7 @@ def generate(
         seed=seed,
         speculative=speculative,
         stats=stats,
-        compile=compile,
+        compiled=compiled,
     )
     pieces = [step.tokens_BN for step in steps]
     new = torch.cat(pieces, dim=1) if pieces else input_ids.new_zeros(input_ids.shape[0], 0)

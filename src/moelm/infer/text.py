@@ -14,21 +14,13 @@ from pathlib import Path
 import torch
 
 from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template, render_chat
-from moelm.infer.generate import GenerationStats, left_pad, stream
+from moelm.data.tokenizer import load_tokenizer_file
+from moelm.infer.compiled import CompiledDecode, compile_decode
+from moelm.infer.generate import GenerationStats, generate, left_pad, stream
 from moelm.infer.sampling import SamplingParams
 from moelm.model.transformer import MoELM
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def load_tokenizer(model_dir: str | Path):  # noqa: ANN201 - tokenizers.Tokenizer (optional import)
-    """The directory's tokenizer.json, with a clear error when there is none."""
-    from tokenizers import Tokenizer
-
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a model directory needs tokenizer.json to take text prompts")
-    return Tokenizer.from_file(str(path))
 
 
 @dataclass
@@ -39,17 +31,26 @@ class TextGenerator:
     tokenizer: object
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     skip_special_tokens: bool = True  # False keeps <think>/</think> in the text (chat, reasoning evaluation)
+    compiled: CompiledDecode | None = None  # set by compile(): decode steps run through a compiled graph
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
         model = MoELM.from_pretrained(model_dir, dtype=dtype)
-        return cls(model, load_tokenizer(model_dir), load_chat_template(model_dir))
+        tokenizer_file = Path(model_dir) / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs it to take text prompts")
+        return cls(model, load_tokenizer_file(tokenizer_file), load_chat_template(model_dir))
+
+    def compile(self, backend: str = "auto") -> TextGenerator:
+        """Run decode steps through a compiled graph from now on (see moelm.infer.compiled)."""
+        self.compiled = compile_decode(self.model, backend)
+        return self
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The conversation rendered with the model's chat template, ending where the assistant writes."""
         return render_chat(messages, self.chat_template, add_generation_prompt=True)
 
-    def decode(self, tokens: list[int], skip_special_tokens: bool | None = None) -> str:
+    def detokenize(self, tokens: list[int], skip_special_tokens: bool | None = None) -> str:
         """Text of generated tokens up to (not including) the first EOS; specials kept or dropped as asked
         (default: the generator's `skip_special_tokens`)."""
         eos = set(self.eos_ids())
@@ -87,7 +88,7 @@ class TextGenerator:
         emitted = ""
 
         def hit_stop(_row: int, tokens: list[int]) -> bool:
-            text = self.decode(tokens)
+            text = self.detokenize(tokens)
             return any(s in text for s in stop_strings)
 
         steps = stream(
@@ -100,14 +101,15 @@ class TextGenerator:
             seed=seed,
             speculative=speculative,
             stats=stats,
+            compiled=self.compiled,
         )
         for step in steps:
             new.extend(step.tokens_BN[0].tolist())
-            text = cut_at_stop(self.decode(new), stop_strings)
+            text = cut_at_stop(self.detokenize(new), stop_strings)
             if text.startswith(emitted) and not text.endswith("\ufffd"):
                 yield text[len(emitted) :]
                 emitted = text
-        text = cut_at_stop(self.decode(new), stop_strings)
+        text = cut_at_stop(self.detokenize(new), stop_strings)
         if text != emitted and text.startswith(emitted):  # whatever was held back for a partial character
             yield text[len(emitted) :]
 
@@ -121,8 +123,9 @@ class TextGenerator:
         """Completions for a batch of prompts (left-padded into one batch)."""
         encoded = [self.tokenizer.encode(p).ids for p in prompts]
         ids, mask = left_pad(encoded)
-        out = self.model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=self.eos_ids(), **kwargs)
-        return [self.decode(row, skip_special_tokens) for row in out[:, ids.shape[1] :].tolist()]
+        kwargs.setdefault("compiled", self.compiled)
+        out = generate(self.model, ids, max_new_tokens, attention_mask=mask, eos_token_id=self.eos_ids(), **kwargs)
+        return [self.detokenize(row, skip_special_tokens) for row in out[:, ids.shape[1] :].tolist()]
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

@@ -241,7 +241,7 @@ class MoELM(nn.Module):
 
     def decode_step(self, input_ids_B1: torch.Tensor, cache: KVCache, step_fn: DecodeFn | None = None) -> torch.Tensor:
         """Logits [B, V] for one token per sequence, appended to the cache; `step_fn` is `decode_logits` or
-        a compiled copy of it (moelm.infer.generate.compile_decode)."""
+        a compiled copy of it (the inference side owns compilation)."""
         slot = cache.claim_decode_slot()
         logits, firsts, seconds = (step_fn or self.decode_logits)(input_ids_B1, cache)
         cache.write_slot(slot, firsts, seconds)
@@ -302,12 +302,6 @@ class MoELM(nn.Module):
         mask = None if cache is None else cache.attention_mask(start, hidden_BTH.shape[1])
         hidden, _ = module(self.embed_tokens(next_ids_BT), hidden_BTH, cos, sin, mask, None, cache, start)
         return self.lm_head(module.shared_head_norm(hidden))
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:  # noqa: ANN003
-        """Prompt + new tokens, as transformers' generate; see moelm.infer.generate for every option."""
-        from moelm.infer.generate import generate  # the engine lives above the model; imported on use
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def balancing_biases(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's selection bias buffer by layer index (MTP blocks included): what aux-loss-free
