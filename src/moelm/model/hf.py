@@ -13,6 +13,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -21,7 +22,9 @@ from safetensors.torch import save_file
 from moelm.config import ModelConfig
 from moelm.files import atomic_path, atomic_write_text
 from moelm.model.layers import RotaryEmbedding
-from moelm.model.transformer import MoELM
+
+if TYPE_CHECKING:  # the model class is passed in, so this module never imports the network it serialises
+    from moelm.model.transformer import MoELM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -224,8 +227,10 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size) -> torch
     return tensor
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> MoELM:
-    """Build the model on the meta device, then fill every tensor from the checkpoint (no random init)."""
+def load_pretrained(
+    model_cls: type[MoELM], path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> MoELM:
+    """Build `model_cls` on the meta device, then fill every tensor from the checkpoint (no random init)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -242,7 +247,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         )
         config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
-        model = MoELM(config)
+        model = model_cls(config)
     dtype = dtype or torch.float32
     state = {}
     meta_state = model.state_dict()

@@ -16,6 +16,7 @@ from moelm.constants import IGNORE_INDEX
 from moelm.model.attention import build_attention
 from moelm.model.cache import KVCache
 from moelm.model.experts import RoutedExperts
+from moelm.model.hf import load_pretrained, save_pretrained
 from moelm.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from moelm.model.moe import MoE
 from moelm.model.router import Router, Routing
@@ -335,9 +336,7 @@ class MoELM(nn.Module):
         cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> MoELM:
         """Load an HF DeepseekV3 (or moelm-saved) directory: config.json + safetensors, never pickles."""
-        from moelm.model.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3, strict_hf: bool = False) -> None:
         """Write an HF DeepseekV3 directory (per-expert keys, sharded above max_shard_bytes).
@@ -345,8 +344,6 @@ class MoELM(nn.Module):
         strict_hf=True refuses options plain transformers cannot represent instead of keeping them under
         the 'moelm' config key.
         """
-        from moelm.model.hf import save_pretrained
-
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, strict_hf=strict_hf)
 
 
