@@ -35,7 +35,9 @@ class MoE(nn.Module):
         seq_len = x_TH.shape[0] // batch
         token_mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1).bool()
         routing = self._route(x_TH, token_mask_T)
-        routing.losses.update(self._balance_losses(routing, batch, seq_len, token_mask_BT))
+        routing = routing.with_layer_results(
+            routing.dropped_TK, self._balance_losses(routing, batch, seq_len, token_mask_BT)
+        )
         if self.checkpoint_ffn and self.training and torch.is_grad_enabled():
             y_TH = checkpoint(self._ffn, x_TH, routing, use_reentrant=False)
         else:
@@ -46,10 +48,10 @@ class MoE(nn.Module):
         """The router's choice, with over-capacity assignments marked when a capacity factor applies."""
         routing = self.gate(x_TH, token_mask_T)
         capacity_factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
-        if capacity_factor is not None:
-            slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, capacity_factor)
-            routing.dropped_TK = capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots)
-        return routing
+        if capacity_factor is None:
+            return routing
+        slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, capacity_factor)
+        return routing.with_layer_results(capacity_drops(routing.expert_ids_TK, self.gate.num_experts, slots), {})
 
     def decode(self, x_BTH: torch.Tensor) -> torch.Tensor:
         """The layer for a captured decode graph: fixed shapes, no balance losses (inference only)."""

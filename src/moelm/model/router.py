@@ -8,7 +8,10 @@ The router never touches expert weights: it returns a `Routing` value that the e
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +23,14 @@ from moelm.model.balance import assignment_counts, cv_squared, smooth_load
 NOISE_EPS = 1e-2  # floor on the noise std, as in Shazeer et al.'s reference code, so the load CDF is defined
 
 
-@dataclass
+@dataclass(frozen=True)
 class Routing:
-    """One MoE layer's routing decision for T tokens."""
+    """One MoE layer's routing decision for T tokens: an immutable value.
+
+    The router creates it with its own losses; the MoE layer, once it knows the capacity drops and the balance
+    losses, returns a new value with them (`with_layer_results`) instead of writing into this one, so a value a
+    caller holds (the trainer, telemetry, an activation-checkpoint replay) never changes under it.
+    """
 
     expert_ids_TK: torch.Tensor  # long [T, k]
     weights_TK: torch.Tensor  # float32 [T, k], combine weights (unbiased scores, normalised and scaled)
@@ -31,7 +39,14 @@ class Routing:
     tokens_per_expert_E: torch.Tensor  # float32 [E], assignments each expert received (padding excluded)
     token_mask_T: torch.Tensor | None = None  # bool [T], False for padding tokens
     dropped_TK: torch.Tensor | None = None  # bool [T, k], assignments over an expert's capacity
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # balance losses, coefficients applied
+    losses: Mapping[str, torch.Tensor] = field(default_factory=dict)  # balance losses, coefficients applied
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "losses", MappingProxyType(dict(self.losses)))
+
+    def with_layer_results(self, dropped_TK: torch.Tensor | None, losses: Mapping[str, torch.Tensor]) -> Routing:
+        """A copy carrying the layer's capacity drops and its balance losses beside the router's own."""
+        return dataclasses.replace(self, dropped_TK=dropped_TK, losses={**self.losses, **losses})
 
 
 class Router(nn.Module):
