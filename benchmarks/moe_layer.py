@@ -21,7 +21,8 @@ import torch
 from common import add_allocator_flag, apply_allocator_flag, copy_bandwidth, interleaved_medians
 
 from moelm import ModelConfig
-from moelm.model.layers import SwiGLU, linear
+from moelm.model.kernels.cpu import linear
+from moelm.model.layers import SwiGLU
 from moelm.model.moe import MoE
 
 

@@ -54,6 +54,14 @@ def _private_package_cache(tmp_path_factory):
         os.environ["MOELM_AOT_CACHE"] = previous
 
 
+def expert_forward(experts, expert: int, x_NH: torch.Tensor) -> torch.Tensor:
+    """One routed expert on some rows: the plain definition every dispatch path must agree with."""
+    from moelm.model.kernels.cpu import linear
+
+    gate, up = linear(x_NH, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return linear(torch.nn.functional.silu(gate) * up, experts.down_proj[expert])
+
+
 def save_tiny_model_with_tokenizer(directory, **overrides):
     """A saved tiny model plus a byte-level BPE tokenizer.json trained here on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from moelm import MoELM
-from moelm.model.layers import RotaryEmbedding, apply_rope, linear
+from moelm.model.kernels.cpu import linear
+from moelm.model.layers import RotaryEmbedding, apply_rope
 
 
 def test_lm_loss_is_next_token_cross_entropy_ignoring_minus_100():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from moelm.model.experts import resolve_backend
+from moelm.model.kernels.grouped_gemm import expert_backend
 from moelm.model.moe import MoE
 from moelm.model.router import Router
 
@@ -183,14 +183,38 @@ def test_training_dispatch_gradients_match_per_token_reference(backend):
 
 
 def test_auto_backend_on_cpu_is_grouped_for_float32_training_and_a_loop_otherwise(monkeypatch):
-    import moelm.model.experts as experts
+    import moelm.model.kernels.grouped_gemm as kernels
 
-    assert resolve_backend("auto", torch.zeros(1)) == "grouped_mm"
-    with torch.no_grad():
-        assert resolve_backend("auto", torch.zeros(1)) == "loop"
-    monkeypatch.setattr(experts, "cpu_has_native_bf16", lambda: False)
-    assert resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "loop"
-    assert resolve_backend("loop", torch.zeros(1)) == "loop"
+    cpu = torch.device("cpu")
+    assert expert_backend("auto", cpu, torch.float32, True) == "grouped_mm"
+    assert expert_backend("auto", cpu, torch.float32, False) == "loop"
+    monkeypatch.setattr(kernels, "cpu_has_native_bf16", lambda: False)
+    assert expert_backend("auto", cpu, torch.bfloat16, True) == "loop"
+    assert expert_backend("loop", cpu, torch.float32, True) == "loop"
+    assert expert_backend("auto", torch.device("cuda"), torch.bfloat16, False) == "grouped_mm"
+
+
+def test_the_dispatcher_is_a_seam_the_experts_do_not_look_behind():
+    """Expert parallelism swaps the dispatcher: the experts must compute only what it hands them."""
+    from moelm.model.dispatch import LocalDispatcher
+
+    class Recording(LocalDispatcher):
+        def __init__(self, num_experts: int) -> None:
+            super().__init__(num_experts)
+            self.slabs: list[list[int]] = []
+
+        def dispatch(self, x_TH, routing):
+            rows, counts, plan = super().dispatch(x_TH, routing)
+            self.slabs.append(counts.tolist())
+            return rows, counts, plan
+
+    moe = MoE(tiny_config())
+    x = torch.randn(2, 5, 32)
+    expected, _ = moe(x)
+    moe.experts.dispatcher = recording = Recording(moe.experts.num_experts)
+    got, routing = moe(x)
+    torch.testing.assert_close(got, expected)
+    assert recording.slabs == [routing.tokens_per_expert_E.long().tolist()]
 
 
 def test_grouped_and_loop_backends_give_the_same_gradients():
@@ -206,7 +230,7 @@ def test_grouped_and_loop_backends_give_the_same_gradients():
 
 
 def test_cpu_grouped_gemm_op_matches_per_group_matmuls_and_passes_opcheck():
-    from moelm.model.grouped_gemm import _cpu_grouped_mm as grouped_mm
+    from moelm.model.kernels.grouped_gemm import _cpu_grouped_mm as grouped_mm
 
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # the middle group is empty
     a = torch.randn(10, 16, dtype=torch.float64).float().requires_grad_()

@@ -3,82 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelm.config import ModelConfig
-
-
-def _read_cpu_bf16_flag() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: trust the vendor library's bf16 kernels
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-# Read once at import: a hardware fact, and file reads inside traced code would break torch.compile graphs.
-_CPU_NATIVE_BF16 = _read_cpu_bf16_flag()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo on Linux."""
-    return _CPU_NATIVE_BF16
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that half-precision GEMMs on CPUs without bf16 hardware run in float32.
-
-    Upcasting bf16 operands is exact and the products accumulate in fp32 as a bf16 kernel's would, so the
-    result matches a native bf16 GEMM up to the final rounding; on an AVX2-only CPU it is several times faster
-    than torch's emulated bf16 GEMM (benchmarks/forward.py bfloat16 rows: 5.6-6.2x transformers' forward).
-    """
-    if x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
-        return _streamed_matvec(x, weight, bias)
-    if cpu_has_native_bf16():
-        return _cpu_linear(x, weight, bias, rows)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        out = _cpu_linear(x.float(), weight.float(), None if bias is None else bias.float(), rows)
-        return out.to(x.dtype)
-    if torch.is_autocast_enabled("cpu"):
-        # bf16 autocast: round the operands to bf16 as autocast would, multiply in fp32, return bf16.
-        low = torch.get_autocast_dtype("cpu")
-        with torch.autocast("cpu", enabled=False):
-            out = F.linear(x.to(low).float(), weight.to(low).float(), None if bias is None else bias.to(low).float())
-        return out.to(low)
-    return _cpu_linear(x, weight, bias, rows)
-
-
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """F.linear, except that 2-6 rows without autograd multiply as weight @ rows^T with the rows contiguous.
-
-    For so few rows the BLAS kernel behind x @ weight^T streams the weight at a third of the memory bandwidth;
-    weight @ rows^T with each row a contiguous column runs about twice as fast (probe). Prefill's routed experts see a
-    few rows each: `python benchmarks/prefill_linear.py` (small preset, 64-token prompt) measures the whole
-    prefill 7-9% faster than with F.linear (two runs: 100.8 vs 108.2 ms, 85.0 vs 92.4 ms).
-    """
-    if not 2 <= rows <= 6 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.reshape(rows, -1).contiguous().T).T
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _streamed_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A one-row linear as multiply + sum, which inductor fuses with its neighbours into a kernel that
-    streams the weight with both cores; the BLAS GEMV it replaces was the slowest part of a compiled batch-1
-    decode step (benchmarks/decode.py measures the whole step)."""
-    out = (weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)
-    if bias is not None:
-        out = out + bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+from moelm.model.kernels.cpu import linear
 
 
 class Linear(nn.Linear):

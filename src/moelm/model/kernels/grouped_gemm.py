@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moelm.model.kernels.cpu import cpu_has_native_bf16
+
 _torch_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -56,8 +58,8 @@ _cpu_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """[R, K] x [E, K, N] with rows grouped by the cumulative offsets `offs` -> [R, N].
 
-    Eager code calls torch's op (its backward is faster in eager: benchmarks/moe_layer.py float32 T=4096 fell
-    from 1.18x to 0.86x transformers through the custom op); only CPU tracing goes through the custom op.
+    Eager code calls torch's op (its eager backward is faster than the custom op's, benchmarks/moe_layer.py);
+    only CPU tracing goes through the custom op.
     """
     if a.is_cuda or not torch.compiler.is_compiling():
         return _torch_grouped_mm(a, b, offs=offs)
@@ -65,3 +67,24 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 
 available = _torch_grouped_mm is not None
+
+
+def expert_backend(requested: str, device: torch.device, dtype: torch.dtype, training: bool) -> str:
+    """The routed experts' kernel: one grouped GEMM where torch has a fast one, else a GEMM per expert.
+
+    Measured with torch 2.13 (benchmarks/moe_layer.py, benchmarks/forward.py): with gradients grouped_mm beats
+    the loop in float32 on CPU, forward-only the loop wins (it visits only the experts that received tokens),
+    and torch's CPU grouped_mm in bf16 is far slower on CPUs without bf16 hardware.
+    `training` means gradients are being recorded.
+    """
+    if requested == "loop" or not available:
+        return "loop"
+    if requested == "grouped_mm":
+        return "grouped_mm"
+    if device.type == "cuda":
+        return "grouped_mm" if dtype in (torch.bfloat16, torch.float32) else "loop"
+    if not training:
+        return "loop"
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16()):
+        return "grouped_mm"
+    return "loop"
