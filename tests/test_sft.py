@@ -217,8 +217,8 @@ def test_tiny_sft_run_raises_held_out_exact_match(tmp_path, tokenizer):
     tuned = trainer.run()
     template = trainer.chat_template()
     base_model = MoELM.from_pretrained(base).eval()
-    before, _ = chat_exact_match(TextGenerator(base_model, tokenizer, template), trainer.held_out, 6)
-    after, samples = chat_exact_match(TextGenerator(tuned.eval(), tokenizer, template), trainer.held_out, 6)
+    before, _ = chat_exact_match(TextGenerator(base_model, tokenizer, template), trainer.batches.val_examples, 6)
+    after, samples = chat_exact_match(TextGenerator(tuned.eval(), tokenizer, template), trainer.batches.val_examples, 6)
     assert after["exact_match"] >= before["exact_match"] + 0.3, (before, after, samples[:3])
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["unlocked_frac"] < records[-1]["unlocked_frac"] == 1.0

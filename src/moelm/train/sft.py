@@ -10,7 +10,7 @@ the unlocked fraction of the pool; each evaluation logs held-out loss and exact 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,10 @@ class SFTBatches:
     batching: str = "pack"
     bucket_batches: int = 8
     eval_batches: int = 4
-    generator: Any = None  # TextGenerator for exact match; None = loss only
+    tokenizer: Any = None  # with chat_template: greedy exact match on held-out examples; None = loss only
+    chat_template: str | None = None
     max_new_tokens: int = 48
+    _window: tuple[int, list[list[int]]] | None = field(default=None, repr=False)
 
     def progress(self, index: int) -> float:
         return min(index / max(self.total_batches, 1), 1.0)
@@ -129,7 +131,7 @@ class SFTBatches:
     def _padded_rows(self, index: int) -> list[list[EncodedExample]]:
         """Length bucketing: a window of bucket_batches batches is drawn together, sorted by length and cut."""
         window, position = divmod(index, self.bucket_batches)
-        cached = getattr(self, "_window", None)
+        cached = self._window
         if cached is None or cached[0] != window:
             first = window * self.bucket_batches
             progress = self.progress(first)
@@ -159,8 +161,11 @@ class SFTBatches:
             losses.extend(task_losses)
         if losses:
             metrics["val_loss"] = float(np.mean(losses))
-        if self.generator is not None:
-            match, _ = chat_exact_match(self.generator, self.val_examples, self.max_new_tokens, self.batch_size)
+        if self.tokenizer is not None:
+            from moelm.infer.text import TextGenerator
+
+            generator = TextGenerator(model, self.tokenizer, self.chat_template or "")
+            match, _ = chat_exact_match(generator, self.val_examples, self.max_new_tokens, self.batch_size)
             metrics.update(match)
         return metrics
 
@@ -213,11 +218,12 @@ class SFTTrainer(Trainer):
             )
         return model
 
-    def load_examples(self) -> list[SFTExample]:
-        """All sources of recipe.sft, reported per source (loaded, skipped with file:line reasons)."""
+    def load_examples(self) -> tuple[list[SFTExample], dict[str, float]]:
+        """All sources of recipe.sft, reported per source (loaded, skipped with file:line reasons), and the
+        mixture weight of each task whose source gave one."""
         sft = self.recipe.sft
         examples: list[SFTExample] = []
-        self.mixture_weights: dict[str, float] = {}
+        weights: dict[str, float] = {}
         for number, source in enumerate(sft.sources):
             if not isinstance(source, dict) or "format" not in source:
                 raise ConfigError(f"sft.sources[{number}] must be a mapping with a 'format' (one of {list(FORMATS)})")
@@ -238,15 +244,15 @@ class SFTTrainer(Trainer):
             self.echo(f"sft.sources[{number}] ({source['format']}): {report.loaded} examples")
             if "weight" in source:
                 for task in {e.task for e in loaded}:
-                    self.mixture_weights[task] = float(source["weight"])
+                    weights[task] = float(source["weight"])
             examples.extend(loaded)
         if not examples:
             raise DataError("the SFT sources hold no examples")
-        return examples
+        return examples, weights
 
     def prepare_batches(self, tokenizer) -> SFTBatches:  # noqa: ANN001
         sft, train = self.recipe.sft, self.recipe.train
-        examples = self.load_examples()
+        examples, weights = self.load_examples()
         held_train, held_val = split_held_out(examples, sft.val_examples, train.seed)
         if not held_train:
             raise DataError("no SFT examples left for training after the held-out split")
@@ -270,11 +276,10 @@ class SFTTrainer(Trainer):
             full_at=sft.pacing_full_at,
             steps=sft.pacing_steps,
             anti=sft.anti_curriculum,
-            weights=self.mixture_weights or None,
+            weights=weights or None,
             temperature=sft.mixture_temperature,
             seed=train.seed,
         )
-        self.held_out = held_val
         return SFTBatches(
             train=encoded,
             val=val,
@@ -287,6 +292,8 @@ class SFTTrainer(Trainer):
             batching=sft.batching,
             bucket_batches=sft.bucket_batches,
             eval_batches=train.eval_batches,
+            tokenizer=tokenizer if sft.eval_exact_match else None,
+            chat_template=template,
             max_new_tokens=sft.max_new_tokens,
         )
 
@@ -294,20 +301,13 @@ class SFTTrainer(Trainer):
     def pad_id(tokenizer) -> int:  # noqa: ANN001
         return tokenizer.token_to_id(PAD) if tokenizer.token_to_id(PAD) is not None else special_id(tokenizer, EOS)
 
-    def evaluate(self, model: MoELM, batches: SFTBatches) -> dict[str, float]:  # type: ignore[override]
-        from moelm.infer.text import TextGenerator
-
-        if self.recipe.sft.eval_exact_match and batches.generator is None:
-            batches.generator = TextGenerator(model, load_tokenizer_file(self.tokenizer_file), self.chat_template())
-        return super().evaluate(model, batches)
-
     def print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
         """Greedy replies to the first held-out conversations, <think> included."""
         from moelm.infer.text import TextGenerator
 
         was_training = model.training
         generator = TextGenerator(model.eval(), tokenizer, self.chat_template(), skip_special_tokens=False)
-        for example in getattr(self, "held_out", [])[:2]:
+        for example in self.batches.val_examples[:2]:
             prompt = generator.chat_prompt(example.messages[:-1])
             reply = generator.generate([prompt], self.recipe.sft.max_new_tokens)[0]
             self.echo(f"--- sample ({example.task}) ---\n{prompt}{reply}")

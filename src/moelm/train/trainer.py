@@ -1,33 +1,33 @@
-"""The pre-training loop: deterministic data order, AdamW with warmup + cosine or WSD, accumulation, clipping,
-non-finite step skipping, balancing-bias hook, metrics, held-out perplexity, atomic checkpoints, exact resume.
+"""The training loop as a loop over steps: deterministic data order, AdamW with warmup + cosine or WSD,
+accumulation, clipping, non-finite step skipping, balancing-bias hook, metrics, held-out evaluation, atomic
+checkpoints, exact resume.
 
-The trainer knows nothing of MoE internals: it sums the loss the model returns (LM + MTP + balance losses),
-logs the routing telemetry, and lets the BiasBalancer update biases after each optimizer step. Resuming restores
-weights, optimizer state, RNG state, schedule position and data cursor, so an interrupted run that resumes ends
-with bitwise the same weights as one that never stopped.
+`Trainer.setup` builds (or restores) everything; `train_step(micro_batches)` is one optimizer step that any
+caller (pre-training, SFT, GRPO, a distributed trainer) can drive with its own batches and loss; `run` is the
+loop that adds evaluation, logging, checkpointing and stopping on a signal. The trainer knows nothing of MoE
+internals: it sums the loss the model returns (LM + MTP + balance losses), logs the routing telemetry, and lets
+the BiasBalancer update biases after each optimizer step. Resuming restores weights, optimizer state, RNG state,
+schedule position and data cursor (`TrainState`), so an interrupted run that resumes ends with bitwise the same
+weights as one that never stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
-from moelm.data.fim import apply_fim
-from moelm.data.packing import batch_inputs, pack_documents_to_files
-from moelm.data.sources import DataError, iter_documents
+from moelm.data.pretraining import CorpusSpec, packed_batches
+from moelm.data.sources import iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
 from moelm.files import atomic_write_text
 from moelm.model.transformer import MoELM
@@ -116,7 +116,8 @@ class BatchSource(Protocol):
     """What the training loop needs from a data pipeline (pre-training rows, SFT conversations, ...).
 
     `train_batch(index)` returns micro-batch number `index` (model inputs and batch metrics such as the token
-    count) as a pure function of the index, so a resume at any index sees the same data.
+    count) as a pure function of the index, so a resume at any index sees the same data. `evaluate(model)`
+    returns held-out metrics.
     """
 
     def train_batch(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
@@ -124,52 +125,32 @@ class BatchSource(Protocol):
     def evaluate(self, model: MoELM) -> dict[str, float]: ...
 
 
+MicroBatch = tuple[dict[str, torch.Tensor], dict[str, float]]  # model inputs, batch metrics ("tokens" required)
+# (model, inputs) -> (loss to backpropagate, metrics to average, routing for the balancer / telemetry)
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], dict]]
+
+
 @dataclass
-class PackedBatches:
-    """Tokenised, packed train and validation rows, served in a seeded per-epoch order."""
+class TrainState:
+    """Where a run stands: what a checkpoint must hold besides weights, optimizer and RNG."""
 
-    train_tokens: np.ndarray
-    train_docs: np.ndarray
-    val_tokens: np.ndarray
-    val_docs: np.ndarray
-    batch_size: int
-    seed: int
-    eval_batches: int
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    cursor: int = 0  # next micro-batch index
+    skipped: int = 0  # non-finite steps skipped so far
+    consecutive_skipped: int = 0  # in a row, up to now (not persisted: a resumed run starts afresh)
 
-    def train_batch(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        rows = self.batch_rows(index * self.batch_size, self.batch_size)
-        tokens = self.train_tokens[rows]
-        return batch_inputs(tokens, self.train_docs[rows]), {"tokens": float(tokens.size)}
+    def to_checkpoint(self) -> dict[str, int]:
+        return {"step": self.step, "cursor": self.cursor, "skipped": self.skipped}
 
-    def batch_rows(self, cursor: int, count: int) -> np.ndarray:
-        """Row indices for samples cursor..cursor+count: a fresh seeded permutation every epoch."""
-        n_rows = len(self.train_tokens)
-        rows = []
-        for sample in range(cursor, cursor + count):
-            epoch, offset = divmod(sample, n_rows)
-            rows.append(self._epoch_order(epoch, n_rows)[offset])
-        return np.asarray(rows)
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> TrainState:
+        return cls(step=int(state["step"]), cursor=int(state["cursor"]), skipped=int(state["skipped"]))
 
-    def _epoch_order(self, epoch: int, n_rows: int) -> np.ndarray:
-        """The epoch's row permutation, drawn once (a function of seed and epoch only, so resume-safe)."""
-        cached = getattr(self, "_order", None)
-        if cached is None or cached[0] != (epoch, n_rows):
-            order = np.random.default_rng(self.seed * 1_000_003 + epoch).permutation(n_rows)
-            self._order = cached = ((epoch, n_rows), order)
-        return cached[1]
 
-    @torch.no_grad()
-    def evaluate(self, model: MoELM) -> dict[str, float]:
-        """Held-out LM loss and perplexity over the validation rows (or a few batches of them)."""
-        if len(self.val_tokens) == 0:
-            return {}
-        losses = []
-        size = self.batch_size
-        for first in range(0, min(len(self.val_tokens), size * self.eval_batches), size):
-            rows = slice(first, first + size)
-            losses.append(model(**batch_inputs(self.val_tokens[rows], self.val_docs[rows])).lm_loss.item())
-        loss = sum(losses) / len(losses)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+def language_model_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
+    """The default loss: what the model returns for labelled inputs (LM + MTP + balance losses)."""
+    out = model(**inputs)
+    return out.loss, _loss_values(out), out.routing
 
 
 @dataclass
@@ -185,7 +166,7 @@ class Trainer:
         self.out_dir = Path(self.out_dir)
         self.tokenizer_file = self.out_dir / "tokenizer.json"
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ parts a subclass may swap
     def prepare_tokenizer(self):  # noqa: ANN201 - tokenizers.Tokenizer
         """Reuse OUT/tokenizer.json, else the recipe's tokenizer, else train one on the corpus."""
         data = self.recipe.data
@@ -206,66 +187,18 @@ class Trainer:
         tokenizer.save(str(self.tokenizer_file))
         return tokenizer
 
-    def _cache_key(self, tokenizer) -> str:  # noqa: ANN001
-        """What the packed arrays depend on: source (and its size/mtime), tokenizer, packing options."""
-        data = self.recipe.data
-        source = Path(data.source)
-        stamp = [source.stat().st_size, source.stat().st_mtime_ns] if source.is_file() else None
-        parts = [data.source, stamp, data.text_field, data.builtin_records, data.seq_len, data.fim_rate]
-        parts += [self.recipe.train.seed, tokenizer.to_str()]
-        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
     def prepare_batches(self, tokenizer) -> BatchSource:  # noqa: ANN001
-        """Tokenise and pack once into OUT/cache (memory-mapped .npy); later runs and resumes reuse it."""
-        data = self.recipe.data
-        cache = self.out_dir / "cache"
-        key = self._cache_key(tokenizer)
-        tokens_file, docs_file = cache / f"{key}-tokens.npy", cache / f"{key}-docs.npy"
-        if not (tokens_file.is_file() and docs_file.is_file()):
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp_tokens, tmp_docs = tokens_file.with_suffix(".tmp.npy"), docs_file.with_suffix(".tmp.npy")
-            self._tokenise_and_pack(tokenizer, tmp_tokens, tmp_docs)
-            tmp_docs.replace(docs_file)
-            tmp_tokens.replace(tokens_file)
-        tokens, doc_ids = np.load(tokens_file, mmap_mode="r"), np.load(docs_file, mmap_mode="r")
-        n_val = int(len(tokens) * data.val_fraction)
-        if len(tokens) - n_val < self.recipe.train.batch_size:
-            raise DataError(
-                f"data source {data.source!r} packs into {len(tokens) - n_val} training sequences of "
-                f"{data.seq_len} tokens, fewer than train.batch_size={self.recipe.train.batch_size}"
-            )
-        split = len(tokens) - n_val
-        train = self.recipe.train
-        return PackedBatches(
-            tokens[:split],
-            doc_ids[:split],
-            tokens[split:],
-            doc_ids[split:],
-            train.batch_size,
-            train.seed,
-            train.eval_batches,
+        """Packed pre-training rows, tokenised once into OUT/cache."""
+        data, train = self.recipe.data, self.recipe.train
+        corpus = CorpusSpec(data.source, data.text_field, data.builtin_records, data.seq_len, data.fim_rate, train.seed)
+        return packed_batches(
+            corpus, tokenizer, self.out_dir / "cache", data.val_fraction, train.batch_size, train.eval_batches
         )
-
-    def _tokenise_and_pack(self, tokenizer, tokens_file: Path, docs_file: Path) -> None:  # noqa: ANN001
-        """Stream documents through the tokenizer in chunks and pack them to disk: memory stays bounded."""
-        data = self.recipe.data
-        docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
-        docs = apply_fim(docs, data.fim_rate, self.recipe.train.seed)
-
-        def encoded() -> Iterator[list[int]]:
-            while chunk := list(itertools.islice(docs, 1024)):
-                yield from (enc.ids for enc in tokenizer.encode_batch(chunk))
-
-        try:
-            pack_documents_to_files(encoded(), data.seq_len, special_id(tokenizer, EOS), tokens_file, docs_file)
-        except ValueError as error:
-            raise DataError(f"data source {data.source!r}: {error}") from None
 
     def chat_template(self) -> str:
         """The chat template saved with the final model (fine-tuning keeps its base model's)."""
         return DEFAULT_CHAT_TEMPLATE
 
-    # ------------------------------------------------------------------ run
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
         config = self.recipe.model.replace(
             vocab_size=tokenizer.get_vocab_size(),
@@ -276,6 +209,7 @@ class Trainer:
         torch.manual_seed(self.recipe.train.seed)
         return MoELM(config)
 
+    # ------------------------------------------------------------------ run
     def run(self, resume: bool = False, overwrite: bool = False) -> MoELM:
         """Train to train.max_steps, save OUT/model, print samples; returns the trained model.
 
@@ -284,124 +218,166 @@ class Trainer:
         """
         claim_output_dir(self.out_dir, resume, overwrite)
         with StopOnSignal() as stop:
-            return self._run(resume, stop)
+            self.setup(resume)
+            train = self.recipe.train
+            progress = _Progress(train.max_steps, self.state.step, self.recipe.log.progress)
+            while self.state.step < train.max_steps:
+                if stop.requested is not None:
+                    progress.close()
+                    self._stop(stop.requested)
+                micro_batches = [self.batches.train_batch(self.state.cursor + i) for i in range(train.grad_accum)]
+                self.state.cursor += train.grad_accum
+                record = self.train_step(micro_batches)
+                if record is not None:
+                    self.after_step(record)
+                    progress(self.state.step, record)
+            return self.finish()
 
-    def _run(self, resume: bool, stop: StopOnSignal) -> MoELM:
+    def setup(self, resume: bool = False) -> None:
+        """Tokenizer, batches, model, optimizer, balancer and state: fresh, or restored from the newest intact
+        checkpoint when `resume`."""
         recipe, train = self.recipe, self.recipe.train
         if train.reuse_freed_memory:
             reuse_freed_memory()
-        tokenizer = self.prepare_tokenizer()
-        batches = self.prepare_batches(tokenizer)
-        model = self.build_model(tokenizer).train()
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
+        self.tokenizer = self.prepare_tokenizer()
+        self.batches = self.prepare_batches(self.tokenizer)
+        self.model = self.build_model(self.tokenizer).train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
             lr=recipe.optim.lr,
             betas=(recipe.optim.beta1, recipe.optim.beta2),
             weight_decay=recipe.optim.weight_decay,
             fused=True,
         )
-        balancer = None
-        if model.config.bias_update_rate > 0:
-            balancer = BiasBalancer(model, model.config.bias_update_rate, model.config.bias_update_centered)
-            balancer.register(optimizer)
-        step, cursor, skipped_total = 0, 0, 0
-        latest = load_latest(self.out_dir, warn=_warn) if resume else None
-        if latest is not None:
-            path, state = latest
-            model.load_state_dict(MoELM.from_pretrained(path / "model").state_dict())
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            step, cursor, skipped_total = state["step"], state["cursor"], state["skipped"]
-            self._truncate_metrics(step)
-            self.echo(f"resumed from {path} at step {step}")
-        elif resume:
+        self.balancer = None
+        if self.model.config.bias_update_rate > 0:
+            config = self.model.config
+            self.balancer = BiasBalancer(self.model, config.bias_update_rate, config.bias_update_centered)
+            self.balancer.register(self.optimizer)
+        self.state = TrainState()
+        self.saved_step: int | None = None
+        if resume:
+            self._resume()
+        atomic_write_text(self.out_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
+        self.peak_flops = measured_peak_flops()
+        self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
+        self.monitor = CollapseMonitor()
+        self.forward = torch.compile(self.model) if train.compile else self.model
+
+    def _resume(self) -> None:
+        latest = load_latest(self.out_dir, warn=_warn)
+        if latest is None:
             self.echo("no checkpoint to resume from; starting fresh")
             self._truncate_metrics(0)
-        (self.out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
-        peak = measured_peak_flops()
-        per_token = flops_per_token(model, recipe.data.seq_len)
-        monitor = CollapseMonitor()
-        consecutive = 0
-        progress = _Progress(train.max_steps, step, recipe.log.progress)
-        forward = torch.compile(model) if train.compile else model
-        device_type = model.embed_tokens.weight.device.type
-        autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=train.dtype == "bfloat16")
-        saved_step = step if latest is not None else None
-        while step < train.max_steps:
-            if stop.requested is not None:
-                if step != saved_step and step > 0:
-                    self._save(step, model, optimizer, cursor, skipped_total)
-                    saved_step = step
-                progress.close()
-                checkpoint = self.out_dir / "checkpoints" / f"step-{saved_step}" if saved_step is not None else None
-                raise TrainingInterrupted(step, stop.requested, str(checkpoint) if checkpoint else None)
-            start = time.perf_counter()
-            lr = learning_rate(step, recipe)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            totals: dict[str, float] = {}
-            tokens = 0.0
-            for _ in range(train.grad_accum):
-                inputs, batch_metrics = batches.train_batch(cursor)
-                cursor += 1
-                tokens += batch_metrics.pop("tokens")
-                with autocast:
-                    out = forward(**inputs)
-                (out.loss / train.grad_accum).backward()
-                if balancer is not None:
-                    balancer.observe(out.routing)
-                for name, value in {**_loss_values(out), **batch_metrics}.items():
-                    totals[name] = totals.get(name, 0.0) + value / train.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if balancer is not None:
-                    balancer.counts = {}
-                consecutive += 1
-                skipped_total += 1
-                self.echo(f"step {step}: non-finite loss or gradient, step skipped ({consecutive} in a row)")
-                if consecutive >= train.max_skipped:
-                    self._save(step, model, optimizer, cursor, skipped_total)
-                    raise TrainingError(
-                        f"{consecutive} consecutive non-finite steps at step {step}; checkpoint saved in "
-                        f"{self.out_dir / 'checkpoints'} (lower optim.lr or check the data)"
-                    )
-                step += 1
-                continue
-            consecutive = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            monitor.update(out.routing)
-            elapsed = time.perf_counter() - start
-            tokens_per_s = tokens / elapsed
-            record = {
-                "step": step,
-                **totals,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens_per_s,
-                "mfu": tokens_per_s * per_token / peak,
-                "skipped_steps": skipped_total,
-            }
-            if step % train.eval_every == 0 or step == train.max_steps:
-                record.update(self.evaluate(model, batches))
-                if step < train.max_steps:
-                    self.print_samples(model, tokenizer)
-            if step % train.log_every == 0 or step == train.max_steps or step % train.eval_every == 0:
-                # Router telemetry costs a host read per layer: gathered only for the steps that are written.
-                record.update(routing_metrics(out.routing, model, per_expert=False))
-                self._log(record)
-            progress(step, record)
-            if step % train.save_every == 0 or step == train.max_steps:
-                self._save(step, model, optimizer, cursor, skipped_total)
-                saved_step = step
-        model.eval()
+            return
+        path, state = latest
+        self.model.load_state_dict(MoELM.from_pretrained(path / "model").state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.state = TrainState.from_checkpoint(state)
+        self.saved_step = self.state.step
+        self._truncate_metrics(self.state.step)
+        self.echo(f"resumed from {path} at step {self.state.step}")
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn = language_model_loss) -> dict | None:
+        """One optimizer step over the micro-batches (gradients accumulated, then clipped).
+
+        Returns the step's metrics, or None when the loss or gradient was not finite: then the step is skipped
+        and counted (`TrainState.skipped`), and training stops with a checkpoint after train.max_skipped in a row.
+        """
+        recipe, state = self.recipe, self.state
+        start = time.perf_counter()
+        lr = learning_rate(state.step, recipe)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        tokens = 0.0
+        autocast = torch.autocast(
+            self.model.embed_tokens.weight.device.type,
+            dtype=torch.bfloat16,
+            enabled=recipe.train.dtype == "bfloat16",
+        )
+        routing: dict = {}
+        for inputs, batch_metrics in micro_batches:
+            batch_metrics = dict(batch_metrics)
+            tokens += batch_metrics.pop("tokens")
+            with autocast:
+                loss, loss_metrics, routing = loss_fn(self.forward, inputs)
+            (loss / len(micro_batches)).backward()
+            if self.balancer is not None:
+                self.balancer.observe(routing)
+            for name, value in {**loss_metrics, **batch_metrics}.items():
+                totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
+        if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
+            self._skip_non_finite()
+            return None
+        state.consecutive_skipped = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.monitor.update(routing)
+        self.last_routing = routing
+        tokens_per_s = tokens / (time.perf_counter() - start)
+        return {
+            "step": state.step,
+            **totals,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "skipped_steps": state.skipped,
+        }
+
+    def _skip_non_finite(self) -> None:
+        """Drop the step's gradients and balancer counts; stop with a checkpoint after too many in a row."""
+        state = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.balancer is not None:
+            self.balancer.counts = {}
+        state.consecutive_skipped += 1
+        state.skipped += 1
+        self.echo(
+            f"step {state.step}: non-finite loss or gradient, step skipped ({state.consecutive_skipped} in a row)"
+        )
+        if state.consecutive_skipped >= self.recipe.train.max_skipped:
+            self.save()
+            raise TrainingError(
+                f"{state.consecutive_skipped} consecutive non-finite steps at step {state.step}; checkpoint saved "
+                f"in {self.out_dir / 'checkpoints'} (lower optim.lr or check the data)"
+            )
+        state.step += 1
+
+    def after_step(self, record: dict[str, float]) -> None:
+        """Evaluation, samples, metrics and checkpoints that fall on this step."""
+        train, step = self.recipe.train, self.state.step
+        if step % train.eval_every == 0 or step == train.max_steps:
+            record.update(self.evaluate(self.model, self.batches))
+            if step < train.max_steps:
+                self.print_samples(self.model, self.tokenizer)
+        if step % train.log_every == 0 or step == train.max_steps or step % train.eval_every == 0:
+            # Router telemetry costs a host read per layer: gathered only for the steps that are written.
+            record.update(routing_metrics(self.last_routing, self.model, per_expert=False))
+            self._log(record)
+        if step % train.save_every == 0 or step == train.max_steps:
+            self.save()
+
+    def finish(self) -> MoELM:
+        """Save OUT/model (weights, tokenizer, chat template) and print the final samples."""
+        model = self.model.eval()
         model.save_pretrained(self.out_dir / "model")
-        tokenizer.save(str(self.out_dir / "model" / "tokenizer.json"))
+        self.tokenizer.save(str(self.out_dir / "model" / "tokenizer.json"))
         save_chat_template(self.out_dir / "model", self.chat_template())
-        self.print_samples(model, tokenizer)
+        self.print_samples(model, self.tokenizer)
         return model
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoint the last finished step (unless it is saved already) and raise TrainingInterrupted."""
+        step = self.state.step
+        if step != self.saved_step and step > 0:
+            self.save()
+        checkpoint = self.out_dir / "checkpoints" / f"step-{self.saved_step}" if self.saved_step is not None else None
+        raise TrainingInterrupted(step, signum, str(checkpoint) if checkpoint else None)
 
     def evaluate(self, model: MoELM, batches: BatchSource) -> dict[str, float]:
         """The data's held-out metrics, computed in eval mode (no noise, eval capacity)."""
@@ -423,15 +399,17 @@ class Trainer:
         model.train(was_training)
 
     # ------------------------------------------------------------------ io
-    def _save(self, step: int, model: MoELM, optimizer, cursor: int, skipped: int) -> None:  # noqa: ANN001
+    def save(self) -> None:
+        """A checkpoint of the current step: weights, optimizer, RNG and TrainState."""
         state = {
-            "step": step,
-            "cursor": cursor,
-            "skipped": skipped,
-            "optimizer": optimizer.state_dict(),
+            **self.state.to_checkpoint(),
+            "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        save_checkpoint(self.out_dir, step, model, state, self.tokenizer_file, self.recipe.train.keep_last)
+        save_checkpoint(
+            self.out_dir, self.state.step, self.model, state, self.tokenizer_file, self.recipe.train.keep_last
+        )
+        self.saved_step = self.state.step
 
     def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
