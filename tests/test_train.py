@@ -142,3 +142,34 @@ def test_reused_memory_spares_each_step_the_page_faults_of_fresh_buffers():
     # Reused buffers fault only where the kernel reclaimed pages in between (2k-7k per step seen on this
     # machine, which runs a proactive reclaimer); without the tuning every page faults every step.
     assert tuned < default / 2
+
+
+def test_train_step_can_be_driven_with_other_batches_and_losses(tmp_path):
+    """GRPO and distributed training call train_step with their own micro-batches and loss."""
+    import torch
+
+    recipe = load_recipe(None, [*TINY_RUN, "train.max_steps=5", "train.max_skipped=2"])
+    trainer = Trainer(recipe, tmp_path, echo=lambda _: None)
+    trainer.setup()
+    ids = torch.randint(3, 200, (2, 16))
+    calls = []
+
+    def custom_loss(model, inputs):
+        calls.append(inputs["input_ids"].shape)
+        out = model(**inputs)
+        return out.lm_loss * 2, {"loss": out.lm_loss.item(), "custom": 1.0}, out.routing
+
+    before = trainer.model.lm_head.weight.detach().clone()
+    record = trainer.train_step([({"input_ids": ids, "labels": ids}, {"tokens": 32.0})] * 2, custom_loss)
+    assert record["step"] == 1 == trainer.state.step and record["custom"] == 1.0 and len(calls) == 2
+    assert not torch.equal(before, trainer.model.lm_head.weight)
+
+    def broken(model, inputs):
+        out = model(**inputs)
+        return out.loss * float("nan"), {"loss": float("nan")}, out.routing
+
+    assert trainer.train_step([({"input_ids": ids, "labels": ids}, {"tokens": 32.0})], broken) is None
+    assert trainer.state.skipped == 1 and trainer.state.step == 2
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite steps"):
+        trainer.train_step([({"input_ids": ids, "labels": ids}, {"tokens": 32.0})], broken)
+    assert (tmp_path / "checkpoints" / "step-2").is_dir()  # saved before giving up
