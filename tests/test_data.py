@@ -48,7 +48,7 @@ def test_tokenizer_has_special_tokens_first_and_round_trips_text():
 def test_jsonl_errors_name_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "fine"}\n{not json}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
         list(iter_documents(str(path)))
     path.write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:1: .*'text'"):

@@ -444,6 +444,14 @@ class ModelConfig:
         return cls.from_hf_dict(data)
 
 
+def check_values(owner: object, checks: list[tuple[str, bool, str]], prefix: str = "") -> None:
+    """The one validation helper: raise ConfigError for the first (field, ok, allowed) check that failed,
+    naming `prefix + field`, the owner's value of it and what is allowed."""
+    for name, ok, allowed in checks:
+        if not ok:
+            _fail(prefix + name, getattr(owner, name), allowed)
+
+
 def _one_line(error: Exception) -> str:
     """A YAML parser message (several lines with a caret) folded into one line."""
     return " ".join(str(error).split())

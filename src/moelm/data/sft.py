@@ -21,7 +21,7 @@ from typing import Any
 
 from moelm.data.builtin import DOMAINS, Record, builtin_corpus
 from moelm.data.chat import ChatFormatError, validate_messages
-from moelm.data.sources import DataError
+from moelm.data.sources import DataError, jsonl_records
 
 FORMATS = ("jsonl", "gsm8k", "mbpp", "bbh", "mmlu", "builtin")
 
@@ -53,14 +53,7 @@ def _chat(prompt: str, response: str, reasoning: str | None = None, system: str 
 def _jsonl_rows(path: Path, report: LoadReport, strict: bool) -> Iterable[tuple[int, Any]]:
     if not path.is_file():
         raise DataError(f"SFT data file {path} not found")
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as error:
-                _reject(report, strict, f"{path}:{line_no}: invalid JSON ({error.msg})")
+    yield from jsonl_records(path, lambda message: _reject(report, strict, message))
 
 
 def _reject(report: LoadReport, strict: bool, reason: str) -> None:

@@ -6,9 +6,11 @@ Each source yields documents (strings). Malformed input is reported with file an
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from moelm.data.builtin import builtin_corpus
 
@@ -26,19 +28,35 @@ def iter_text_files(path: Path) -> Iterator[str]:
             yield text
 
 
-def iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
-    """One document per JSON line, taken from `field`."""
-    with open(path, encoding="utf-8") as handle:
+def jsonl_records(path: str | Path, on_bad_line: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSON Lines file (gzip-compressed when it ends in .gz).
+
+    A line that is not JSON is reported as "path:N: invalid JSON (...)": raised as DataError, or passed to
+    `on_bad_line` (which may collect it and let reading go on). The one JSONL reader of the package.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field {field!r}")
-            yield record[field]
+                message = f"{path}:{number}: invalid JSON ({error.msg})"
+                if on_bad_line is None:
+                    raise DataError(message) from None
+                on_bad_line(message)
+
+
+def iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
+    """One document per JSON line, taken from `field`."""
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{path}:{number}: expected an object with a string field {field!r}")
+        yield record[field]
 
 
 def iter_parquet(path: Path, field: str = "text") -> Iterator[str]:

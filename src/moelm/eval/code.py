@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moelm.data.sft import mbpp_prompt as task_statement  # one MBPP wording for SFT and evaluation
 from moelm.eval.common import EvalSettings, TaskResult, limited, read_jsonl, require
 from moelm.eval.lm import EvalModel
 from moelm.eval.metrics import pass_at_k
@@ -58,11 +59,7 @@ def mbpp_program(problem: dict[str, Any], completion: str) -> str:
 
 def mbpp_prompt(problem: dict[str, Any], shots: list[dict[str, Any]]) -> str:
     def block(p: dict[str, Any]) -> str:
-        tests = "\n".join(p["test_list"])
-        return (
-            f"You are an expert Python programmer, and here is your task: {p['text']} "
-            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
-        )
+        return task_statement(p["text"], p["test_list"]) + "[BEGIN]\n"
 
     context = "".join(f"{block(s)}{s['code'].strip()}\n[DONE]\n\n" for s in shots)
     return context + block(problem)

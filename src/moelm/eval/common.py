@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moelm.data.sources import DataError
+from moelm.config import check_values
+from moelm.data.sources import DataError, jsonl_records
 
 
 @dataclass
@@ -31,9 +30,7 @@ class EvalSettings:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens > 0, "a positive integer"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {allowed}")
+        check_values(self, checks)
 
 
 @dataclass
@@ -52,17 +49,9 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
-    return rows
+def read_jsonl(path: Path) -> list[Any]:
+    """Every record of a JSONL file (gzip when .gz); a bad line is a DataError naming file and line."""
+    return [record for _, record in jsonl_records(path)]
 
 
 def limited(items: list, limit: int | None) -> list:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import moelm
+from moelm.files import atomic_path
 from moelm.model.cache import KVCache
 from moelm.model.transformer import MoELM
 
@@ -170,12 +171,10 @@ class AotDecodeStep:
             )
         self.built += 1
         if cached is not None:
-            partial = cached.with_name(f".{cached.stem}.{os.getpid()}.partial.pt2")
-            try:  # written under a temporary name, then renamed: readers never see half a package
-                shutil.copyfile(path, partial)
-                os.replace(partial, cached)
+            try:  # readers never see half a package
+                with atomic_path(cached) as partial:
+                    shutil.copyfile(path, partial)
             except OSError as error:  # a full or read-only disk: this process still has its package
-                partial.unlink(missing_ok=True)
                 warnings.warn(f"decode package not cached in {cached.parent}: {error}", stacklevel=2)
         return self._load(Path(path))
 

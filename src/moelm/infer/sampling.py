@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moelm.config import check_values
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,9 +28,7 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p < 1, "a number in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1 = off)"),
         ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be {allowed}")
+        check_values(self, checks)
 
     @property
     def greedy(self) -> bool:
