@@ -350,11 +350,19 @@ def test_decode_package_key_depends_on_architecture_and_shapes_not_on_weights(mo
     config = tiny_config()
     model = MoELM(config).eval()
     cache = KVCache(config, 1, 64)
-    inputs = (torch.zeros(1, 1, dtype=torch.long), cache.first, cache.second, cache.valid, cache.next_position)
+    inputs = (
+        torch.zeros(1, 1, dtype=torch.long),
+        cache.latent_or_keys,
+        cache.rope_key_or_values,
+        cache.valid,
+        cache.next_position,
+    )
     key = package_key(model, inputs)
     assert key == package_key(MoELM(config).eval(), inputs)  # other weights, same package
     wider = KVCache(config, 1, 128)
-    assert key != package_key(model, inputs[:1] + (wider.first, wider.second, wider.valid, wider.next_position))
+    assert key != package_key(
+        model, inputs[:1] + (wider.latent_or_keys, wider.rope_key_or_values, wider.valid, wider.next_position)
+    )
     assert key != package_key(MoELM(tiny_config(n_routed_experts=4, n_group=1)).eval(), inputs)
     assert key != package_key(MoELM(config).eval().to(torch.bfloat16), inputs)
     threads = torch.get_num_threads()

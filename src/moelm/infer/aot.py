@@ -44,12 +44,12 @@ class _DecodeStep(nn.Module):
     def forward(
         self,
         input_ids_B1: torch.Tensor,
-        first: torch.Tensor,
-        second: torch.Tensor,
+        latent_or_keys: torch.Tensor,
+        rope_key_or_values: torch.Tensor,
         valid: torch.Tensor,
         next_position: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cache = KVCache.from_tensors(self.model.config, first, second, valid, next_position)
+        cache = KVCache.from_tensors(self.model.config, latent_or_keys, rope_key_or_values, valid, next_position)
         return self.model.decode_logits(input_ids_B1, cache)
 
 
@@ -144,7 +144,7 @@ class AotDecodeStep:
         if self._weights_replaced():  # the loaded packages point at the old tensors
             self.runners.clear()
             self._snapshot = self._take_snapshot()
-        tensors = (input_ids_B1, cache.first, cache.second, cache.valid, cache.next_position)
+        tensors = (input_ids_B1, *cache.tensors())
         key = tuple(dim for tensor in tensors for dim in tensor.shape)
         runner = self.runners.get(key)
         if runner is None:

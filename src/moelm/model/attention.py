@@ -103,12 +103,14 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin)
         if cache is not None:
             end = start + x_BTH.shape[1]
-            cache.first[layer, :, start:end] = latent
-            cache.second[layer, :, start:end] = k_pe.squeeze(2)
+            cache.latent_or_keys[layer, :, start:end] = latent
+            cache.rope_key_or_values[layer, :, start:end] = k_pe.squeeze(2)
             if absorb or (absorb is None and start > 0):
-                return self._absorbed(q_nope, q_pe, cache.first[layer, :, :end], cache.second[layer, :, :end], mask)
-            latent = cache.first[layer, :, :end]
-            k_pe = cache.second[layer, :, :end].unsqueeze(2)
+                return self._absorbed(
+                    q_nope, q_pe, cache.latent_or_keys[layer, :, :end], cache.rope_key_or_values[layer, :, :end], mask
+                )
+            latent = cache.latent_or_keys[layer, :, :end]
+            k_pe = cache.rope_key_or_values[layer, :, :end].unsqueeze(2)
         return self._expanded(q_nope, q_pe, latent, k_pe, mask)
 
     def decode(
@@ -217,10 +219,10 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(x_BTH).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if cache is not None:
             end = start + x_BTH.shape[1]
-            cache.first[layer, :, :, start:end] = k.transpose(1, 2)
-            cache.second[layer, :, :, start:end] = v.transpose(1, 2)
-            k = cache.first[layer, :, :, :end].transpose(1, 2)
-            v = cache.second[layer, :, :, :end].transpose(1, 2)
+            cache.latent_or_keys[layer, :, :, start:end] = k.transpose(1, 2)
+            cache.rope_key_or_values[layer, :, :, start:end] = v.transpose(1, 2)
+            k = cache.latent_or_keys[layer, :, :, :end].transpose(1, 2)
+            v = cache.rope_key_or_values[layer, :, :, :end].transpose(1, 2)
         repeats = self.num_heads // self.num_kv_heads
         if repeats > 1:
             k = k.repeat_interleave(repeats, dim=2)

@@ -18,7 +18,11 @@ class CacheCapacityError(ValueError):
 
 
 class KVCache:
-    """Per-layer cache tensors plus the slot bookkeeping shared by all layers."""
+    """Per-layer cache tensors plus the slot bookkeeping shared by all layers.
+
+    `latent_or_keys` holds MLA's normed latent c_KV [L, B, S, kv_lora_rank] or GQA's keys [L, B, Hkv, S, D];
+    `rope_key_or_values` holds MLA's rotated shared key [L, B, S, qk_rope_head_dim] or GQA's values.
+    """
 
     def __init__(
         self,
@@ -34,30 +38,38 @@ class KVCache:
         layers = config.num_hidden_layers + config.num_nextn_predict_layers
         if config.attention == "mla":
             # Only the normed latent c and the rotated shared key: kv_lora_rank + qk_rope_head_dim per token.
-            self.first = torch.zeros(layers, batch_size, capacity, config.kv_lora_rank, dtype=dtype, device=device)
-            self.second = torch.zeros(layers, batch_size, capacity, config.qk_rope_head_dim, dtype=dtype, device=device)
+            self.latent_or_keys = torch.zeros(
+                layers, batch_size, capacity, config.kv_lora_rank, dtype=dtype, device=device
+            )
+            self.rope_key_or_values = torch.zeros(
+                layers, batch_size, capacity, config.qk_rope_head_dim, dtype=dtype, device=device
+            )
         else:
             shape = (layers, batch_size, config.num_key_value_heads, capacity, config.gqa_head_dim)
-            self.first = torch.zeros(shape, dtype=dtype, device=device)
-            self.second = torch.zeros(shape, dtype=dtype, device=device)
+            self.latent_or_keys = torch.zeros(shape, dtype=dtype, device=device)
+            self.rope_key_or_values = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_next_position = 0  # host copy of next_position.max(), kept by reserve / claim_decode_slot
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent_or_keys, rope_key_or_values, valid, next_position): what a compiled decode step reads."""
+        return self.latent_or_keys, self.rope_key_or_values, self.valid, self.next_position
+
     @classmethod
     def from_tensors(
         cls,
         config: ModelConfig,
-        first: torch.Tensor,
-        second: torch.Tensor,
+        latent_or_keys: torch.Tensor,
+        rope_key_or_values: torch.Tensor,
         valid: torch.Tensor,
         next_position: torch.Tensor,
     ) -> KVCache:
         """A cache over existing tensors (no copy): how an exported decode step, which takes tensors only, hands
         them to `MoELM.decode_logits`. Host-side counters start empty; the step reads only the tensors."""
         cache = cls.__new__(cls)
-        cache.config, cache.first, cache.second = config, first, second
+        cache.config, cache.latent_or_keys, cache.rope_key_or_values = config, latent_or_keys, rope_key_or_values
         cache.valid, cache.next_position = valid, next_position
         cache.batch_size, cache.capacity = valid.shape
         cache.length, cache.max_next_position = 0, 0
@@ -67,10 +79,10 @@ class KVCache:
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers."""
         if self.config.attention == "mla":
-            per_slot = self.first[:, 0, 0].numel() + self.second[:, 0, 0].numel()
+            per_slot = self.latent_or_keys[:, 0, 0].numel() + self.rope_key_or_values[:, 0, 0].numel()
         else:
-            per_slot = self.first[:, 0, :, 0].numel() + self.second[:, 0, :, 0].numel()
-        return per_slot * self.first.element_size()
+            per_slot = self.latent_or_keys[:, 0, :, 0].numel() + self.rope_key_or_values[:, 0, :, 0].numel()
+        return per_slot * self.latent_or_keys.element_size()
 
     def reserve(self, token_mask_BT: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Claim slots for T new tokens; returns the first slot and the new tokens' positions [B, T]."""
@@ -103,16 +115,16 @@ class KVCache:
         self.length += 1
         return self.length - 1
 
-    def write_slot(self, slot: int, first_LB: torch.Tensor, second_LB: torch.Tensor) -> None:
+    def write_slot(self, slot: int, latent_or_keys_LB: torch.Tensor, rope_key_or_values_LB: torch.Tensor) -> None:
         """Store one token per sequence at `slot` for the first L layers (entries [L, B, ...]) and advance
         every sequence's position."""
-        layers = first_LB.shape[0]
+        layers = latent_or_keys_LB.shape[0]
         if self.config.attention == "mla":
-            self.first[:layers, :, slot] = first_LB
-            self.second[:layers, :, slot] = second_LB
+            self.latent_or_keys[:layers, :, slot] = latent_or_keys_LB
+            self.rope_key_or_values[:layers, :, slot] = rope_key_or_values_LB
         else:
-            self.first[:layers, :, :, slot] = first_LB
-            self.second[:layers, :, :, slot] = second_LB
+            self.latent_or_keys[:layers, :, :, slot] = latent_or_keys_LB
+            self.rope_key_or_values[:layers, :, :, slot] = rope_key_or_values_LB
         self.valid[:, slot] = True
         self.next_position += 1
         self.max_next_position += 1

@@ -21,7 +21,7 @@ from moelm.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from moelm.model.moe import MoE
 from moelm.model.router import Router, Routing
 
-# (input_ids [B, 1], cache) -> (logits [B, V], first entries [L, B, ...], second entries [L, B, ...])
+# (input_ids [B, 1], cache) -> (logits [B, V], the token's latent_or_keys and rope_key_or_values entries [L, B, ...])
 DecodeFn = Callable[[torch.Tensor, KVCache], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -91,7 +91,7 @@ class Block(nn.Module):
         """One fixed-shape decode step of this block (see MoELM.decode_logits): output and new cache entries."""
         layer = self.layer_idx
         attn_out, entries = self.self_attn.decode(
-            self.input_layernorm(x), cos, sin, cache.first[layer], cache.second[layer], mask
+            self.input_layernorm(x), cos, sin, cache.latent_or_keys[layer], cache.rope_key_or_values[layer], mask
         )
         x = x + attn_out
         hidden = self.post_attention_layernorm(x)
@@ -234,9 +234,9 @@ class MoELM(nn.Module):
         cos, sin = self.rotary(cache.next_position.unsqueeze(1), hidden.dtype)
         firsts, seconds = [], []
         for block in self.layers:
-            hidden, (first, second) = block.decode(hidden, cos, sin, mask, cache)
-            firsts.append(first)
-            seconds.append(second)
+            hidden, (latent_or_keys, rope_key_or_values) = block.decode(hidden, cos, sin, mask, cache)
+            firsts.append(latent_or_keys)
+            seconds.append(rope_key_or_values)
         logits = self.lm_head(self.norm(hidden[:, -1]))
         return logits, torch.stack(firsts), torch.stack(seconds)
 
