@@ -16,7 +16,7 @@ from moelm.model.layers import Linear, RMSNorm, apply_rope, softmax_scale
 
 
 def attend(
-    q_BhTd: torch.Tensor, k_BhTd: torch.Tensor, v_BhTe: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q_BNTd: torch.Tensor, k_BnTd: torch.Tensor, v_BnTe: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """Scaled dot-product attention, causal when no explicit mask is given.
 
@@ -24,15 +24,15 @@ def attend(
     widths, so values are zero-padded and the padding sliced off: 2.6-3.9x faster on CPU than the unfused math
     path that mismatched widths fall back to (benchmarks/attention_padding.py).
     """
-    value_dim = v_BhTe.shape[-1]
-    if value_dim != q_BhTd.shape[-1]:
-        v_BhTe = F.pad(v_BhTe, (0, q_BhTd.shape[-1] - value_dim))
+    value_dim = v_BnTe.shape[-1]
+    if value_dim != q_BNTd.shape[-1]:
+        v_BnTe = F.pad(v_BnTe, (0, q_BNTd.shape[-1] - value_dim))
     if mask is None:
         # Same lengths: causal. A lone decode query over a cache sees every key (callers mask otherwise).
-        causal = q_BhTd.shape[-2] == k_BhTd.shape[-2]
-        out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, is_causal=causal, scale=scale)
+        causal = q_BNTd.shape[-2] == k_BnTd.shape[-2]
+        out = F.scaled_dot_product_attention(q_BNTd, k_BnTd, v_BnTe, is_causal=causal, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTe, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q_BNTd, k_BnTd, v_BnTe, attn_mask=mask, scale=scale)
     return out[..., :value_dim]
 
 
@@ -118,7 +118,7 @@ class MultiHeadLatentAttention(nn.Module):
         x_B1H: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        latent_BSR: torch.Tensor,
+        latent_BSC: torch.Tensor,
         k_pe_BSr: torch.Tensor,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +132,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_pe = self.project_latent(x_B1H)
         q_pe = apply_rope(q_pe, cos, sin)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
-        out = self._absorbed(q_nope, q_pe, latent_BSR, k_pe_BSr, mask, own=(latent, k_pe))
+        out = self._absorbed(q_nope, q_pe, latent_BSC, k_pe_BSr, mask, own=(latent, k_pe))
         return out, (latent.squeeze(1), k_pe.squeeze(1))
 
     def _expanded(
@@ -153,9 +153,9 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _absorbed(
         self,
-        q_nope_BTHd: torch.Tensor,
-        q_pe_BTHr: torch.Tensor,
-        latent_BSR: torch.Tensor,
+        q_nope_BTNd: torch.Tensor,
+        q_pe_BTNr: torch.Tensor,
+        latent_BSC: torch.Tensor,
         k_pe_BSr: torch.Tensor,
         mask: torch.Tensor | None,
         own: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -166,24 +166,24 @@ class MultiHeadLatentAttention(nn.Module):
         own: a single query's own (latent [B, 1, R], rotated key [B, 1, r]) when they are not in the cache
         yet; scored as one extra, always visible, key."""
         w_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        w_uk_HdR, w_uv_HvR = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
-        q_latent_BHTR = torch.einsum("bthd,hdr->bhtr", q_nope_BTHd, w_uk_HdR)
-        q_pe_BHTr = q_pe_BTHr.transpose(1, 2)
-        scores = q_latent_BHTR @ latent_BSR.unsqueeze(1).transpose(-1, -2)
-        scores = scores + q_pe_BHTr @ k_pe_BSr.unsqueeze(1).transpose(-1, -2)
+        w_uk_NdC, w_uv_NvC = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
+        q_latent_BNTC = torch.einsum("bthd,hdr->bhtr", q_nope_BTNd, w_uk_NdC)
+        q_pe_BNTr = q_pe_BTNr.transpose(1, 2)
+        scores = q_latent_BNTC @ latent_BSC.unsqueeze(1).transpose(-1, -2)
+        scores = scores + q_pe_BNTr @ k_pe_BSr.unsqueeze(1).transpose(-1, -2)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         if own is not None:
-            own_latent_B1R, own_k_pe_B1r = own[0].unsqueeze(1), own[1].unsqueeze(1)
-            own_score = (q_latent_BHTR * own_latent_B1R).sum(-1, keepdim=True)
-            own_score = own_score + (q_pe_BHTr * own_k_pe_B1r).sum(-1, keepdim=True)
+            own_latent_B1C, own_k_pe_B1r = own[0].unsqueeze(1), own[1].unsqueeze(1)
+            own_score = (q_latent_BNTC * own_latent_B1C).sum(-1, keepdim=True)
+            own_score = own_score + (q_pe_BNTr * own_k_pe_B1r).sum(-1, keepdim=True)
             scores = torch.cat((scores, own_score), dim=-1)
-        probs = (scores.float() * self.scale).softmax(dim=-1).to(latent_BSR.dtype)
+        probs = (scores.float() * self.scale).softmax(dim=-1).to(latent_BSC.dtype)
         if own is None:
-            out_latent_BHTR = probs @ latent_BSR.unsqueeze(1)
+            out_latent_BNTC = probs @ latent_BSC.unsqueeze(1)
         else:
-            out_latent_BHTR = probs[..., :-1] @ latent_BSR.unsqueeze(1) + probs[..., -1:] * own_latent_B1R
-        out = torch.einsum("bhtr,hvr->bthv", out_latent_BHTR, w_uv_HvR)
+            out_latent_BNTC = probs[..., :-1] @ latent_BSC.unsqueeze(1) + probs[..., -1:] * own_latent_B1C
+        out = torch.einsum("bhtr,hvr->bthv", out_latent_BNTC, w_uv_NvC)
         return self.o_proj(out.flatten(2))
 
 
@@ -235,8 +235,8 @@ class GroupedQueryAttention(nn.Module):
         x_B1H: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        keys_BhSd: torch.Tensor,
-        values_BhSd: torch.Tensor,
+        keys_BnSd: torch.Tensor,
+        values_BnSd: torch.Tensor,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One token per sequence against a read-only cache (see MultiHeadLatentAttention.decode): the output
@@ -244,8 +244,8 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rope(self.q_proj(x_B1H).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
         k = apply_rope(self.k_proj(x_B1H).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x_B1H).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        k_all = torch.cat((keys_BhSd, k.transpose(1, 2)), dim=2)
-        v_all = torch.cat((values_BhSd, v.transpose(1, 2)), dim=2)
+        k_all = torch.cat((keys_BnSd, k.transpose(1, 2)), dim=2)
+        v_all = torch.cat((values_BnSd, v.transpose(1, 2)), dim=2)
         repeats = self.num_heads // self.num_kv_heads
         if repeats > 1:
             k_all = k_all.repeat_interleave(repeats, dim=1)

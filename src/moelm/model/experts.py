@@ -88,14 +88,14 @@ class RoutedExperts(nn.Module):
         """Every assignment as a matrix-vector product written as multiply + sum over the indexed weights, so a
         compiler fuses the indexing into the reduction (eagerly this would materialise the products)."""
         return self._per_assignment(
-            x_TH, expert_ids_TK, weights_TK, lambda w_RNK, x_RK: (w_RNK * x_RK[:, None]).sum(-1)
+            x_TH, expert_ids_TK, weights_TK, lambda w_RPQ, x_RQ: (w_RPQ * x_RQ[:, None]).sum(-1)
         )
 
     def _gathered(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
         """Decode of a token or two: gather the few chosen experts' weights and run one batched GEMM each
         way; cheaper than sorting and dispatching when there are fewer assignments than experts."""
         return self._per_assignment(
-            x_TH, expert_ids_TK, weights_TK, lambda w_RNK, x_RK: (x_RK[:, None] @ w_RNK.transpose(1, 2))[:, 0]
+            x_TH, expert_ids_TK, weights_TK, lambda w_RPQ, x_RQ: (x_RQ[:, None] @ w_RPQ.transpose(1, 2))[:, 0]
         )
 
     def _per_assignment(
@@ -106,7 +106,7 @@ class RoutedExperts(nn.Module):
         matvec: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """Each (token, expert) pair through its expert's weights, indexed per pair, then the weighted k-way sum;
-        `matvec(weights [R, N, K], rows [R, K]) -> [R, N]` decides how the products are computed."""
+        `matvec(weights [R, P, Q], rows [R, Q]) -> [R, P]` decides how the products are computed."""
         top_k = expert_ids_TK.shape[1]
         flat_ids = expert_ids_TK.flatten()
         rows_RH = x_TH.repeat_interleave(top_k, dim=0)
