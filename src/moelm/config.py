@@ -28,26 +28,12 @@ EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ROPE_TYPES = ("default", "yarn")
 HIDDEN_ACTS = ("silu",)
 
-# Fields that only moelm understands; HF export writes them under MOELM_CONFIG_KEY.
 CHECKPOINTING_MODES = ("none", "full", "moe")
-MOELM_ONLY_FIELDS = (
-    "scoring_func",
-    "attention",
-    "head_dim",
-    "expert_backend",
-    "mtp_loss_weight",
-    "aux_loss_alpha",
-    "seq_aux_loss_alpha",
-    "noisy_gating",
-    "importance_loss_coef",
-    "load_loss_coef",
-    "router_z_loss_coef",
-    "capacity_factor",
-    "eval_capacity_factor",
-    "bias_update_rate",
-    "bias_update_centered",
-    "activation_checkpointing",
-)
+
+
+def moelm_only(default: Any) -> Any:
+    """A field plain HF DeepseekV3 has no name for: saved under MOELM_CONFIG_KEY in config.json."""
+    return dataclasses.field(default=default, metadata={"moelm_only": True})
 
 
 class ConfigError(ValueError):
@@ -182,23 +168,25 @@ class ModelConfig:
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
     # moelm-only options
-    scoring_func: str = "sigmoid"
-    attention: str = "mla"
-    head_dim: int | None = None
-    expert_backend: str = "auto"
-    mtp_loss_weight: float = 0.3
+    scoring_func: str = moelm_only("sigmoid")
+    attention: str = moelm_only("mla")
+    head_dim: int | None = moelm_only(None)
+    expert_backend: str = moelm_only("auto")
+    mtp_loss_weight: float = moelm_only(0.3)
     # load balancing (references §2); a coefficient of 0 turns that mechanism off, all are combinable
-    aux_loss_alpha: float = 0.0  # Switch/GShard loss alpha * E * sum f_i P_i, per layer, averaged over layers
-    seq_aux_loss_alpha: float = 0.0  # DeepSeek-V3 complementary sequence-wise balance loss
-    noisy_gating: bool = False  # Shazeer 2017 learned-noise top-k gating (noise only in training)
-    importance_loss_coef: float = 0.0  # Shazeer importance loss w * CV(importance)^2
-    load_loss_coef: float = 0.0  # Shazeer load loss w * CV(smooth load)^2 (needs noisy_gating)
-    router_z_loss_coef: float = 0.0  # ST-MoE z-loss: mean logsumexp(logits)^2
-    capacity_factor: float | None = None  # training capacity; None = dropless
-    eval_capacity_factor: float | None = None  # capacity in eval mode; None = dropless
-    bias_update_rate: float = 0.0  # aux-loss-free balancing gamma (applied by BiasBalancer once per step)
-    bias_update_centered: bool = False  # subtract the mean bias update so the biases do not drift
-    activation_checkpointing: str = "none"  # none | full (whole blocks) | moe (expert FFNs only)
+    aux_loss_alpha: float = moelm_only(
+        0.0
+    )  # Switch/GShard loss alpha * E * sum f_i P_i, per layer, averaged over layers
+    seq_aux_loss_alpha: float = moelm_only(0.0)  # DeepSeek-V3 complementary sequence-wise balance loss
+    noisy_gating: bool = moelm_only(False)  # Shazeer 2017 learned-noise top-k gating (noise only in training)
+    importance_loss_coef: float = moelm_only(0.0)  # Shazeer importance loss w * CV(importance)^2
+    load_loss_coef: float = moelm_only(0.0)  # Shazeer load loss w * CV(smooth load)^2 (needs noisy_gating)
+    router_z_loss_coef: float = moelm_only(0.0)  # ST-MoE z-loss: mean logsumexp(logits)^2
+    capacity_factor: float | None = moelm_only(None)  # training capacity; None = dropless
+    eval_capacity_factor: float | None = moelm_only(None)  # capacity in eval mode; None = dropless
+    bias_update_rate: float = moelm_only(0.0)  # aux-loss-free balancing gamma (applied by BiasBalancer once per step)
+    bias_update_centered: bool = moelm_only(False)  # subtract the mean bias update so the biases do not drift
+    activation_checkpointing: str = moelm_only("none")  # none | full (whole blocks) | moe (expert FFNs only)
 
     def __post_init__(self) -> None:
         for name, value in coerce_fields(ModelConfig, self.__dict__).items():
@@ -450,6 +438,10 @@ def check_values(owner: object, checks: list[tuple[str, bool, str]], prefix: str
     for name, ok, allowed in checks:
         if not ok:
             _fail(prefix + name, getattr(owner, name), allowed)
+
+
+# Fields that only moelm understands, from their metadata; HF export writes them under MOELM_CONFIG_KEY.
+MOELM_ONLY_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("moelm_only"))
 
 
 def _one_line(error: Exception) -> str:
