@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,14 +26,15 @@ def copy_bandwidth(megabytes: int = 512) -> float:
     return 3 * 2 * src.numel() * 4 / (time.perf_counter() - start)
 
 
-def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each step, timed round-robin (one warm-up call each first).
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin (after `warmup` calls of each).
 
     A shared machine's speed drifts by tens of percent over a minute; timing the contestants in turn, round
     after round, exposes them to the same drift instead of giving one the fast minute and the other the slow one.
     """
-    for step in steps.values():
-        step()
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -38,6 +42,46 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) ->
             step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds of one call, and its result."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call of one step alone (for contests, use interleaved_medians)."""
+    return interleaved_medians({"step": fn}, repeats, warmup)["step"]
+
+
+def transformers_twin(model: torch.nn.Module, **load_kwargs: object) -> torch.nn.Module:
+    """transformers' DeepseekV3ForCausalLM with the same weights: saved by moelm, loaded by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        return AutoModelForCausalLM.from_pretrained(directory, **load_kwargs)
+
+
+def training_step(
+    model: torch.nn.Module, batches: Sequence[torch.Tensor], autocast: bool = False
+) -> Callable[[], None]:
+    """One forward + backward + fused AdamW step on the next batch (cycling), the same for every contestant."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch_stream = itertools.cycle(batches)
+
+    def step() -> None:
+        ids = next(batch_stream)
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def add_allocator_flag(parser: argparse.ArgumentParser) -> None:

@@ -16,22 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
 from collections.abc import Callable
 
 import torch
-from common import copy_bandwidth, interleaved_medians
+from common import copy_bandwidth, interleaved_medians, timed, transformers_twin
 
 from moelm import MoELM, load_config
 from moelm.infer import GenerationStats, compile_decode, generate
 from moelm.model.cache import KVCache
-
-
-def timed(fn) -> tuple[float, object]:  # noqa: ANN001
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def recorded(outputs: dict[str, torch.Tensor], name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -48,7 +40,6 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round)")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
 
     bandwidth = copy_bandwidth()
     results: dict[str, float] = {"copy_gb_s": bandwidth / 1e9}
@@ -60,12 +51,7 @@ def main() -> None:
         config = load_config(preset)
         torch.manual_seed(0)
         base = MoELM(config).eval()
-        with tempfile.TemporaryDirectory() as directory:
-            base.save_pretrained(directory)
-            hf_models = {
-                d: AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, d)).eval()
-                for d in args.dtypes.split(",")
-            }
+        hf_models = {d: transformers_twin(base, dtype=getattr(torch, d)).eval() for d in args.dtypes.split(",")}
         cache = KVCache(config, 1, 1)
         expanded = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
         results[f"{preset}_kv_bytes_per_token_mla"] = cache.bytes_per_token

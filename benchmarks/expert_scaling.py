@@ -2,7 +2,9 @@
 
 Total parameters grow with the expert count while active parameters stay fixed, so an ideal MoE step costs the
 same at every count. moelm and transformers' DeepseekV3ForCausalLM (same configs, same weights, grouped_mm
-experts) run a forward, backward and AdamW step on the same tokens in one process, timed in turn.
+experts) run a forward, backward and AdamW step on the same tokens in one process, all counts and both
+implementations timed in turn, round after round; `--reuse-freed-memory` applies `moelm pretrain`'s allocator
+setting to both.
 
     python benchmarks/expert_scaling.py [--experts 8,16,32,64 --top-k 4 --hidden 256 --intermediate 128]
 """
@@ -11,31 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from collections.abc import Callable
 
 import torch
-from common import add_allocator_flag, apply_allocator_flag, interleaved_medians
+from common import add_allocator_flag, apply_allocator_flag, interleaved_medians, training_step, transformers_twin
 
 from moelm import ModelConfig, MoELM
 
 
-def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + AdamW step (fused AdamW for both, as a trainer would)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def build(args: argparse.Namespace, experts: int) -> tuple[MoELM, torch.nn.Module]:
     """A moelm model and the transformers model loaded from its saved directory."""
-    from transformers import AutoModelForCausalLM
-
     config = ModelConfig(
         vocab_size=2048,
         hidden_size=args.hidden,
@@ -57,10 +43,7 @@ def build(args: argparse.Namespace, experts: int) -> tuple[MoELM, torch.nn.Modul
     )
     torch.manual_seed(0)
     ours = MoELM(config).train()
-    with tempfile.TemporaryDirectory() as directory:
-        ours.save_pretrained(directory)
-        theirs = AutoModelForCausalLM.from_pretrained(directory, experts_implementation="grouped_mm").train()
-    return ours, theirs
+    return ours, transformers_twin(ours, experts_implementation="grouped_mm").train()
 
 
 def main() -> None:
@@ -79,18 +62,19 @@ def main() -> None:
     ids = torch.randint(0, 2048, (args.batch, args.seq))
     counts = [int(e) for e in args.experts.split(",")]
     results: dict[str, float] = {}
+    models = {experts: build(args, experts) for experts in counts}
+    # Every (count, implementation) pair is timed in the same rounds, so a drift of the machine's speed between
+    # building the 8-expert and the 64-expert models cannot bend either implementation's scaling ratio.
+    steps = {}
+    for experts, (ours, theirs) in models.items():
+        steps[f"E{experts}_moelm_s"] = training_step(ours, [ids])
+        steps[f"E{experts}_hf_s"] = training_step(theirs, [ids])
+    results.update(interleaved_medians(steps, args.repeats))
     print(f"{'experts':>7} {'total M':>8} {'active M':>9} {'moelm s/step':>13} {'HF s/step':>10}")
-    for experts in counts:
-        ours, theirs = build(args, experts)
-        steps = {"ours": training_step(ours, ids), "hf": training_step(theirs, ids)}
-        seconds = interleaved_medians(steps, args.repeats)
-        t_ours, t_hf = seconds["ours"], seconds["hf"]
-        results[f"E{experts}_moelm_s"] = t_ours
-        results[f"E{experts}_hf_s"] = t_hf
+    for experts, (ours, _) in models.items():
         print(
             f"{experts:>7} {ours.num_parameters() / 1e6:>8.1f} {ours.num_active_parameters() / 1e6:>9.1f} "
-            f"{t_ours:>13.3f} {t_hf:>10.3f}",
-            flush=True,
+            f"{results[f'E{experts}_moelm_s']:>13.3f} {results[f'E{experts}_hf_s']:>10.3f}"
         )
     first, last = counts[0], counts[-1]
     results["moelm_scaling"] = results[f"E{last}_moelm_s"] / results[f"E{first}_moelm_s"]

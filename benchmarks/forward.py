@@ -11,39 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
-import time
 
 import torch
+from common import median_seconds, transformers_twin
 
 from moelm import MoELM, load_config
 
 
-def time_forward(model: torch.nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per forward call over `repeats` timed calls."""
+def time_forward(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds per forward call (two warm-up calls)."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(ids)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(ids)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_seconds(lambda: model(ids), repeats, warmup=2)
 
 
 def bench_preset(preset: str, dtype_name: str, batch: int, seq: int, repeats: int) -> dict[str, float]:
     """Tokens/s of both implementations for one preset and dtype, plus their max logit difference."""
-    from transformers import AutoModelForCausalLM
-
     dtype = getattr(torch, dtype_name)
     config = load_config(preset).replace(num_nextn_predict_layers=0)
     torch.manual_seed(0)
     ours = MoELM(config)
-    with tempfile.TemporaryDirectory() as directory:
-        ours.save_pretrained(directory)
-        theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+    theirs = transformers_twin(ours, dtype=dtype).eval()
     ours = ours.to(dtype).eval()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     with torch.inference_mode():

@@ -11,34 +11,13 @@ measured in this run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import json
-import tempfile
-from collections.abc import Callable
 
 import torch
-from common import add_allocator_flag, apply_allocator_flag, interleaved_medians
+from common import add_allocator_flag, apply_allocator_flag, interleaved_medians, training_step, transformers_twin
 
 from moelm import MoELM, load_config
 from moelm.train.trainer import flops_per_token, measured_peak_flops
-
-
-def training_step(model: torch.nn.Module, batches: list[torch.Tensor], autocast: bool) -> Callable[[], None]:
-    """One forward + backward + AdamW step (fused, the one-flag option for both) on the next batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch_stream = itertools.cycle(batches)
-
-    def step() -> None:
-        ids = next(batch_stream)
-        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -52,8 +31,6 @@ def main() -> None:
     add_allocator_flag(parser)
     args = parser.parse_args()
     apply_allocator_flag(args)
-    from transformers import AutoModelForCausalLM
-
     config = load_config(args.preset).replace(num_nextn_predict_layers=0)
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch, args.seq)
@@ -66,9 +43,7 @@ def main() -> None:
         autocast = mode == "bf16-autocast"
         torch.manual_seed(0)
         ours = MoELM(config).train()
-        with tempfile.TemporaryDirectory() as directory:
-            ours.save_pretrained(directory)
-            theirs = AutoModelForCausalLM.from_pretrained(directory).train()
+        theirs = transformers_twin(ours).train()
         per_token = flops_per_token(ours, args.seq)
         steps = {"ours": training_step(ours, batches, autocast), "hf": training_step(theirs, batches, autocast)}
         if args.compile:

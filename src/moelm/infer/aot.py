@@ -1,12 +1,11 @@
 """The decode step compiled ahead of time with AOTInductor, one package per (batch, cache capacity).
 
-torch.compile's call path costs about 0.4 ms per token on a 2-core CPU before any kernel runs (profile of the
-small preset, probe): dynamo's frame entry and cache lookup, collecting the ~120 parameters as graph inputs, the
-AOTAutograd wrapper. An AOTInductor
-package is called with the token and the four cache tensors only; its weights are constants that point at the
-model's own parameters (user-managed, nothing copied), so in-place weight updates are seen and a parameter
-replaced by a new tensor rebuilds the packages. benchmarks/decode_step.py, small preset, batch 1: 3.97-5.16 ms per
-step against torch.compile's 4.67-5.36 ms (three runs, 1.04-1.18x); benchmarks/decode.py measures whole requests.
+torch.compile's call path costs a noticeable share of a small model's decode step on CPU before any kernel runs:
+dynamo's frame entry and cache lookup, collecting the parameters as graph inputs, the AOTAutograd wrapper. An
+AOTInductor package is called with the token and the four cache tensors only; its weights are constants that
+point at the model's own parameters (user-managed, nothing copied), so in-place weight updates are seen and a
+parameter replaced by a new tensor rebuilds the packages. `benchmarks/probes/decode_step.py` times the two
+backends on the same step; `benchmarks/decode.py` measures whole requests (figures in README).
 
 Building a package takes about a minute on 2 cores, and since a package holds no weights it serves every model
 of the same architecture: packages are kept on disk (`package_cache_dir`) under a key of everything the compiled

@@ -21,8 +21,8 @@ def attend(
     """Scaled dot-product attention, causal when no explicit mask is given.
 
     MLA's value width (v_head_dim) is narrower than its query/key width; the fused (flash) kernels want equal
-    widths, so values are zero-padded and the padding sliced off: 2.6-3.9x faster on CPU than the unfused math
-    path that mismatched widths fall back to (benchmarks/attention_padding.py).
+    widths, so values are zero-padded and the padding sliced off: several times faster on CPU than the unfused
+    math path that mismatched widths fall back to (benchmarks/probes/attention_padding.py).
     """
     value_dim = v_BnTe.shape[-1]
     if value_dim != q_BNTd.shape[-1]:

@@ -6,7 +6,7 @@ prompt and times its first compiled decode step; the first process builds into a
 following ones find the package there. Weights are random and differ per process (another seed), as another
 checkpoint of the same architecture would.
 
-    python benchmarks/decode_startup.py [--preset tiny --loads 2]
+    python benchmarks/probes/decode_startup.py [--preset tiny --loads 2]
 """
 
 from __future__ import annotations

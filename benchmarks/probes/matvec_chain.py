@@ -2,20 +2,24 @@
 
 A batch-1 decode step streams its weights through a chain of matrix-vector products, each needing the one before.
 This compiles two graphs the way moelm's decode step is compiled (inductor, C++ wrapper, a product written as
-multiply + sum, as `moelm.model.layers` does for one-row linears): `--count` products of `--size` x `--size`
+multiply + sum, as `moelm.model.kernels.cpu` does for one-row linears): `--count` products of `--size` x `--size`
 distinct weights, once chained (each input is the previous output) and once independent (all on one input).
 Same bytes, same arithmetic; timed in turn. The gap is what synchronising between dependent products costs.
 
-    python benchmarks/matvec_chain.py [--size 512 --count 80 --rounds 7]
+    python benchmarks/probes/matvec_chain.py [--size 512 --count 80 --rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
-from common import interleaved_medians
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+from common import interleaved_medians  # noqa: E402
 
 
 def chained(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:

@@ -3,27 +3,24 @@
 Times causal SDPA on MLA-shaped tensors (tiny: qk 48 / v 32, small: qk 96 / v 64; batch 8 x 256) as given and
 with values padded to the query width (the slice-off included), checks both agree, prints the speed-up.
 
-    python benchmarks/attention_padding.py
+    python benchmarks/probes/attention_padding.py
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+from common import median_seconds  # noqa: E402
+
 
 def median_ms(fn, repeats: int = 10) -> float:  # noqa: ANN001
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_seconds(fn, repeats) * 1000
 
 
 def main() -> None:

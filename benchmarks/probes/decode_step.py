@@ -4,16 +4,20 @@ Isolates what `compile_decode`'s two backends differ in — the call path around
 prefill and sampling, which `benchmarks/decode.py` includes. Both steps are built first (untimed), then timed in
 turn over many steps; median milliseconds per step and the ratio.
 
-    python benchmarks/decode_step.py [--preset small --batch 1 --steps 100 --rounds 3]
+    python benchmarks/probes/decode_step.py [--preset small --batch 1 --steps 100 --rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
-from common import interleaved_medians
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+from common import interleaved_medians  # noqa: E402
 
 from moelm import MoELM, load_config
 from moelm.infer.compiled import compile_decode

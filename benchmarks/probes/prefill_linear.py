@@ -5,19 +5,24 @@ contiguous, because the BLAS kernel behind rows @ weight^T streams the weight sl
 one prompt's cached prefill both ways (the F.linear variant swaps the function out for the run), in turn, and
 checks the logits agree.
 
-    python benchmarks/prefill_linear.py [--preset small --prompt 64 --rounds 7]
+    python benchmarks/probes/prefill_linear.py [--preset small --prompt 64 --rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import interleaved_medians
 
 import moelm.model.layers as layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+from common import interleaved_medians  # noqa: E402
+
 from moelm import MoELM, load_config
 from moelm.model.cache import KVCache
 
