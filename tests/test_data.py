@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelm.data.builtin import DOMAINS, builtin_corpus
-from moelm.data.packing import batch_inputs, pack_documents
+from moelm.data.packing import batch_inputs, pack_documents_to_files
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -55,6 +55,26 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         list(iter_documents(str(path)))
     with pytest.raises(DataError, match="not found"):
         list(iter_documents(str(tmp_path / "missing.txt")))
+
+
+def pack_documents(documents, seq_len, eos_id):
+    """Production packing (through its files) as in-memory arrays."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as directory:
+        tokens_file, docs_file = Path(directory) / "t.npy", Path(directory) / "d.npy"
+        pack_documents_to_files(iter(documents), seq_len, eos_id, tokens_file, docs_file)
+        return np.load(tokens_file), np.load(docs_file)
+
+
+def naive_pack(documents, seq_len, eos_id):
+    """The definition, written plainly: documents + EOS concatenated, cut into full rows."""
+    tokens = [t for doc in documents for t in [*doc, eos_id]]
+    docs = [i for i, doc in enumerate(documents) for _ in range(len(doc) + 1)]
+    rows = len(tokens) // seq_len
+    shape = (rows, seq_len)
+    return np.asarray(tokens[: rows * seq_len]).reshape(shape), np.asarray(docs[: rows * seq_len]).reshape(shape)
 
 
 def test_packing_restarts_positions_and_masks_across_documents():
@@ -135,12 +155,10 @@ def test_parquet_source_reads_the_text_column(tmp_path):
         list(iter_documents(str(path)))
 
 
-def test_streamed_packing_to_disk_equals_in_memory_packing(tmp_path):
-    from moelm.data.packing import pack_documents_to_files
-
+def test_streamed_packing_to_disk_equals_the_plain_definition(tmp_path):
     rng = np.random.default_rng(0)
     documents = [rng.integers(3, 500, size=rng.integers(1, 40)).tolist() for _ in range(300)]
-    expected_tokens, expected_docs = pack_documents(documents, seq_len=16, eos_id=1)
+    expected_tokens, expected_docs = naive_pack(documents, seq_len=16, eos_id=1)
     rows = pack_documents_to_files(
         iter(documents),
         16,

@@ -34,17 +34,6 @@ def _packed_stream(
         yield np.asarray(tokens, dtype=np.int32), np.asarray(docs, dtype=np.int32)
 
 
-def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows [N, seq_len] and document-index rows of the same shape (dropping the ragged tail), in memory."""
-    chunks = list(_packed_stream(token_lists, eos_id, 1 << 20))
-    tokens = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, dtype=np.int32)
-    docs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, dtype=np.int32)
-    rows = len(tokens) // seq_len
-    if rows == 0:
-        raise ValueError(f"corpus has {len(tokens)} tokens: not enough for one sequence of {seq_len}")
-    return tokens[: rows * seq_len].reshape(rows, seq_len), docs[: rows * seq_len].reshape(rows, seq_len)
-
-
 def pack_documents_to_files(
     token_lists: Iterable[list[int]],
     seq_len: int,
@@ -53,7 +42,8 @@ def pack_documents_to_files(
     docs_path: Path,
     chunk_tokens: int = 1 << 20,
 ) -> int:
-    """The same rows as pack_documents, streamed to two .npy files in bounded memory; returns the row count.
+    """Token rows [N, seq_len] and document-index rows of the same shape (the ragged tail dropped), streamed to
+    two .npy files in bounded memory; returns the row count.
 
     Tokens go to raw int32 files as they come, then are copied chunk by chunk into [rows, seq_len] .npy arrays
     (memory-mapped on both sides), so corpora larger than memory pack without holding them.

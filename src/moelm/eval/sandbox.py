@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,8 +229,3 @@ def run_programs(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(one, sources))
-
-
-def check_programs(programs: Iterable[str], **kwargs) -> list[bool]:  # noqa: ANN003
-    """Pass/fail per program (the form pass@k needs)."""
-    return [result.passed for result in run_programs(list(programs), **kwargs)]
