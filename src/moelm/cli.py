@@ -324,11 +324,11 @@ def cmd_data_builtin(args: argparse.Namespace) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     """Train a byte-level BPE tokenizer on a data source and save tokenizer.json."""
     from moelm.data.sources import iter_documents
-    from moelm.data.tokenizer import train_tokenizer
+    from moelm.data.tokenizer import save_tokenizer_file, train_tokenizer
 
     tokenizer = train_tokenizer(iter_documents(args.data, args.text_field), vocab_size=args.vocab_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(args.out / "tokenizer.json"))
+    save_tokenizer_file(tokenizer, args.out / "tokenizer.json")
     print(f"tokenizer with {tokenizer.get_vocab_size()} tokens saved to {args.out / 'tokenizer.json'}")
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moelm.files import atomic_write_text
+
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' }}"
@@ -113,7 +115,7 @@ def save_chat_template(directory: str | Path, template: str = DEFAULT_CHAT_TEMPL
     path = Path(directory) / CONFIG_FILE
     config = json.loads(path.read_text()) if path.is_file() else {}
     config.update({"chat_template": template, "eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>"})
-    path.write_text(json.dumps(config, indent=2))
+    atomic_write_text(path, json.dumps(config, indent=2))
 
 
 def load_chat_template(directory: str | Path) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moelm.files import atomic_path
+
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (
     BOS,
@@ -66,3 +68,9 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:
     if token_id is None:
         raise ValueError(f"tokenizer has no {token!r} token")
     return token_id
+
+
+def save_tokenizer_file(tokenizer: Tokenizer, path: str | Path) -> None:
+    """Write tokenizer.json atomically (a reader never sees half a file)."""
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))

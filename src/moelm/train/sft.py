@@ -23,7 +23,7 @@ from moelm.data.chat import encode_chat, load_chat_template
 from moelm.data.packing import batch_inputs
 from moelm.data.sft import FORMATS, SFTExample, length_difficulty, load_source
 from moelm.data.sources import DataError
-from moelm.data.tokenizer import EOS, PAD, load_tokenizer_file, special_id
+from moelm.data.tokenizer import EOS, PAD, load_tokenizer_file, save_tokenizer_file, special_id
 from moelm.eval.exact_match import chat_exact_match
 from moelm.model.transformer import MoELM
 from moelm.train.curriculum import CurriculumSampler
@@ -203,7 +203,7 @@ class SFTTrainer(Trainer):
     def prepare_tokenizer(self):  # noqa: ANN201 - tokenizers.Tokenizer
         tokenizer = load_tokenizer_file(self.base_model)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(self.tokenizer_file))
+        save_tokenizer_file(tokenizer, self.tokenizer_file)
         return tokenizer
 
     def chat_template(self) -> str:

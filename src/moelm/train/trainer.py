@@ -28,7 +28,7 @@ import torch
 from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
 from moelm.data.pretraining import CorpusSpec, packed_batches
 from moelm.data.sources import iter_documents
-from moelm.data.tokenizer import EOS, load_tokenizer_file, special_id, train_tokenizer
+from moelm.data.tokenizer import EOS, load_tokenizer_file, save_tokenizer_file, special_id, train_tokenizer
 from moelm.files import atomic_write_text
 from moelm.model.transformer import MoELM
 from moelm.train.allocator import reuse_freed_memory
@@ -184,7 +184,7 @@ class Trainer:
                     "when no pair of tokens repeats in the corpus; the model is sized to what it got)"
                 )
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(self.tokenizer_file))
+        save_tokenizer_file(tokenizer, self.tokenizer_file)
         return tokenizer
 
     def prepare_batches(self, tokenizer) -> BatchSource:  # noqa: ANN001
@@ -366,7 +366,7 @@ class Trainer:
         """Save OUT/model (weights, tokenizer, chat template) and print the final samples."""
         model = self.model.eval()
         model.save_pretrained(self.out_dir / "model")
-        self.tokenizer.save(str(self.out_dir / "model" / "tokenizer.json"))
+        save_tokenizer_file(self.tokenizer, self.out_dir / "model" / "tokenizer.json")
         save_chat_template(self.out_dir / "model", self.chat_template())
         self.print_samples(model, self.tokenizer)
         return model
