@@ -250,3 +250,17 @@ def test_sft_converters_read_the_real_files():
     assert len(bbh_examples) == 6511 and len({e.task for e in bbh_examples}) == 27
     mmlu_examples, _ = sft.load_mmlu(SHARED / "mmlu" / "dev")
     assert len(mmlu_examples) == 285 and {e.answer for e in mmlu_examples} == set("ABCD")
+
+
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+
+
+@pytest.mark.slow  # 974 programs in the sandbox: about a minute and a half on 2 cores
+@pytest.mark.skipif(not (SHARED_BENCHMARKS / "mbpp").is_dir(), reason="needs ../shared/data/benchmarks/mbpp")
+def test_every_canonical_mbpp_solution_passes_and_an_early_exit_does_not():
+    problems = list(code.load_mbpp(SHARED_BENCHMARKS).values())
+    completions = [[p["code"], "import sys\nsys.exit(0)\n"] for p in problems]
+    _, samples = code.score(problems, completions, code.mbpp_program, "task_id", workers=4)
+    canonical, exits = samples[0::2], samples[1::2]
+    assert [s["task_id"] for s in canonical if not s["passed"]] == []
+    assert not any(s["passed"] for s in exits)

@@ -82,10 +82,10 @@ def test_writing_and_deleting_outside_the_work_dir_fails(tmp_path):
         "    except OSError:\n"
         "        pass\n"
         "open('/tmp/scratch.txt', 'w').write('private tmp only')\n"
-        "sys.exit(1 if harm else 0)\n"
+        "if harm:\n    sys.exit(1)\n"
     )
     result = run_program(program, FAST)
-    assert result.passed, result.stderr  # exit 0 means every harmful operation was refused
+    assert result.passed, result.stderr  # it ran to its end: every harmful operation was refused
     assert precious.read_text() == "keep me"
     assert not os.path.exists("/etc/moelm-sandbox-test") and not (tmp_path / "new.txt").exists()
     assert not os.path.exists("/tmp/scratch.txt")
@@ -143,3 +143,50 @@ def test_pool_keeps_order_and_isolates_samples():
     results = run_programs(programs, SandboxLimits(timeout_s=3, cpu_s=2), workers=2)
     assert [r.status for r in results][0] == "passed" and results[3].stdout == "4\n"
     assert not results[1].passed and results[2].returncode == 3
+
+
+# A wrong solution to a HumanEval-shaped problem, each time with a trick that would make it "pass" if success
+# meant exit status 0: every one must fail, because success means the program ran to its last line.
+PROBLEM = {
+    "prompt": "def add(a, b):\n",
+    "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(5, 5) == 10\n",
+    "entry_point": "add",
+}
+WRONG = "    return a - b\n"
+EXPLOITS = {
+    "raise SystemExit": "raise SystemExit(0)\n",
+    "sys.exit": "import sys\nsys.exit(0)\n",
+    "os._exit": "import os\nos._exit(0)\n",
+    "exit()": "exit()\n",
+    "quit()": "quit(0)\n",
+    "exit inside the function": None,  # replaced below: the exit runs when check calls the candidate
+    "fake marker": "print('0123456789abcdef0123456789abcdef')\nimport os\nos._exit(0)\n",
+    "marker read from the environment": "import os\nprint(os.environ.get('MOELM_NONCE', ''))\nos._exit(0)\n",
+    "own check, monkeypatched": "import builtins\nbuiltins.check = lambda candidate: None\ncheck = builtins.check\n",
+    "exit at interpreter shutdown": "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "excepthook": "import sys, os\nsys.excepthook = lambda *a: os._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("name", list(EXPLOITS))
+def test_a_program_that_does_not_run_to_its_end_fails(name):
+    from moelm.eval.code import humaneval_program
+
+    if name == "exit inside the function":
+        completion = "    import sys\n    sys.exit(0)\n"
+    else:
+        completion = WRONG + EXPLOITS[name]
+    result = run_program(humaneval_program(PROBLEM, completion))
+    assert not result.passed, (name, result)
+    assert result.status in ("failed", "exited_early")
+
+
+def test_deleting_the_test_function_fails():
+    """The tests and the call to check come after the completion; a program whose test code is cut (so the
+    completion's own check runs) still has to reach its end, and a wrong candidate does not."""
+    from moelm.eval.code import humaneval_program
+
+    shadow = WRONG + "\ndef check(candidate):\n    pass\n"
+    assert not run_program(humaneval_program(PROBLEM, shadow)).passed
+    assert run_program(humaneval_program(PROBLEM, "    return a + b\n")).passed
+    assert run_program(humaneval_program(PROBLEM, "    return a + b\n")).stdout == ""  # the nonce is not shown

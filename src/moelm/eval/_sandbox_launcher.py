@@ -7,7 +7,8 @@ Started by `moelm.eval.sandbox` as `python -I _sandbox_launcher.py CONFIG_JSON`.
 2. resource limits: CPU seconds, address space, processes, file size, open files, no core dumps;
 3. as root: drop to a dedicated unprivileged uid/gid (RLIMIT_NPROC is per uid and ignored for root, and an
    unprivileged uid cannot write the host's files, signal the caller or read its /proc environ);
-4. exec the interpreter on the program with a scrubbed environment.
+4. exec the interpreter on a small runner with a scrubbed environment; the runner executes the program and then
+   prints a per-run nonce, so the caller can tell a program that ran to its end from one that exited early.
 This file must not import moelm: it runs as a plain script under `python -I`.
 """
 
@@ -84,6 +85,22 @@ def _limits(config, enforced):
             pass
 
 
+# Runs the program as __main__ and prints the nonce only when the program's code ran to its end: an early
+# sys.exit / SystemExit, os._exit, a signal or an exception all end the process before the nonce is written.
+RUNNER = """
+import os, runpy, sys
+def run():
+    fd, program = int(sys.argv[1]), sys.argv[2]
+    token = os.read(fd, 256)
+    os.close(fd)
+    sys.argv = [program]
+    runpy.run_path(program, run_name="__main__")
+    sys.stdout.flush()
+    os.write(1, b"\\n" + token + b"\\n")
+run()
+"""
+
+
 def main():
     config = json.loads(sys.argv[1])
     enforced = []
@@ -101,10 +118,18 @@ def main():
         enforced.append("processes_shared_with_caller_uid")
     json.dump(enforced, report)
     report.close()
+    nonce = os.read(config["nonce_fd"], 256)  # read before every inherited descriptor is closed
     os.closerange(3, 1 << 16)
+    # The nonce reaches the runner through a fresh pipe that the runner drains before the program starts, so it
+    # is in neither the program text, its argv nor its environment.
+    read_end, write_end = os.pipe()
+    os.write(write_end, nonce)
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
     env = config["env"]
     program = config["program"]
-    os.execve(config["interpreter"], [config["interpreter"], "-I", "-B", program], env)
+    argv = [config["interpreter"], "-I", "-B", "-c", RUNNER, str(read_end), program]
+    os.execve(config["interpreter"], argv, env)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
 
 
 def mbpp_program(problem: dict[str, Any], completion: str) -> str:
+    """Completion, then the test set-up, then the asserts: the two tasks with set-up code (367, 927) build trees
+    from the class the solution defines, so the set-up must follow the solution."""
     setup = problem.get("test_setup_code") or ""
-    return f"{setup}\n{completion}\n\n" + "\n".join(problem["test_list"]) + "\n"
+    return f"{completion}\n{setup}\n\n" + "\n".join(problem["test_list"]) + "\n"
 
 
 def mbpp_prompt(problem: dict[str, Any], shots: list[dict[str, Any]]) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import shutil
 import signal
 import stat
@@ -53,7 +54,7 @@ class SandboxLimits:
 
 @dataclass
 class SandboxResult:
-    status: str  # passed | failed | timeout | output_limit
+    status: str  # passed | failed | exited_early | timeout | output_limit
     returncode: int | None
     stdout: str
     stderr: str
@@ -151,6 +152,13 @@ def run_program(
     if is_root:
         os.chown(workdir, uid, uid)
     report = base / "enforced.json"
+    # Passing means the program ran to its last line: the runner prints this nonce after it, and the program
+    # never sees it (not in its text, argv or environment), so exiting early with status 0 or printing a fake
+    # marker cannot pass.
+    nonce = secrets.token_hex(16)
+    nonce_read, nonce_write = os.pipe()
+    os.write(nonce_write, nonce.encode())
+    os.close(nonce_write)
     config = {
         "workdir": str(workdir),
         "program": "main.py",
@@ -162,6 +170,7 @@ def run_program(
         "file_bytes": int(limits.file_bytes),
         "max_processes": int(limits.max_processes),
         "env": _scrubbed_env(str(workdir)),
+        "nonce_fd": nonce_read,
     }
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -172,7 +181,9 @@ def run_program(
         env=_scrubbed_env(str(workdir)),
         start_new_session=True,
         close_fds=True,
+        pass_fds=(nonce_read,),
     )
+    os.close(nonce_read)
     pipes = (process.stdout, process.stderr)
     captures = [_Capture(pipe, limits.output_bytes, lambda: _kill_group(process)) for pipe in pipes]
     for capture in captures:
@@ -194,13 +205,17 @@ def run_program(
     except (OSError, ValueError):
         enforced = []
     shutil.rmtree(base, ignore_errors=True)
+    stdout, stderr = (c.data.decode("utf-8", "replace") for c in captures)
+    finished = stdout.endswith(f"\n{nonce}\n")
+    stdout = stdout.removesuffix(f"\n{nonce}\n")
     if timed_out:
         status = "timeout"
     elif any(c.exceeded for c in captures):
         status = "output_limit"
+    elif process.returncode != 0:
+        status = "failed"
     else:
-        status = "passed" if process.returncode == 0 else "failed"
-    stdout, stderr = (c.data.decode("utf-8", "replace") for c in captures)
+        status = "passed" if finished else "exited_early"
     return SandboxResult(status, process.returncode, stdout, stderr, wall, enforced)
 
 
