@@ -293,6 +293,7 @@ def test_a_task_failing_mid_run_keeps_the_finished_results(tmp_path, capsys, mon
 
 # ---------------------------------------------------------------------------------------------- 7, 9. CLI
 SUBCOMMANDS = [
+    ["grpo"],
     ["info"],
     ["demo"],
     ["generate"],

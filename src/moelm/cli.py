@@ -245,6 +245,16 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
+def cmd_grpo(args: argparse.Namespace) -> None:
+    """Reinforce a model directory with GRPO on verifiable rewards (recipe section `grpo`)."""
+    from moelm.train.grpo import GRPOTrainer
+    from moelm.train.recipe import load_recipe
+
+    recipe = load_recipe(args.config, args.set)
+    GRPOTrainer(recipe, args.out, base_model=args.model).run(resume=args.resume, overwrite=args.overwrite)
+    print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a model on benchmark tasks, or score a file of precomputed completions."""
     from moelm.eval.common import EvalSettings
@@ -384,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--model", type=Path, required=True, help="base model directory (with tokenizer.json)")
     _add_recipe_args(sft)
     sft.set_defaults(func=cmd_sft)
+
+    grpo = sub.add_parser("grpo", help="reinforcement learning with verifiable rewards (GRPO) from a YAML recipe")
+    grpo.add_argument("--model", type=Path, required=True, help="policy to start from (model directory)")
+    _add_recipe_args(grpo)
+    grpo.set_defaults(func=cmd_grpo)
 
     evaluate = sub.add_parser("eval", help="evaluate on GSM8K/MMLU/BBH/HumanEval/MBPP/built-in tasks")
     evaluate.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")

@@ -16,6 +16,9 @@ import yaml
 from moelm.config import ConfigError, ModelConfig, coerce_fields, load_config, load_yaml
 from moelm.data.tokenizer import MIN_VOCAB_SIZE
 from moelm.train.curriculum import PACINGS
+from moelm.train.grpo_loss import ADVANTAGE_SCALES, AGGREGATIONS
+
+REWARD_NAMES = ("accuracy", "format", "tag_count", "code")
 
 
 @dataclass
@@ -92,6 +95,32 @@ class SFTSection:
 
 
 @dataclass
+class GRPOSection:
+    """Reinforcement learning with verifiable rewards: prompts, rollouts, rewards and the GRPO objective."""
+
+    # Prompt sources, as sft.sources: builtin (num_records, seed, domains, max_difficulty) or jsonl records with
+    # prompt and answer (and optional tests: a list of assert lines for code prompts).
+    sources: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"format": "builtin", "num_records": 2000, "domains": ["math"], "max_difficulty": 1}]
+    )
+    chat_template: bool = True  # ask through the model's chat template (R1 format) or with the plain prompt
+    num_generations: int = 4  # G completions per prompt; train.batch_size prompts per micro-batch
+    max_completion_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    overlong_cache_tokens: int = 0  # > 0: DAPO soft overlong penalty over the last N tokens before the limit
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    aggregation: str = "grpo"  # grpo | dr_grpo | dapo
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    beta: float = 0.0  # > 0: k3 KL to the frozen base model
+    num_iterations: int = 1  # updates per rollout batch (mu); > 1 reuses stored old log-probs
+    mask_truncated: bool = False  # drop completions that hit max_completion_tokens from the loss
+    eval_prompts: int = 32  # held-out prompts scored greedily at every evaluation
+
+
+@dataclass
 class Recipe:
     model: ModelConfig
     data: DataSection
@@ -99,6 +128,7 @@ class Recipe:
     train: TrainSection
     log: LogSection
     sft: SFTSection = field(default_factory=SFTSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
     def validate(self) -> None:
         """Cross-section checks that dataclass defaults cannot express."""
@@ -159,6 +189,45 @@ class Recipe:
             ("sft.pacing_steps", self.sft.pacing_steps, self.sft.pacing_steps > 0, "a positive integer"),
             ("sft.bucket_batches", self.sft.bucket_batches, self.sft.bucket_batches > 0, "a positive integer"),
             ("sft.sources", self.sft.sources, bool(self.sft.sources), "a non-empty list of sources"),
+            ("grpo.sources", self.grpo.sources, bool(self.grpo.sources), "a non-empty list of sources"),
+            ("grpo.num_generations", self.grpo.num_generations, self.grpo.num_generations >= 2, "an integer >= 2"),
+            (
+                "grpo.max_completion_tokens",
+                self.grpo.max_completion_tokens,
+                self.grpo.max_completion_tokens > 0,
+                "a positive integer",
+            ),
+            ("grpo.temperature", self.grpo.temperature, self.grpo.temperature > 0, "a positive number"),
+            ("grpo.top_p", self.grpo.top_p, 0 < self.grpo.top_p <= 1, "in (0, 1]"),
+            (
+                "grpo.rewards",
+                self.grpo.rewards,
+                bool(self.grpo.rewards) and set(self.grpo.rewards) <= set(REWARD_NAMES),
+                f"a non-empty mapping of {list(REWARD_NAMES)} to weights",
+            ),
+            (
+                "grpo.scale_rewards",
+                self.grpo.scale_rewards,
+                self.grpo.scale_rewards in ADVANTAGE_SCALES,
+                f"one of {list(ADVANTAGE_SCALES)}",
+            ),
+            (
+                "grpo.aggregation",
+                self.grpo.aggregation,
+                self.grpo.aggregation in AGGREGATIONS,
+                f"one of {list(AGGREGATIONS)}",
+            ),
+            ("grpo.epsilon_low", self.grpo.epsilon_low, 0 <= self.grpo.epsilon_low < 1, "in [0, 1)"),
+            ("grpo.epsilon_high", self.grpo.epsilon_high, self.grpo.epsilon_high >= 0, "a non-negative number"),
+            ("grpo.beta", self.grpo.beta, self.grpo.beta >= 0, "a non-negative number"),
+            ("grpo.num_iterations", self.grpo.num_iterations, self.grpo.num_iterations > 0, "a positive integer"),
+            (
+                "grpo.overlong_cache_tokens",
+                self.grpo.overlong_cache_tokens,
+                0 <= self.grpo.overlong_cache_tokens < self.grpo.max_completion_tokens,
+                "0 (off) or fewer than grpo.max_completion_tokens",
+            ),
+            ("grpo.eval_prompts", self.grpo.eval_prompts, self.grpo.eval_prompts >= 0, "a non-negative integer"),
         ]
         for key, value, ok, allowed in checks:
             if not ok:
@@ -171,7 +240,14 @@ class Recipe:
         }
 
 
-SECTIONS = {"data": DataSection, "optim": OptimSection, "train": TrainSection, "log": LogSection, "sft": SFTSection}
+SECTIONS = {
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "log": LogSection,
+    "sft": SFTSection,
+    "grpo": GRPOSection,
+}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -199,6 +199,19 @@ class Trainer:
         """The chat template saved with the final model (fine-tuning keeps its base model's)."""
         return DEFAULT_CHAT_TEMPLATE
 
+    def loss(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float], dict]:
+        """The training objective `run` hands to `train_step`: the language-model loss."""
+        return language_model_loss(model, inputs)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass must add to a checkpoint to resume exactly (plain tensors and containers)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` saved."""
+
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
         config = self.recipe.model.replace(
             vocab_size=tokenizer.get_vocab_size(),
@@ -227,7 +240,7 @@ class Trainer:
                     self._stop(stop.requested)
                 micro_batches = [self.batches.train_batch(self.state.cursor + i) for i in range(train.grad_accum)]
                 self.state.cursor += train.grad_accum
-                record = self.train_step(micro_batches)
+                record = self.train_step(micro_batches, self.loss)
                 if record is not None:
                     self.after_step(record)
                     progress(self.state.step, record)
@@ -275,6 +288,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.state = TrainState.from_checkpoint(state)
+        self.load_extra_state(state)
         self.saved_step = self.state.step
         self._truncate_metrics(self.state.step)
         self.echo(f"resumed from {path} at step {self.state.step}")
@@ -405,6 +419,7 @@ class Trainer:
             **self.state.to_checkpoint(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            **self.extra_state(),
         }
         save_checkpoint(
             self.out_dir, self.state.step, self.model, state, self.tokenizer_file, self.recipe.train.keep_last

@@ -1,0 +1,222 @@
+"""GRPO: the loss against a float64 transcription of the formula, rewards on adversarial strings, a tiny run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelm.train.grpo_loss import clip_fractions, group_advantages, grpo_loss, k3_kl
+from moelm.train.rewards import (
+    accuracy_reward,
+    code_reward,
+    combine,
+    format_reward,
+    overlong_penalty,
+    tag_count_reward,
+)
+
+
+def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, aggregation):
+    """references §7 written as loops over Python floats (float64)."""
+    rows = []
+    total, tokens = 0.0, 0
+    for b in range(len(logp)):
+        row = []
+        for t in range(len(logp[b])):
+            if not mask[b][t]:
+                continue
+            rho = math.exp(logp[b][t] - old[b][t])
+            clipped = min(max(rho, 1 - eps_low), 1 + eps_high)
+            value = -min(rho * adv[b], clipped * adv[b])
+            if beta:
+                d = ref[b][t] - logp[b][t]
+                value += beta * (math.exp(d) - d - 1)
+            row.append(value)
+        rows.append(row)
+        total += sum(row)
+        tokens += len(row)
+    if aggregation == "grpo":
+        return sum(sum(r) / max(len(r), 1) for r in rows) / len(rows)
+    if aggregation == "dr_grpo":
+        return total / (len(logp) * len(logp[0]))
+    return total / tokens
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_matches_the_formula_with_clipping_on_both_sides(aggregation, beta):
+    torch.manual_seed(0)
+    logp = torch.randn(4, 7, dtype=torch.float64) * 0.5 - 2
+    old = logp + torch.randn(4, 7, dtype=torch.float64) * 0.5  # ratios far outside [0.8, 1.28] both ways
+    ref = logp + torch.randn(4, 7, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.5, -0.7, 0.0, -2.0], dtype=torch.float64)
+    mask = torch.ones(4, 7)
+    mask[1, 5:] = 0
+    mask[3, 2:] = 0
+    low, high = clip_fractions(logp, old, adv, mask, 0.2, 0.28)
+    assert low > 0 and high > 0  # both clip ranges are exercised
+    got = grpo_loss(
+        logp,
+        old,
+        ref if beta else None,
+        adv,
+        mask,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        beta=beta,
+        aggregation=aggregation,
+    )
+    expected = reference_loss(
+        logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, beta, aggregation
+    )
+    assert got.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_k3_kl_is_non_negative_and_zero_at_the_reference():
+    logp = torch.randn(3, 5)
+    assert (k3_kl(logp, logp + torch.randn(3, 5)) >= 0).all()
+    assert torch.equal(k3_kl(logp, logp), torch.zeros(3, 5))
+
+
+def test_identical_rewards_give_no_advantage_and_no_gradient():
+    advantages = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0]), group_size=3)
+    assert torch.equal(advantages[:3], torch.zeros(3)) and advantages[3] < 0 < advantages[4]
+    logp = torch.randn(3, 4, requires_grad=True)
+    loss = grpo_loss(logp, logp.detach(), None, torch.zeros(3), torch.ones(3, 4))
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(3, 4))
+    assert torch.allclose(group_advantages(torch.tensor([0.0, 2.0]), 2, "none"), torch.tensor([-1.0, 1.0]))
+
+
+def test_one_update_per_batch_starts_at_beta_kl_with_a_gradient():
+    torch.manual_seed(1)
+    logp = torch.randn(2, 6, requires_grad=True)
+    ref = logp.detach() + 0.3
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 6)
+    loss = grpo_loss(logp, logp.detach(), ref, adv, mask, beta=0.1, aggregation="dapo")
+    kl = k3_kl(logp.detach(), ref).mean()
+    assert loss.item() == pytest.approx(0.1 * kl.item(), rel=1e-5)
+    loss.backward()
+    assert logp.grad.abs().sum() > 0
+
+
+def test_rewards_on_adversarial_strings():
+    completions = [
+        "<think>7 + 5 = 12</think> 12",  # right
+        "<think>the answer is 12</think>",  # answer only in the reasoning
+        "<think><think>nested</think></think> 12",  # nested tags
+        "<think>a</think> 12 <think>b</think> 12",  # repeated tags
+        "<think>x</think>",  # empty answer
+        "12" + "0" * 400,  # a huge number
+        "The answer is #### 12",  # no reasoning, right answer
+    ]
+    answers = ["12"] * len(completions)
+    domains = ["math"] * len(completions)
+    accuracy = accuracy_reward([""] * 7, completions, answer=answers, domain=domains)
+    assert accuracy == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert format_reward([""] * 7, completions) == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    tags = tag_count_reward([""] * 7, completions)
+    assert tags[0] == 1.0 and tags[2] < 1.0 and tags[3] < 1.0 and tags[4] == 0.75 and tags[6] == 0.0
+    assert accuracy_reward([""], ["12"], answer=[None], domain=["math"]) == [None]  # cannot judge
+    penalty = overlong_penalty(max_tokens=10, cache_tokens=4)
+    assert penalty([""] * 4, [""] * 4, completion_tokens=[6, 8, 10, 30]) == [0.0, -0.5, -1.0, -1.0]
+    assert combine({"a": [1.0, None], "b": [0.5, 1.0]}, {"a": 2.0, "b": 1.0}) == [2.5, 1.0]
+
+
+def test_code_reward_counts_passing_tests_and_an_early_exit_scores_nothing():
+    prompt = 'def add(a, b):\n    """Return a plus b."""\n'
+    tests = [["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 5) == 6"]] * 4
+    completions = [
+        "    return a + b\n",
+        "    return 3\n",
+        "    import sys\n    sys.exit(0)\n",
+        "    import os\n    os._exit(0)\n",
+    ]
+    rewards = code_reward([prompt] * 4, completions, tests=tests)
+    assert rewards == [pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0, 0.0]
+    assert code_reward([prompt], ["    return a + b\n"], tests=[None]) == [None]
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+def _addition_task(directory):
+    """A model over a 15-token vocabulary (digits, +, =, specials) and one-digit additions a + b < 10."""
+    import json
+
+    from conftest import tiny_config
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from moelm import MoELM
+
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "<pad>", *"0123456789", "+", "="])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    MoELM(config).save_pretrained(directory / "base")
+    tokenizer.save(str(directory / "base" / "tokenizer.json"))
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(10) for b in range(10 - a)]
+    (directory / "add.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [
+        f"grpo.sources=[{{format: jsonl, path: {directory / 'add.jsonl'}}}]",
+        "grpo.chat_template=false",
+        "grpo.max_completion_tokens=1",
+        "grpo.num_generations=8",
+        "grpo.rewards={accuracy: 1.0}",
+        "grpo.eval_prompts=10",
+        "train.batch_size=8",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "log.progress=false",
+        "data.seq_len=16",
+    ]
+
+
+def test_a_tiny_grpo_run_raises_the_reward(tmp_path):
+    import json
+
+    from moelm.train.grpo import GRPOTrainer
+    from moelm.train.recipe import load_recipe
+
+    overrides = [*_addition_task(tmp_path), "train.max_steps=40", "train.log_every=1", "train.eval_every=40"]
+    trainer = GRPOTrainer(
+        load_recipe(None, overrides), tmp_path / "run", echo=lambda _: None, base_model=tmp_path / "base"
+    )
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["reward"] for r in records[:10]) / 10
+    last = sum(r["reward"] for r in records[-10:]) / 10
+    assert last >= first + 0.1, (first, last)
+    for key in ("reward/accuracy", "frac_reward_zero_std", "entropy", "clip_low", "clip_high", "truncated_frac"):
+        assert key in records[-1]
+    assert records[-1]["entropy"] < records[0]["entropy"]
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_grpo_resume_is_exact(tmp_path, iterations):
+    import shutil
+
+    from moelm.train.grpo import GRPOTrainer
+    from moelm.train.recipe import load_recipe
+
+    overrides = [
+        *_addition_task(tmp_path),
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.eval_every=100",
+        f"grpo.num_iterations={iterations}",
+        "grpo.beta=0.04",  # with a reference model and stored old log-probs when iterations > 1
+    ]
+    recipe = load_recipe(None, overrides)
+    base = tmp_path / "base"
+    straight = GRPOTrainer(recipe, tmp_path / "a", echo=lambda _: None, base_model=base).run()
+    interrupted = tmp_path / "b"
+    GRPOTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run()
+    shutil.rmtree(interrupted / "checkpoints" / "step-6")  # as if killed after the step-3 checkpoint
+    shutil.rmtree(interrupted / "model")
+    resumed = GRPOTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run(resume=True)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
