@@ -220,3 +220,57 @@ def test_grpo_resume_is_exact(tmp_path, iterations):
     resumed = GRPOTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run(resume=True)
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- traces
+class _ScriptedTeacher:
+    """A generator stand-in whose completions are fixed, so the verification and keep rules are checked."""
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def chat_prompt(self, messages):
+        return messages[-1]["content"]
+
+    def generate(self, prompts, max_new_tokens, **kwargs):
+        return [self.completions[i % len(self.completions)] for i in range(len(prompts))]
+
+
+def test_rejection_sampling_keeps_verified_traces_as_sft_records(tmp_path):
+    from moelm.data.sft import load_jsonl
+    from moelm.train.grpo import Prompt
+    from moelm.train.traces import sample_traces, write_traces
+
+    prompts = [Prompt("What is 2 + 2?", "4", "math"), Prompt("What is 3 + 3?", "6", "math")]
+    teacher = _ScriptedTeacher(["<think>2 + 2 = 4</think> 4", "<think>guess</think> 5", "4", "<think>x</think> 6"])
+    correct = list(sample_traces(teacher, prompts, 4, 1.0, 16, "correct", 0))
+    assert [(r["prompt"], r["response"], r.get("reasoning")) for r in correct] == [
+        ("What is 2 + 2?", "4", "2 + 2 = 4"),
+        ("What is 2 + 2?", "4", None),
+        ("What is 3 + 3?", "6", "x"),
+    ]
+    assert all(r["correct"] and r["verdict"] == 1.0 for r in correct)
+    assert len(list(sample_traces(teacher, prompts, 4, 1.0, 16, "all", 0))) == 8
+    best = list(sample_traces(teacher, prompts, 4, 1.0, 16, "best", 0))
+    assert [r["correct"] for r in best] == [True, True]
+    counts = write_traces(iter(correct), tmp_path / "traces.jsonl")
+    assert counts == {"math/correct": 3}
+    examples, report = load_jsonl(tmp_path / "traces.jsonl")
+    assert len(examples) == 3 and not report.skipped  # the next `moelm sft` reads them as they are
+
+
+def test_data_traces_command_end_to_end(tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.cli import main
+
+    save_tiny_model_with_tokenizer(tmp_path)
+    source = tmp_path / "prompts.jsonl"
+    source.write_text(json.dumps({"prompt": "two plus two", "answer": "four"}) + "\n")
+    out = tmp_path / "traces.jsonl"
+    argv = ["data", "traces", "--model", str(tmp_path), "--source", str(source), "--samples", "3"]
+    assert main([*argv, "--keep", "all", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert "1 prompts x 3 samples -> 3 records" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 3

@@ -302,6 +302,7 @@ SUBCOMMANDS = [
     ["sft"],
     ["eval"],
     ["data", "builtin"],
+    ["data", "traces"],
     ["tokenizer", "train"],
 ]
 

@@ -331,6 +331,22 @@ def cmd_data_builtin(args: argparse.Namespace) -> None:
     print(f"wrote {args.num_records} records to {args.out}")
 
 
+def cmd_data_traces(args: argparse.Namespace) -> None:
+    """Rejection sampling: G completions per prompt from a teacher, verified, kept as SFT records."""
+    from moelm.train.traces import sample_traces, trace_prompts, write_traces
+
+    prompts = trace_prompts(args.source, args.data_dir, args.num_prompts, args.seed)
+    generator = _load_generator(args)
+    records = sample_traces(
+        generator, prompts, args.samples, args.temperature, args.max_new_tokens, args.keep, args.seed
+    )
+    counts = write_traces(records, args.out)
+    summary = ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) or "nothing kept"
+    print(
+        f"{len(prompts)} prompts x {args.samples} samples -> {sum(counts.values())} records in {args.out} ({summary})"
+    )
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     """Train a byte-level BPE tokenizer on a data source and save tokenizer.json."""
     from moelm.data.sources import iter_documents
@@ -431,6 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
     builtin.add_argument("--num-records", type=POSITIVE_INT, default=1000)
     builtin.add_argument("--seed", type=SEED, default=0)
     builtin.set_defaults(func=cmd_data_builtin)
+
+    traces = data.add_parser("traces", help="rejection-sample verified reasoning traces from a model (SFT records)")
+    traces.add_argument("--model", type=Path, required=True, help="teacher model directory")
+    traces.add_argument("--source", default="builtin", help="builtin, gsm8k, mbpp (with --data-dir) or a JSONL file")
+    traces.add_argument("--data-dir", type=Path, default=None)
+    traces.add_argument("--num-prompts", type=POSITIVE_INT, default=200)
+    traces.add_argument("--samples", type=POSITIVE_INT, default=4, help="completions per prompt (G)")
+    traces.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=1.0)
+    traces.add_argument("--max-new-tokens", type=POSITIVE_INT, default=96)
+    traces.add_argument("--keep", choices=["correct", "best", "all"], default="correct")
+    traces.add_argument("--seed", type=SEED, default=0)
+    traces.add_argument("--compile", action="store_true", help=compile_help)
+    traces.add_argument("--out", type=Path, required=True, help="JSONL of {prompt, reasoning, response, verdict}")
+    traces.set_defaults(func=cmd_data_traces)
 
     tok = sub.add_parser("tokenizer", help="tokenizer utilities").add_subparsers(dest="tok_command", required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
