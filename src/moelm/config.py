@@ -115,7 +115,8 @@ def coerce_value(key: str, value: Any, hint: Any) -> Any:
             return [coerce_value(f"{key}[{i}]", item, args[0]) if args else item for i, item in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return value
+            item_hint = args[1] if len(args) == 2 else Any
+            return {k: coerce_value(f"{key}.{k}", v, item_hint) for k, v in value.items()}
     else:
         return value
     _fail(key, value, _type_name(hint))
