@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from moelm.config import ModelConfig
 from moelm.files import atomic_path, atomic_write_text
+from moelm.model import fp8
 from moelm.model.layers import RotaryEmbedding
 
 if TYPE_CHECKING:  # the model class is passed in, so this module never imports the network it serialises
@@ -103,10 +104,33 @@ def to_hf_state_dict(model: MoELM) -> dict[str, torch.Tensor]:
     return out
 
 
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a transformers-style size string ("5GB", "500MB", "2GiB")."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"invalid shard size {size!r}: expected bytes or a size such as '5GB' or '500MB'")
+    unit = match.group(2).upper()
+    power = " KMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    base = 1024 if "I" in unit else 1000
+    return int(float(match.group(1)) * base**power)
+
+
 def save_pretrained(
-    model: MoELM, path: str | Path, max_shard_bytes: int = 2 * 1024**3, strict_hf: bool = False
+    model: MoELM,
+    path: str | Path,
+    max_shard_bytes: int | str = 2 * 1024**3,
+    strict_hf: bool = False,
+    quantization: str | None = None,
+    block: tuple[int, int] = fp8.DEFAULT_BLOCK,
 ) -> None:
-    """Write config.json and safetensors shards; strict_hf refuses options plain DeepseekV3 cannot load."""
+    """Write config.json and safetensors shards (with an index past max_shard_bytes, e.g. "5GB"); strict_hf
+    refuses options plain DeepseekV3 cannot load; quantization="fp8" stores the projection weights as DeepSeek's
+    block-scaled FP8 (`weight_scale_inv` per block)."""
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"invalid quantization {quantization!r}: must be None or 'fp8'")
+    max_shard_bytes = parse_size(max_shard_bytes)
     problems = model.config.hf_incompatibilities()
     if strict_hf and problems:
         raise CheckpointError(
@@ -117,6 +141,9 @@ def save_pretrained(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)
+    if quantization == "fp8":
+        for name in [n for n, t in tensors.items() if fp8.is_quantized_weight(n, t)]:
+            tensors[name], tensors[name + fp8.SCALE_SUFFIX] = fp8.quantize(tensors[name], block)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, tensor in tensors.items():
@@ -142,6 +169,8 @@ def save_pretrained(
         atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    if quantization == "fp8":
+        config["quantization_config"] = fp8.quantization_config(block)
     atomic_write_text(path / "config.json", json.dumps(config, indent=2))
 
 
@@ -167,6 +196,9 @@ def _open_checkpoint(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{index}: not a safetensors index (expected a 'weight_map' object)") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) {missing} that are not in {path}")
         return {name: path / filename for name, filename in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -181,14 +213,27 @@ def _open_checkpoint(path: Path) -> dict[str, Path]:
 class _TensorReader:
     """Reads named tensors lazily from a set of safetensors files, keeping each file open once."""
 
-    def __init__(self, locations: dict[str, Path]) -> None:
+    def __init__(self, locations: dict[str, Path], fp8_block: tuple[int, int] | None = None) -> None:
         self.locations = locations
         self.handles: dict[Path, object] = {}
+        self.fp8_block = fp8_block
 
     def __contains__(self, name: str) -> bool:
         return name in self.locations
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, dequantised to float32 when it is stored as block-scaled FP8."""
+        tensor = self._read(name)
+        if tensor.dtype != fp8.FP8_DTYPE:
+            return tensor
+        scale_name = name + fp8.SCALE_SUFFIX
+        scale = self._read(scale_name) if scale_name in self.locations else None
+        try:
+            return fp8.dequantize(name, tensor, scale, self.fp8_block or fp8.DEFAULT_BLOCK)
+        except fp8.FP8FormatError as error:
+            raise CheckpointError(str(error)) from None
+
+    def _read(self, name: str) -> torch.Tensor:
         if name not in self.locations:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         file = self.locations[name]
@@ -236,7 +281,11 @@ def load_pretrained(
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
     config = ModelConfig.from_json(config_file)
-    reader = _TensorReader(_open_checkpoint(path))
+    try:
+        block = fp8.block_size(json.loads(config_file.read_text()))
+    except fp8.FP8FormatError as error:
+        raise CheckpointError(f"{config_file}: {error}") from None
+    reader = _TensorReader(_open_checkpoint(path), block)
     first_mtp_key = f"model.layers.{config.num_hidden_layers}.eh_proj.weight"
     if config.num_nextn_predict_layers and first_mtp_key not in reader:
         # transformers saves num_mtp_layers=1 without MTP weights; the trunk is still complete.
@@ -248,7 +297,7 @@ def load_pretrained(
         config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = model_cls(config)
-    dtype = dtype or torch.float32
+    dtype = dtype or (torch.bfloat16 if block is not None else torch.float32)  # FP8 checkpoints: bf16 default
     state = {}
     meta_state = model.state_dict()
     for name, parts in hf_tensor_plan(model):

@@ -338,13 +338,19 @@ class MoELM(nn.Module):
         """Load an HF DeepseekV3 (or moelm-saved) directory: config.json + safetensors, never pickles."""
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3, strict_hf: bool = False) -> None:
-        """Write an HF DeepseekV3 directory (per-expert keys, sharded above max_shard_bytes).
+    def save_pretrained(
+        self,
+        path: str | Path,
+        max_shard_bytes: int | str = 2 * 1024**3,
+        strict_hf: bool = False,
+        quantization: str | None = None,
+    ) -> None:
+        """Write an HF DeepseekV3 directory (per-expert keys, sharded above max_shard_bytes, e.g. "5GB").
 
         strict_hf=True refuses options plain transformers cannot represent instead of keeping them under
-        the 'moelm' config key.
+        the 'moelm' config key; quantization="fp8" writes DeepSeek's block-scaled FP8 projection weights.
         """
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, strict_hf=strict_hf)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, strict_hf=strict_hf, quantization=quantization)
 
 
 def build_attention_mask(
