@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--plot", type=Path, default=Path("grpo_reward.png"))
+    parser.add_argument("--set", action="append", default=[], help="recipe override, as for moelm grpo")
     args = parser.parse_args()
     problems = list(builtin_corpus(args.problems, seed=1000, domains=("math",)))
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(RECIPE, args.set)
     max_new = recipe.grpo.max_completion_tokens
     base = TextGenerator.from_pretrained(args.model)
     base.model.eval()
@@ -59,6 +60,7 @@ def main() -> None:
     curves = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         overrides = [f"train.seed={seed}", f"train.max_steps={args.steps}", "train.log_every=1", "log.progress=false"]
+        overrides += args.set
         with tempfile.TemporaryDirectory() as out:
             trainer = GRPOTrainer(load_recipe(RECIPE, overrides), out, echo=lambda _: None, base_model=args.model)
             wall, model = timed(trainer.run)
