@@ -125,3 +125,28 @@ def test_sharded_directories_save_reload_and_name_a_missing_shard(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 1024**3 and parse_size(7) == 7
     with pytest.raises(ValueError, match="invalid shard size"):
         parse_size("lots")
+
+
+def test_info_reports_quantisation_and_files_and_dtype_flag_loads_bf16(tmp_path, capsys, monkeypatch):
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.cli import main
+    from moelm.infer.text import TextGenerator
+
+    model, _ = save_tiny_model_with_tokenizer(tmp_path)
+    model.save_pretrained(tmp_path / "fp8", max_shard_bytes="20KB", quantization="fp8")
+    assert main(["info", str(tmp_path / "fp8")]) == 0
+    out = capsys.readouterr().out
+    assert "quantisation:      FP8 e4m3, 128x128 block scales" in out and "architecture:      deepseek_v3" in out
+    assert "weight files:      " in out and "weight files:      1 " not in out  # sharded
+    loaded = []
+    original = TextGenerator.from_pretrained.__func__
+
+    def spy(cls, model_dir, dtype=None):
+        loaded.append(dtype)
+        return original(cls, model_dir, dtype)
+
+    monkeypatch.setattr(TextGenerator, "from_pretrained", classmethod(spy))
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "the", "--max-new-tokens", "2", "--dtype", "bfloat16"]
+    assert main(argv) == 0
+    assert loaded == [torch.bfloat16]

@@ -74,6 +74,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     with torch.device("meta"):
         model = MoELM(config)
     _print_summary(config, model)
+    if Path(args.model).is_dir():
+        _print_directory(Path(args.model))
+
+
+def _print_directory(path: Path) -> None:
+    """Architecture, quantisation and files of a model directory, read from its metadata only."""
+    import json
+
+    from moelm.model.fp8 import block_size
+
+    raw = json.loads((path / "config.json").read_text())
+    block = block_size(raw)
+    files = sorted(path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    quantised = f"FP8 e4m3, {block[0]}x{block[1]} block scales" if block else "none"
+    print(f"architecture:      {raw.get('model_type', 'unknown')} ({', '.join(raw.get('architectures') or [])})")
+    print(f"quantisation:      {quantised}  stored dtype: {raw.get('torch_dtype', 'unknown')}")
+    print(f"weight files:      {len(files)} ({size / 1024**3:.3f} GiB on disk)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -115,7 +133,7 @@ def _load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
     """The model directory as a TextGenerator, its decode step compiled when --compile asks for it."""
     from moelm.infer.text import TextGenerator
 
-    generator = TextGenerator.from_pretrained(args.model)
+    generator = TextGenerator.from_pretrained(args.model, dtype=_dtype(args.dtype))
     generator.model.eval()
     if args.compile:
         generator.compile()
@@ -189,6 +207,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(answer).split("</think>")[-1].strip()})
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str | None):  # noqa: ANN202 - torch.dtype or None
+    """The torch dtype a --dtype flag names (None: the checkpoint's default)."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
 def _number(kind: type, allowed: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
     """An argparse type: parse as `kind`, then check the range; the message says what is allowed."""
 
@@ -216,6 +246,7 @@ SEED = _number(int, "an integer in 0..2**63-1", lambda v: 0 <= v < 2**63)
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model directory with tokenizer.json")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="0 = off")
@@ -418,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate on GSM8K/MMLU/BBH/HumanEval/MBPP/built-in tasks")
     evaluate.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")
+    evaluate.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
     evaluate.add_argument(
         "--tasks",
         default="builtin",
@@ -450,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     traces = data.add_parser("traces", help="rejection-sample verified reasoning traces from a model (SFT records)")
     traces.add_argument("--model", type=Path, required=True, help="teacher model directory")
+    traces.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
     traces.add_argument("--source", default="builtin", help="builtin, gsm8k, mbpp (with --data-dir) or a JSONL file")
     traces.add_argument("--data-dir", type=Path, default=None)
     traces.add_argument("--num-prompts", type=POSITIVE_INT, default=200)
