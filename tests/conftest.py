@@ -107,3 +107,21 @@ def pretrain_command(out, steps, *extra):
     for item in [*TINY_RUN, f"train.max_steps={steps}", "train.save_every=5", "train.keep_last=10", *extra]:
         args += ["--set", item]
     return args
+
+
+def assert_resume_is_exact(trainer_cls, recipe, tmp_path, base_model, last_step: int, saved_step: int):
+    """A run killed after its step-`saved_step` checkpoint and resumed ends bitwise where a straight run ends;
+    returns the directory of the resumed run."""
+    import shutil
+
+    kwargs = {"echo": lambda _: None, "base_model": base_model}
+    straight = trainer_cls(recipe, tmp_path / "straight", **kwargs).run()
+    interrupted = tmp_path / "interrupted"
+    trainer_cls(recipe, interrupted, **kwargs).run()
+    for step in range(saved_step + 1, last_step + 1):
+        shutil.rmtree(interrupted / "checkpoints" / f"step-{step}", ignore_errors=True)
+    shutil.rmtree(interrupted / "model")
+    resumed = trainer_cls(recipe, interrupted, **kwargs).run(resume=True)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    return interrupted

@@ -197,7 +197,7 @@ def test_a_tiny_grpo_run_raises_the_reward(tmp_path):
 
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_grpo_resume_is_exact(tmp_path, iterations):
-    import shutil
+    from conftest import assert_resume_is_exact
 
     from moelm.train.grpo import GRPOTrainer
     from moelm.train.recipe import load_recipe
@@ -211,15 +211,7 @@ def test_grpo_resume_is_exact(tmp_path, iterations):
         "grpo.beta=0.04",  # with a reference model and stored old log-probs when iterations > 1
     ]
     recipe = load_recipe(None, overrides)
-    base = tmp_path / "base"
-    straight = GRPOTrainer(recipe, tmp_path / "a", echo=lambda _: None, base_model=base).run()
-    interrupted = tmp_path / "b"
-    GRPOTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run()
-    shutil.rmtree(interrupted / "checkpoints" / "step-6")  # as if killed after the step-3 checkpoint
-    shutil.rmtree(interrupted / "model")
-    resumed = GRPOTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run(resume=True)
-    for name, tensor in straight.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert_resume_is_exact(GRPOTrainer, recipe, tmp_path, tmp_path / "base", last_step=6, saved_step=3)
 
 
 # ---------------------------------------------------------------------------------------------- traces

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_resume_is_exact, tiny_config
 
 from moelm import MoELM
 from moelm.config import ConfigError
@@ -228,7 +228,6 @@ def test_tiny_sft_run_raises_held_out_exact_match(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("batching", ["pack", "pad"])
 def test_sft_resume_is_exact(tmp_path, tokenizer, batching):
-    import shutil
 
     from moelm.train.recipe import load_recipe
     from moelm.train.sft import SFTTrainer
@@ -252,14 +251,7 @@ def test_sft_resume_is_exact(tmp_path, tokenizer, batching):
         "log.progress=false",
     ]
     recipe = load_recipe(None, overrides)
-    straight = SFTTrainer(recipe, tmp_path / "a", echo=lambda _: None, base_model=base).run()
-    interrupted = tmp_path / "b"
-    SFTTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run()
-    shutil.rmtree(interrupted / "checkpoints" / "step-6")  # as if killed after the step-3 checkpoint
-    shutil.rmtree(interrupted / "model")
-    resumed = SFTTrainer(recipe, interrupted, echo=lambda _: None, base_model=base).run(resume=True)
-    for name, tensor in straight.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    interrupted = assert_resume_is_exact(SFTTrainer, recipe, tmp_path, base, last_step=6, saved_step=3)
     assert len((interrupted / "metrics.jsonl").read_text().splitlines()) == 6 // recipe.train.log_every + 2
 
 
