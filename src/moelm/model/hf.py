@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moelm.config import ModelConfig
 from moelm.files import atomic_path, atomic_write_text
 from moelm.model import fp8
 from moelm.model.layers import RotaryEmbedding
+from moelm.model.safetensors_reader import SafetensorsFile, SafetensorsFormatError
 
 if TYPE_CHECKING:  # the model class is passed in, so this module never imports the network it serialises
     from moelm.model.transformer import MoELM
@@ -179,12 +179,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _safe_open(file: Path):  # noqa: ANN202 - safetensors handle
-    """Open a safetensors file; a damaged or unreadable one is a CheckpointError naming the file."""
+def _safe_open(file: Path) -> SafetensorsFile:
+    """A safetensors file read with plain reads; a damaged or unreadable one is a CheckpointError naming it."""
     try:
-        return safe_open(str(file), framework="pt")
-    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) for damaged files
-        raise CheckpointError(f"{file}: unreadable safetensors file ({error}); re-save or re-download it") from None
+        return SafetensorsFile(file)
+    except SafetensorsFormatError as error:
+        raise CheckpointError(f"{error}; re-save or re-download it") from None
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -205,13 +205,12 @@ def _open_checkpoint(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{path}: no *.safetensors files (moelm never loads pickled .bin checkpoints)")
     located = {}
     for file in files:
-        with _safe_open(file) as handle:
-            located.update(dict.fromkeys(handle.keys(), file))
+        located.update(dict.fromkeys(_safe_open(file).keys(), file))
     return located
 
 
 class _TensorReader:
-    """Reads named tensors lazily from a set of safetensors files, keeping each file open once."""
+    """Reads named tensors lazily from a set of safetensors files (headers parsed once per file)."""
 
     def __init__(self, locations: dict[str, Path], fp8_block: tuple[int, int] | None = None) -> None:
         self.locations = locations
@@ -241,8 +240,8 @@ class _TensorReader:
             self.handles[file] = _safe_open(file)
         try:
             return self.handles[file].get_tensor(name)
-        except Exception as error:  # a tensor whose bytes lie past a truncated end
-            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({error}); the file is damaged") from None
+        except SafetensorsFormatError as error:  # a tensor whose bytes lie past a truncated end
+            raise CheckpointError(f"{error}; the file is damaged") from None
 
 
 def _assemble(name: str, parts: list[tuple[str, Callable]], target: torch.Tensor, reader: _TensorReader):
