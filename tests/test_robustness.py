@@ -390,3 +390,13 @@ def test_the_log_says_when_the_tokenizer_got_fewer_tokens_than_asked(tmp_path):
     model = trainer.run()
     note = next(line for line in lines if line.startswith("tokenizer: "))
     assert f"tokenizer: {model.config.vocab_size} tokens of data.vocab_size=4000 asked" in note
+
+
+def test_a_run_that_fails_during_set_up_leaves_nothing_that_blocks_the_rerun(tmp_path, capsys):
+    save_tiny_model_with_tokenizer(tmp_path / "model")  # a tokenizer the run copies in before reading data
+    out = tmp_path / "run"
+    bad = ["--set", f"data.source={tmp_path / 'missing.jsonl'}", "--set", f"data.tokenizer={tmp_path / 'model'}"]
+    assert main(["pretrain", "--out", str(out), *bad, "--set", "log.progress=false"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # the corrected command runs without --overwrite
+    assert _run(out) == 0

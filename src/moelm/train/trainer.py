@@ -230,8 +230,16 @@ class Trainer:
         or SIGTERM ends the current step, saves a checkpoint and raises TrainingInterrupted.
         """
         claim_output_dir(self.out_dir, resume, overwrite)
+        fresh = not resume and not (self.out_dir.is_dir() and any(self.out_dir.iterdir()))
         with StopOnSignal() as stop:
-            self.setup(resume)
+            try:
+                self.setup(resume)
+            except BaseException:
+                if fresh:  # a run that never started leaves nothing that would block the corrected rerun
+                    for name in (*RUN_ENTRIES, "cache"):
+                        path = self.out_dir / name
+                        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                raise
             train = self.recipe.train
             progress = _Progress(train.max_steps, self.state.step, self.recipe.log.progress)
             while self.state.step < train.max_steps:
