@@ -57,7 +57,9 @@ def load_prompts(sources: list[dict[str, Any]]) -> list[Prompt]:
                 tests = record.text.split("\n\n\n", 1)[1].strip().splitlines() if record.domain == "code" else None
                 prompts.append(Prompt(record.prompt, record.answer, record.domain, tests, record.difficulty))
         elif kind == "jsonl":
-            path = Path(str(source.get("path", "")))
+            if not source.get("path"):
+                raise ConfigError(f"grpo.sources[{number}] (jsonl) needs a path")
+            path = Path(str(source["path"]))
             for line, row in jsonl_records(path):
                 if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                     raise DataError(f"{path}:{line}: expected an object with a string 'prompt'")
@@ -198,7 +200,8 @@ class GRPOTrainer(SFTTrainer):
     ) -> dict[str, Any]:
         """`per_prompt` completions of each prompt in one left-padded batch, with masks for the loss."""
         grpo, model = self.recipe.grpo, self.model
-        encoded = [self.tokenizer.encode(self.prompt_text(p)).ids for p in prompts for _ in range(per_prompt)]
+        once = [self.tokenizer.encode(self.prompt_text(p)).ids for p in prompts]  # rendered and encoded once
+        encoded = [ids for ids in once for _ in range(per_prompt)]
         ids, mask = left_pad(encoded, model.config.pad_token_id or 0)
         was_training = model.training
         model.eval()
@@ -243,7 +246,7 @@ class GRPOTrainer(SFTTrainer):
             "tests": [p.tests for p in repeat],
             "completion_tokens": sample["completion_mask"].sum(1).tolist(),
         }
-        texts = [self.prompt_text(p) for p in repeat]
+        texts = [text for p in prompts for text in [self.prompt_text(p)] * per_prompt]
         code_prompts = [p.text for p in repeat]
         per_function = {}
         for name in grpo.rewards:

@@ -15,9 +15,9 @@ from typing import Any
 from moelm.eval.exact_match import normalise
 from moelm.eval.metrics import INVALID, gsm8k_flexible, gsm8k_strict
 from moelm.eval.sandbox import SandboxLimits, run_programs
+from moelm.infer.text import THINK_CLOSE, THINK_OPEN
 
 Reward = Callable[..., list[float | None]]
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 R1_FORMAT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)*</think>\s*(?:(?!<think>|</think>)\S)", re.DOTALL)
 
 

@@ -15,12 +15,11 @@ from typing import Any
 
 from moelm.data.sources import DataError, jsonl_records
 from moelm.eval.metrics import gsm8k_gold
-from moelm.infer.text import TextGenerator
+from moelm.infer.text import THINK_CLOSE, THINK_OPEN, TextGenerator
 from moelm.train.grpo import Prompt, load_prompts
 from moelm.train.rewards import accuracy_reward, answer_part, code_reward
 
 KEEP = ("correct", "best", "all")
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def trace_prompts(source: str, data_dir: Path | None, limit: int, seed: int) -> list[Prompt]:

@@ -69,7 +69,12 @@ def claim_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
             f"output directory {out_dir} is not empty ({shown}); pass --resume to continue that run, "
             "--overwrite to delete it and start over, or choose another --out"
         )
-    for name in RUN_ENTRIES:
+    remove_run_files(out_dir, RUN_ENTRIES)
+
+
+def remove_run_files(out_dir: Path, names: Sequence[str]) -> None:
+    """Delete the named files and folders of a run (and nothing else) from its output directory."""
+    for name in names:
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -236,9 +241,7 @@ class Trainer:
                 self.setup(resume)
             except BaseException:
                 if fresh:  # a run that never started leaves nothing that would block the corrected rerun
-                    for name in (*RUN_ENTRIES, "cache"):
-                        path = self.out_dir / name
-                        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                    remove_run_files(self.out_dir, (*RUN_ENTRIES, "cache"))
                 raise
             train = self.recipe.train
             progress = _Progress(train.max_steps, self.state.step, self.recipe.log.progress)
