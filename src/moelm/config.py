@@ -26,6 +26,10 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 ATTENTION_KINDS = ("mla", "gqa")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "loop")
 ROPE_TYPES = ("default", "yarn")
+# The HF architectures a directory may declare: V3 (and its relatives such as Moonlight) and V2 (softmax routing,
+# greedy or group-limited-greedy selection, no selection bias).
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 HIDDEN_ACTS = ("silu",)
 
 CHECKPOINTING_MODES = ("none", "full", "moe")
@@ -136,6 +140,7 @@ def coerce_fields(cls: type, values: dict[str, Any], prefix: str = "") -> dict[s
 class ModelConfig:
     """A DeepSeek-V3-style MoE decoder; defaults describe a tiny model, presets describe real shapes."""
 
+    model_type: str = "deepseek_v3"
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -151,6 +156,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
     kv_lora_rank: int = 64
     q_lora_rank: int | None = None
     qk_nope_head_dim: int = 32
@@ -212,6 +218,7 @@ class ModelConfig:
             "qk_rope_head_dim",
             "v_head_dim",
             "max_position_embeddings",
+            "moe_layer_freq",
         ]
         for name in positive:
             value = getattr(self, name)
@@ -221,6 +228,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(name, value, "a non-negative integer")
+        _choice("model_type", self.model_type, MODEL_TYPES)
         _choice("scoring_func", self.scoring_func, SCORING_FUNCS)
         _choice("attention", self.attention, ATTENTION_KINDS)
         _choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
@@ -236,7 +244,7 @@ class ModelConfig:
         if self.topk_group > self.n_group:
             _fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
         experts_per_group = self.n_routed_experts // self.n_group
-        if self.n_group > 1 and experts_per_group < 2:
+        if self.n_group > 1 and experts_per_group < 2 and self.scoring_func == "sigmoid":
             _fail("n_group", self.n_group, "a group size of at least 2 experts (group score sums the top-2)")
         if self.num_experts_per_tok > self.topk_group * experts_per_group:
             _fail(
@@ -320,8 +328,9 @@ class ModelConfig:
         return self.rope_scaling.get("type", self.rope_scaling.get("rope_type", "default"))
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        """HF semantics: layer i is MoE iff i >= first_k_dense_replace (MTP blocks count as later layers)."""
-        return layer_idx >= self.first_k_dense_replace
+        """DeepSeek's rule: layer i is MoE iff i >= first_k_dense_replace and i % moe_layer_freq == 0 (MTP
+        blocks count as later layers). transformers ignores moe_layer_freq; every published config has 1."""
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
 
     # ------------------------------------------------------------------ io
     @classmethod
@@ -362,8 +371,12 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Map an HF DeepseekV3 `config.json` (transformers 4.x or 5.x spelling) onto a ModelConfig."""
+        model_type = data.get("model_type", "deepseek_v3")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"unsupported model_type={model_type!r}: moelm loads one of {list(MODEL_TYPES)}")
         known = {f.name for f in fields(cls)} - set(MOELM_ONLY_FIELDS)
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        values["model_type"] = model_type
         values.pop("rope_scaling", None)
         rope = data.get("rope_parameters") or data.get("rope_scaling")
         if "rope_parameters" in data and data["rope_parameters"]:
@@ -379,18 +392,27 @@ class ModelConfig:
             values["eos_token_id"] = values["eos_token_id"][0]
         if values.get("num_key_value_heads") is None:
             values["num_key_value_heads"] = data.get("num_attention_heads", cls.num_key_value_heads)
-        if data.get("topk_method") == "greedy" and data.get("n_group") is None:
+        if model_type == "deepseek_v2":
+            # V2 scores with softmax and has no selection bias; "greedy" ignores any n_group the file states.
+            values["scoring_func"] = "softmax"
+            topk_method = data.get("topk_method", "greedy")
+            if topk_method not in V2_TOPK_METHODS:
+                raise ConfigError(f"invalid topk_method={topk_method!r}: must be one of {list(V2_TOPK_METHODS)}")
+            if topk_method == "greedy":
+                values["n_group"], values["topk_group"] = 1, 1
+        elif data.get("topk_method") == "greedy" and data.get("n_group") is None:
             values["n_group"], values["topk_group"] = 1, 1
         for name in ("n_group", "topk_group"):
             if values.get(name) is None:
                 values[name] = 1
-        if "scoring_func" in data and MOELM_CONFIG_KEY not in data:
+        if "scoring_func" in data and MOELM_CONFIG_KEY not in data and model_type == "deepseek_v3":
             values["scoring_func"] = data["scoring_func"]
         values.update(data.get(MOELM_CONFIG_KEY) or {})
         return cls(**values)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` transformers reads as DeepseekV3Config, with moelm-only options under 'moelm'."""
+        """The `config.json` transformers reads as DeepseekV3Config (or DeepseekV2Config for a V2 model), with
+        moelm-only options under 'moelm'."""
         out = {k: v for k, v in self.to_dict().items() if k not in MOELM_ONLY_FIELDS}
         rope_parameters: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_scaling:
@@ -398,25 +420,45 @@ class ModelConfig:
         out.pop("rope_scaling")
         out.pop("rope_theta")
         out["rope_parameters"] = rope_parameters
-        out["num_mtp_layers"] = self.num_nextn_predict_layers
-        out.update(
-            architectures=["DeepseekV3ForCausalLM"],
-            model_type="deepseek_v3",
-            topk_method="noaux_tc",
-            scoring_func=self.scoring_func,
-            rope_interleave=True,
-            torch_dtype="float32",
-        )
+        if self.model_type == "deepseek_v2":
+            out.pop("num_nextn_predict_layers")
+            out.update(
+                architectures=["DeepseekV2ForCausalLM"],
+                topk_method="group_limited_greedy" if self.n_group > 1 else "greedy",
+                scoring_func="softmax",
+                torch_dtype="float32",
+            )
+        else:
+            out["num_mtp_layers"] = self.num_nextn_predict_layers
+            out.update(
+                architectures=["DeepseekV3ForCausalLM"],
+                topk_method="noaux_tc",
+                scoring_func=self.scoring_func,
+                rope_interleave=True,
+                torch_dtype="float32",
+            )
         out[MOELM_CONFIG_KEY] = {name: getattr(self, name) for name in MOELM_ONLY_FIELDS}
         return out
 
     def hf_incompatibilities(self) -> list[str]:
         """Options a plain DeepseekV3 model cannot represent; export refuses while this is non-empty."""
         problems = []
-        if self.scoring_func != "sigmoid":
-            problems.append(f"scoring_func={self.scoring_func!r} (HF DeepseekV3 always routes with sigmoid)")
+        name = "DeepseekV2" if self.model_type == "deepseek_v2" else "DeepseekV3"
+        scoring = "softmax" if self.model_type == "deepseek_v2" else "sigmoid"
+        if self.scoring_func != scoring:
+            problems.append(f"scoring_func={self.scoring_func!r} (HF {name} always routes with {scoring})")
         if self.attention != "mla":
-            problems.append(f"attention={self.attention!r} (HF DeepseekV3 only has MLA attention)")
+            problems.append(f"attention={self.attention!r} (HF {name} only has MLA attention)")
+        if self.moe_layer_freq != 1:
+            problems.append(
+                f"moe_layer_freq={self.moe_layer_freq} (transformers makes every layer past the dense "
+                "ones MoE; DeepSeek's own code and moelm honour it)"
+            )
+        if self.model_type == "deepseek_v2":
+            if self.bias_update_rate > 0:
+                problems.append("bias_update_rate > 0 (DeepseekV2 has no e_score_correction_bias to store it in)")
+            if self.num_nextn_predict_layers:
+                problems.append("num_nextn_predict_layers > 0 (DeepseekV2 has no MTP layers)")
         return problems
 
     @classmethod

@@ -35,7 +35,7 @@ class TextGenerator:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
-        model = MoELM.from_pretrained(model_dir, dtype=dtype)
+        model = MoELM.from_pretrained(model_dir, dtype=dtype, mtp=False)
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs it to take text prompts")

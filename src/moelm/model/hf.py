@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # the model class is passed in, so this module never imports 
     from moelm.model.transformer import MoELM
 
 INDEX_FILE = "model.safetensors.index.json"
+V2_ABSENT_SUFFIX = ".e_score_correction_bias"  # V2 selects without a bias: not stored, loaded as zeros
 SINGLE_FILE = "model.safetensors"
 
 
@@ -70,6 +72,8 @@ def hf_tensor_plan(model: MoELM) -> Iterator[tuple[str, list[tuple[str, Callable
     config = model.config
     for name in model.state_dict():
         if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if config.model_type == "deepseek_v2" and name.endswith(V2_ABSENT_SUFFIX):
             continue
         hf_name = _hf_prefix(name, config)
         experts = _expert_parts(hf_name, config.n_routed_experts, config.moe_intermediate_size)
@@ -271,10 +275,38 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size) -> torch
     return tensor
 
 
+def _moe_layers_as_stored(config: ModelConfig, reader: _TensorReader, path: Path) -> ModelConfig:
+    """Trust the tensors over moe_layer_freq: transformers ignores the field and writes experts into every layer
+    past the dense ones, so such a directory loads that way (with a note) instead of failing on missing MLPs."""
+    if config.moe_layer_freq == 1:
+        return config
+    contradicted = [
+        i
+        for i in range(config.first_k_dense_replace, config.num_hidden_layers)
+        if not config.is_moe_layer(i) and f"model.layers.{i}.mlp.gate.weight" in reader
+    ]
+    if not contradicted:
+        return config
+    print(
+        f"note: {path} stores routed experts in layer(s) {contradicted}, which moe_layer_freq="
+        f"{config.moe_layer_freq} calls dense (transformers ignores the field); loading every layer from "
+        f"first_k_dense_replace={config.first_k_dense_replace} on as MoE",
+        file=sys.stderr,
+    )
+    return config.replace(moe_layer_freq=1)
+
+
 def load_pretrained(
-    model_cls: type[MoELM], path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    model_cls: type[MoELM],
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    mtp: bool = True,
 ) -> MoELM:
-    """Build `model_cls` on the meta device, then fill every tensor from the checkpoint (no random init)."""
+    """Build `model_cls` on the meta device, then fill every tensor from the checkpoint (no random init).
+
+    mtp=False leaves the multi-token-prediction layers on disk (inference never runs them), with a note.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -294,6 +326,13 @@ def load_pretrained(
             stacklevel=3,
         )
         config = config.replace(num_nextn_predict_layers=0)
+    elif config.num_nextn_predict_layers and not mtp:
+        print(
+            f"note: skipping {config.num_nextn_predict_layers} MTP layer(s) of {path} (not used for inference)",
+            file=sys.stderr,
+        )
+        config = config.replace(num_nextn_predict_layers=0)
+    config = _moe_layers_as_stored(config, reader, path)
     with torch.device("meta"):
         model = model_cls(config)
     dtype = dtype or (torch.bfloat16 if block is not None else torch.float32)  # FP8 checkpoints: bf16 default
@@ -304,6 +343,9 @@ def load_pretrained(
         tensor = _assemble(name, parts, torch.empty(target.shape, dtype=torch.float32), reader)
         keep_fp32 = name.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp.gate." in name
         state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    for name, buffer in meta_state.items():
+        if name.endswith(V2_ABSENT_SUFFIX) and name not in state and config.model_type == "deepseek_v2":
+            state[name] = torch.zeros(buffer.shape, dtype=torch.float32, device=device)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -333,10 +333,15 @@ class MoELM(nn.Module):
     # ------------------------------------------------------------------ HF directories
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        mtp: bool = True,
     ) -> MoELM:
-        """Load an HF DeepseekV3 (or moelm-saved) directory: config.json + safetensors, never pickles."""
-        return load_pretrained(cls, path, dtype=dtype, device=device)
+        """Load an HF DeepseekV3 / DeepseekV2 (or moelm-saved) directory: config.json + safetensors, never
+        pickles; mtp=False skips the MTP layers (inference does not run them)."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, mtp=mtp)
 
     def save_pretrained(
         self,
