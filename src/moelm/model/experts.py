@@ -18,6 +18,7 @@ from moelm.config import ModelConfig
 from moelm.model.dispatch import LocalDispatcher, TokenDispatcher
 from moelm.model.kernels import grouped_gemm
 from moelm.model.kernels.cpu import linear
+from moelm.model.layers import init_normal_
 from moelm.model.router import Routing
 
 
@@ -32,8 +33,8 @@ class RoutedExperts(nn.Module):
         hidden = config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_size, hidden))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, self.intermediate_size))
-        nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
-        nn.init.normal_(self.down_proj, std=config.initializer_range)
+        init_normal_(self.gate_up_proj, config.initializer_range)
+        init_normal_(self.down_proj, config.initializer_range)
         # Expert parallelism replaces this with a dispatcher that exchanges rows between ranks.
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self._backends: dict[tuple, str] = {}

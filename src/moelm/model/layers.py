@@ -15,8 +15,26 @@ from moelm.model.kernels.cpu import linear
 class Linear(nn.Linear):
     """nn.Linear routed through `linear` so CPU bf16 models stay fast; same parameters and state dict."""
 
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # random init of a meta tensor costs seconds of torch._refs import, for nothing
+            super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device (loading builds there, then reads weights)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+def init_normal_(tensor: torch.Tensor, std: float) -> None:
+    """Normal(0, std) init in place, skipped for meta tensors (they hold no data to fill)."""
+    if not tensor.is_meta:
+        nn.init.normal_(tensor, std=std)
 
 
 class RMSNorm(nn.Module):
@@ -106,10 +124,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig, dim: int) -> None:
         super().__init__()
-        if config.rope_type == "yarn":
-            inv_freq = _yarn_inv_freq(config, dim)
-        else:
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        with torch.device("cpu"):  # a few floats, computed for real even when the model is built on meta
+            if config.rope_type == "yarn":
+                inv_freq = _yarn_inv_freq(config, dim)
+            else:
+                inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_factor = rope_attention_factor(config)
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from moelm.config import ModelConfig
 from moelm.model.balance import assignment_counts, cv_squared, smooth_load
+from moelm.model.layers import init_normal_
 
 NOISE_EPS = 1e-2  # floor on the noise std, as in Shazeer et al.'s reference code, so the load CDF is defined
 
@@ -62,7 +63,7 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.scoring_func = config.scoring_func
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
-        nn.init.normal_(self.weight, std=config.initializer_range)
+        init_normal_(self.weight, config.initializer_range)
         self.load_loss_coef = config.load_loss_coef
         # Shazeer 2017 learned noise scale; zero-initialised as in the paper (noise std starts at softplus(0)).
         self.noise_weight = (

@@ -17,7 +17,7 @@ from moelm.model.attention import build_attention
 from moelm.model.cache import KVCache
 from moelm.model.experts import RoutedExperts
 from moelm.model.hf import load_pretrained, save_pretrained
-from moelm.model.layers import Linear, RMSNorm, RotaryEmbedding, SwiGLU
+from moelm.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU
 from moelm.model.moe import MoE
 from moelm.model.router import Router, Routing
 
@@ -130,7 +130,7 @@ class MoELM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
