@@ -181,7 +181,7 @@ class GRPOTrainer(SFTTrainer):
         super().setup(resume)
         self.reference = None
         if self.recipe.grpo.beta > 0:  # the frozen base model; none is held when beta is 0
-            self.reference = MoELM.from_pretrained(self.base_model).eval().requires_grad_(False)
+            self.reference = MoELM.from_pretrained(self.base_model, dtype=torch.float32).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ rollouts
     def prompt_text(self, prompt: Prompt) -> str:

@@ -210,7 +210,7 @@ class SFTTrainer(Trainer):
         return load_chat_template(self.base_model)
 
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
-        model = MoELM.from_pretrained(self.base_model)
+        model = MoELM.from_pretrained(self.base_model, dtype=torch.float32)
         if model.config.vocab_size < tokenizer.get_vocab_size():
             raise ConfigError(
                 f"base model vocab_size={model.config.vocab_size} is smaller than its tokenizer's "
@@ -265,7 +265,9 @@ class SFTTrainer(Trainer):
         if truncated:
             self.echo(f"{truncated} training example(s) longer than data.seq_len={seq_len} were truncated")
         if sft.difficulty == "loss":
-            scores = loss_difficulty(MoELM.from_pretrained(self.base_model).eval(), encoded, self.pad_id(tokenizer))
+            scores = loss_difficulty(
+                MoELM.from_pretrained(self.base_model, dtype=torch.float32).eval(), encoded, self.pad_id(tokenizer)
+            )
             for example, score in zip(encoded, scores, strict=True):
                 example.difficulty = score
         sampler = CurriculumSampler(

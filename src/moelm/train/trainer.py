@@ -295,7 +295,7 @@ class Trainer:
             self._truncate_metrics(0)
             return
         path, state = latest
-        self.model.load_state_dict(MoELM.from_pretrained(path / "model").state_dict())
+        self.model.load_state_dict(MoELM.from_pretrained(path / "model", dtype=torch.float32).state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.state = TrainState.from_checkpoint(state)
