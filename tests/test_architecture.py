@@ -14,7 +14,8 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 BOTTOM = {"moelm", "moelm.config", "moelm.constants", "moelm.files"}
 # package -> packages it must never import
 FORBIDDEN = {
-    "moelm.infer": ("moelm.train", "moelm.eval", "moelm.cli"),
+    "moelm.infer": ("moelm.train", "moelm.eval", "moelm.serve", "moelm.cli"),
+    "moelm.serve": ("moelm.train", "moelm.eval", "moelm.cli"),
     "moelm.eval": ("moelm.train", "moelm.cli"),
     "moelm.data": ("moelm.train", "moelm.model", "moelm.eval", "moelm.infer", "moelm.cli"),
     "moelm.train": ("moelm.cli",),

@@ -236,6 +236,7 @@ def _number(kind: type, allowed: str, ok: Callable[[float], bool]) -> Callable[[
 
 
 POSITIVE_INT = _number(int, "a positive integer", lambda v: v > 0)
+PORT = _number(int, "a port number in 1..65535", lambda v: 0 < v < 65536)
 NON_NEGATIVE_INT = _number(int, "a non-negative integer", lambda v: v >= 0)
 NON_NEGATIVE_FLOAT = _number(float, "a non-negative number", lambda v: v >= 0)
 POSITIVE_FLOAT = _number(float, "a positive number", lambda v: v > 0)
@@ -254,6 +255,28 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=MIN_P, default=0.0)
     parser.add_argument("--repetition-penalty", type=POSITIVE_FLOAT, default=1.0)
     parser.add_argument("--seed", type=SEED, default=None)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a model directory over the OpenAI HTTP API until interrupted."""
+    try:
+        from moelm.serve.app import ServerConfig, serve
+    except ImportError as error:
+        raise RuntimeError(
+            f"serving needs the serve extra ({error.name} is missing): pip install 'moelm[serve]'"
+        ) from None
+    from moelm.infer.text import TextGenerator
+
+    generator = TextGenerator.from_pretrained(args.model, dtype=_dtype(args.dtype))
+    config = ServerConfig(
+        model_name=args.served_model_name or args.model.resolve().name,
+        api_key=args.api_key or None,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
+    )
+    print(f"moelm: serving {args.model} as '{config.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(generator, config, args.host, args.port, args.log_level)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -432,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--compile", action="store_true", help=compile_help)
     chat.add_argument("--hide-think", action="store_true", help="hide <think> reasoning instead of dimming it")
     chat.set_defaults(func=cmd_chat)
+
+    server = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    server.add_argument("--model", required=True, type=Path, help="model directory with tokenizer.json")
+    server.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    server.add_argument("--port", type=PORT, default=8000)
+    server.add_argument(
+        "--api-key", default=os.environ.get("MOELM_API_KEY"), help="require this bearer key (default $MOELM_API_KEY)"
+    )
+    server.add_argument("--served-model-name", default=None, help="model id clients send (default: the dir name)")
+    server.add_argument("--max-batch", type=POSITIVE_INT, default=16, help="requests decoded together")
+    server.add_argument("--max-model-len", type=POSITIVE_INT, default=None, help="prompt + completion tokens")
+    server.add_argument("--max-waiting", type=POSITIVE_INT, default=256, help="queued requests before 429")
+    server.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    server.set_defaults(func=cmd_serve)
 
     pretrain = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
     _add_recipe_args(pretrain)

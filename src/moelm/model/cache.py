@@ -145,3 +145,69 @@ class KVCache:
         self.next_position -= dropped
         self.max_next_position = int(self.next_position.max())
         self.length = length
+
+    # ------------------------------------------------------------------ row bookkeeping for continuous batching
+    @property
+    def _slot_dim(self) -> int:
+        """Where the slot axis sits in the two cache tensors: [L, B, S, ...] for MLA, [L, B, H, S, D] for GQA."""
+        return 2 if self.config.attention == "mla" else 3
+
+    def _index(self, rows: int | slice | torch.Tensor, slots: slice | torch.Tensor) -> tuple:
+        """Index selecting (rows, slots) of either cache tensor, whatever the layout."""
+        index = [slice(None), rows] + [slice(None)] * (self._slot_dim - 2) + [slots]
+        return tuple(index)
+
+    def view(self, rows: int, slots: int) -> KVCache:
+        """A cache over the first `rows` rows and `slots` slots of this one, sharing storage (no copy): decode
+        steps run on it so attention reads only the slots in use, and its writes land here."""
+        index = self._index(slice(0, rows), slice(0, slots))
+        view = KVCache.from_tensors(
+            self.config,
+            self.latent_or_keys[index],
+            self.rope_key_or_values[index],
+            self.valid[:rows, :slots],
+            self.next_position[:rows],
+        )
+        view.length = self.length
+        view.max_next_position = int(self.next_position[:rows].max()) if rows else 0
+        return view
+
+    def place_rows(self, source: KVCache, rows: list[int], end: int) -> None:
+        """Copy every row of `source` (a prefill's cache, batch = len(rows)) into `rows` here, its slots ending
+        at slot `end`; earlier slots of those rows become invalid and `length` grows to at least `end`."""
+        width = source.length
+        if end > self.capacity or width > end:
+            raise CacheCapacityError(f"cannot place {width} slots ending at {end} in a cache of {self.capacity}")
+        row_index = torch.tensor(rows, device=self.valid.device)
+        index = self._index(row_index, slice(end - width, end))
+        self.latent_or_keys[index] = source.latent_or_keys[self._index(slice(None), slice(0, width))]
+        self.rope_key_or_values[index] = source.rope_key_or_values[self._index(slice(None), slice(0, width))]
+        self.valid[row_index] = False
+        self.valid[row_index, end - width : end] = source.valid[:, :width]
+        self.next_position[row_index] = source.next_position
+        self.length = max(self.length, end)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source` (slots in use, validity, position) over row `target`."""
+        used = slice(0, self.length)
+        for tensor in (self.latent_or_keys, self.rope_key_or_values):
+            tensor[self._index(target, used)] = tensor[self._index(source, used)]
+        self.valid[target] = self.valid[source]
+        self.next_position[target] = self.next_position[source]
+
+    def compact(self, rows: int) -> None:
+        """Shift each of the first `rows` rows' valid slots to the right end of the shortest prefix that holds
+        them all, so `length` becomes the longest row's count of real tokens. Decode attends through the
+        validity mask and keys carry their RoPE positions, so slot order within a row does not matter."""
+        counts = self.valid[:rows].sum(1)
+        new_length = int(counts.max()) if rows else 0
+        for row in range(rows):
+            kept = self.valid[row].nonzero().squeeze(1)
+            target = torch.arange(new_length - len(kept), new_length, device=self.valid.device)
+            for tensor in (self.latent_or_keys, self.rope_key_or_values):
+                moved = tensor[self._index(row, kept)].clone()
+                tensor[self._index(row, target)] = moved
+            self.valid[row] = False
+            self.valid[row, target] = True
+        self.valid[rows:] = False
+        self.length = new_length

@@ -1,0 +1,484 @@
+"""The OpenAI-compatible HTTP app: validated requests -> the engine's queue -> (streamed) OpenAI responses.
+
+The engine runs in its own thread; handlers only tokenize (in a worker thread), submit, and await the events the
+engine posts back onto the event loop, so no request can block the decode loop or the HTTP side. Every error a
+client can cause is a 4xx with the OpenAI envelope; a stream that fails after it began ends with a
+`data: {"error": ...}` chunk and `data: [DONE]`. A request whose client goes away is cancelled and its cache row
+freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moelm.data.chat import ChatFormatError
+from moelm.infer.engine import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    Engine,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineRequest,
+    TokenEvent,
+)
+from moelm.infer.text import THINK_OPEN, TextGenerator
+from moelm.serve.metrics import ServerMetrics
+from moelm.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    invalid,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+from moelm.serve.text_stream import Parts, TextStream
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MAX_BODY_BYTES = 8 * 2**20
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+@dataclass
+class ServerConfig:
+    """How `moelm serve` was asked to run."""
+
+    model_name: str
+    api_key: str | None = None
+    max_batch: int = 16
+    max_model_len: int | None = None
+    max_waiting: int = 256
+
+
+@dataclass
+class Choice:
+    """One completion of a request: its engine request, text state and timing."""
+
+    index: int
+    prompt_tokens: int
+    text: TextStream
+    engine_request: EngineRequest | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenEvent] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class Server:
+    """State shared by the handlers: the generator (model + tokenizer), the engine and the metrics."""
+
+    def __init__(self, generator: TextGenerator, config: ServerConfig) -> None:
+        self.generator = generator
+        self.config = config
+        self.engine = Engine(
+            generator.model,
+            generator.eos_ids(),
+            max_batch=config.max_batch,
+            max_model_len=config.max_model_len,
+            max_waiting=config.max_waiting,
+            on_finish=lambda request, reason: self.metrics.finished_request(reason),
+            on_step=lambda stats: self.metrics.engine_step(stats),
+        )
+        self.metrics = ServerMetrics(self.engine.expert_counts, config.model_name)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ checks
+    def authorize(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.config.api_key.encode()):
+            raise APIError(
+                401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.config.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def token_budget(self, request: GenerationRequest, prompt_len: int, default: int | None) -> int:
+        """max_tokens for a prompt of this length: the request's, else the default, within the model length."""
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise invalid(
+                "messages" if isinstance(request, ChatRequest) else "prompt",
+                f"the prompt is {prompt_len} tokens; this model's length is {limit}",
+            )
+        room = limit - prompt_len
+        if request.max_tokens is not None:
+            if request.max_tokens > room:
+                raise invalid(
+                    "max_tokens",
+                    f"{request.max_tokens} new tokens + {prompt_len} prompt tokens exceed the model length {limit}",
+                )
+            return request.max_tokens
+        return min(default, room) if default is not None else room
+
+    # ------------------------------------------------------------------ running a request
+    def start_choices(
+        self,
+        request: GenerationRequest,
+        prompts: list[list[int]],
+        budgets: list[int],
+        streams: list[Callable[[], TextStream]],
+        queue: asyncio.Queue,
+    ) -> list[Choice]:
+        """Submit n choices per prompt; events arrive on `queue` as (choice index, event)."""
+        loop = asyncio.get_running_loop()
+        choices: list[Choice] = []
+        for p, prompt in enumerate(prompts):
+            for k in range(request.n):
+                index = p * request.n + k
+                choice = Choice(index, len(prompt), streams[p]())
+                seed = None if request.seed is None else (request.seed + k) % 2**63
+                choice.engine_request = EngineRequest(
+                    prompt,
+                    budgets[p],
+                    self._event_sink(choice, loop, queue),
+                    params=request.params,
+                    seed=seed,
+                    stop=choice.text.stopped if choice.text.stop else None,
+                    logprobs=request.logprobs,
+                )
+                choices.append(choice)
+        try:
+            for choice in choices:
+                self.engine.submit(choice.engine_request)
+        except EngineOverloadedError as error:
+            self.cancel(choices)
+            raise APIError(429, f"server overloaded: {error}; retry later", code="overloaded") from None
+        except EngineDeadError as error:
+            self.cancel(choices)
+            raise APIError(503, str(error), code="engine_dead") from None
+        return choices
+
+    def _event_sink(self, choice: Choice, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):  # noqa: ANN202
+        """The engine-thread callback: timing metrics here (exact), the event handed to the event loop."""
+
+        def on_event(event: TokenEvent) -> None:
+            now = time.perf_counter()
+            if event.token is not None:
+                if choice.first_token_at is None:
+                    choice.first_token_at = now
+                    self.metrics.ttft.observe(now - choice.engine_request.submitted_at)
+                else:
+                    self.metrics.itl.observe(now - choice.last_token_at)
+                choice.last_token_at = now
+            if event.finish_reason is not None:
+                self.metrics.e2e.observe(now - choice.engine_request.submitted_at)
+            loop.call_soon_threadsafe(queue.put_nowait, (choice.index, event))
+
+        return on_event
+
+    def cancel(self, choices: list[Choice]) -> None:
+        for choice in choices:
+            if choice.finish_reason is None and choice.engine_request is not None:
+                self.engine.cancel(choice.engine_request)
+
+    @staticmethod
+    def apply(choice: Choice, event: TokenEvent) -> None:
+        if event.token is not None:
+            choice.tokens.append(event.token)
+            if event.logprob is not None:
+                choice.logprobs.append(event)
+        if event.finish_reason is not None:
+            choice.finish_reason = event.finish_reason
+            choice.error = event.error
+
+    # ------------------------------------------------------------------ response pieces
+    def token_text(self, token: int) -> str:
+        return self.generator.tokenizer.decode([token], skip_special_tokens=False)
+
+    def completion_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
+        tokens = [self.token_text(e.token) for e in events]
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top_logprobs} for e in events],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top_logprobs]}
+                for e in events
+            ]
+        }
+
+
+def _finish_reason(choice: Choice) -> str:
+    return "length" if choice.finish_reason == "length" else "stop"
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving `generator`'s model; the engine starts and stops with the app's lifespan."""
+    server = Server(generator, config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="moelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        wrapped = APIError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None)
+        return JSONResponse(wrapped.body(), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        wrapped = APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error")
+        return JSONResponse(wrapped.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not server.engine.alive:
+            raise APIError(503, "the engine has stopped", code="engine_dead")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        card = {
+            "id": config.model_name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "moelm",
+            "max_model_len": server.engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+        return parse_json(raw)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        parsed = parse_completion(await read_body(request))
+        server.check_model(parsed.model)
+        prompts = [await run_in_threadpool(_encode, generator, p) for p in parsed.prompts]
+        budgets = [server.token_budget(parsed, len(p), COMPLETION_DEFAULT_MAX_TOKENS) for p in prompts]
+        streams = [lambda: TextStream(generator, parsed.stop) for _ in prompts]
+        return await _respond(server, request, parsed, prompts, budgets, streams, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        parsed = parse_chat(await read_body(request))
+        server.check_model(parsed.model)
+        try:
+            text = generator.chat_prompt(parsed.messages)
+        except ChatFormatError as error:
+            raise invalid("messages", str(error)) from None
+        prompt = await run_in_threadpool(_encode, generator, text)
+        budget = server.token_budget(parsed, len(prompt), None)
+        starts_inside = text.rstrip().endswith(THINK_OPEN)
+        streams = [lambda: TextStream(generator, parsed.stop, split_reasoning=True, starts_in_reasoning=starts_inside)]
+        return await _respond(server, request, parsed, [prompt], [budget], streams, chat=True)
+
+    return app
+
+
+def _encode(generator: TextGenerator, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        vocab = generator.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise invalid("prompt", f"token ids must be in [0, {vocab - 1}]")
+        return prompt
+    ids = generator.tokenizer.encode(prompt).ids
+    if not ids:
+        raise invalid("prompt", "encodes to no tokens")
+    return ids
+
+
+async def _respond(
+    server: Server,
+    http: Request,
+    request: CompletionRequest | ChatRequest,
+    prompts: list[list[int]],
+    budgets: list[int],
+    streams: list[Callable[[], TextStream]],
+    chat: bool,
+) -> Response:
+    queue: asyncio.Queue = asyncio.Queue()
+    choices = server.start_choices(request, prompts, budgets, streams, queue)
+    prompt_tokens = sum(len(p) for p in prompts)
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    if request.stream:
+        events = _stream_events(server, request, choices, queue, response_id, prompt_tokens, chat)
+        return StreamingResponse(events, media_type="text/event-stream")
+    try:
+        await _wait_all(server, http, choices, queue)
+    finally:
+        server.cancel(choices)
+    failed = [c for c in choices if c.finish_reason == FINISH_ERROR]
+    if failed:
+        raise APIError(500, failed[0].error or "generation failed", code="internal_error")
+    body: dict[str, Any] = {
+        "id": response_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": server.config.model_name,
+        "choices": [_full_choice(server, c, request, chat) for c in choices],
+        "usage": _usage(prompt_tokens, choices),
+    }
+    return JSONResponse(body)
+
+
+async def _wait_all(server: Server, http: Request, choices: list[Choice], queue: asyncio.Queue) -> None:
+    """Collect events until every choice finished; a client that went away cancels the rest."""
+    open_choices = len(choices)
+    while open_choices:
+        try:
+            index, event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_SECONDS)
+        except asyncio.TimeoutError:
+            if await http.is_disconnected():
+                return
+            continue
+        server.apply(choices[index], event)
+        if event.finish_reason is not None:
+            open_choices -= 1
+
+
+def _full_choice(server: Server, choice: Choice, request: GenerationRequest, chat: bool) -> dict[str, Any]:
+    parts = choice.text.full(choice.tokens)
+    logprobs = None
+    if request.logprobs is not None:
+        logprobs = server.chat_logprobs(choice.logprobs) if chat else server.completion_logprobs(choice.logprobs)
+    out: dict[str, Any] = {"index": choice.index, "logprobs": logprobs, "finish_reason": _finish_reason(choice)}
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": parts.content}
+        if parts.reasoning:
+            message["reasoning_content"] = parts.reasoning
+        out["message"] = message
+    else:
+        out["text"] = parts.content
+    return out
+
+
+async def _stream_events(
+    server: Server,
+    request: GenerationRequest,
+    choices: list[Choice],
+    queue: asyncio.Queue,
+    response_id: str,
+    prompt_tokens: int,
+    chat: bool,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    base = {
+        "id": response_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": server.config.model_name,
+    }
+    usage_field = {"usage": None} if request.include_usage else {}
+
+    def chunk(choice: Choice, parts: Parts | None, events: list[TokenEvent], finish: str | None, role: bool = False):
+        entry: dict[str, Any] = {"index": choice.index}
+        logprobs = None
+        if request.logprobs is not None and events:
+            logprobs = server.chat_logprobs(events) if chat else server.completion_logprobs(events)
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if parts is not None and parts.content:
+                delta["content"] = parts.content
+            if parts is not None and parts.reasoning:
+                delta["reasoning_content"] = parts.reasoning
+            entry["delta"] = delta
+        else:
+            entry["text"] = parts.content if parts is not None else ""
+        entry.update(logprobs=logprobs, finish_reason=finish)
+        return {**base, "choices": [entry], **usage_field}
+
+    try:
+        if chat:
+            for choice in choices:
+                yield _sse(chunk(choice, None, [], None, role=True))
+        open_choices = len(choices)
+        while open_choices:
+            index, event = await queue.get()
+            choice = choices[index]
+            server.apply(choice, event)
+            if event.finish_reason == FINISH_ERROR:
+                yield _sse(APIError(500, event.error or "generation failed", code="internal_error").body())
+                yield _sse("[DONE]")
+                return
+            if event.finish_reason == FINISH_ABORT:
+                open_choices -= 1
+                continue
+            final = event.finish_reason is not None
+            parts = choice.text.delta(choice.tokens, final=final)
+            events = [event] if event.logprob is not None else []
+            if parts.content or parts.reasoning or events:
+                yield _sse(chunk(choice, parts, events, None))
+            if final:
+                open_choices -= 1
+                yield _sse(chunk(choice, None, [], _finish_reason(choice)))
+        if request.include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, choices)})
+        yield _sse("[DONE]")
+    finally:
+        server.cancel(choices)
+
+
+def serve(
+    generator: TextGenerator, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
+    """Run the app with uvicorn until interrupted (Ctrl-C stops the engine and the server cleanly)."""
+    import uvicorn
+
+    uvicorn.run(create_app(generator, config), host=host, port=port, log_level=log_level)

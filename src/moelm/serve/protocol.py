@@ -1,0 +1,269 @@
+"""OpenAI request schemas: JSON bodies checked field by field into typed requests, or an APIError naming the field.
+
+Validation is written out rather than left to FastAPI/pydantic so that every invalid request is a 400 with the
+OpenAI error envelope and a one-line message that names the parameter (FastAPI's default would be a 422 with a
+list of pydantic errors). Unknown parameters are refused by name, as OpenAI's API does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from moelm.infer.sampling import SamplingParams
+
+MAX_N = 16
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+_COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+
+
+class APIError(Exception):
+    """An error answered with `status` and the OpenAI envelope {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+        }.get(self.status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str) -> APIError:
+    return APIError(400, f"invalid '{param}': {message}", param=param, code="invalid_value")
+
+
+@dataclass
+class GenerationRequest:
+    """What both endpoints share once validated."""
+
+    model: str | None
+    max_tokens: int | None
+    params: SamplingParams
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    prompts: list[str | list[int]] = field(default_factory=list)
+
+
+@dataclass
+class ChatRequest(GenerationRequest):
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 naming what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise invalid(name, f"must be a number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise invalid(name, f"must be in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise invalid(name, f"must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise invalid("stop", "must be a non-empty string or a list of non-empty strings")
+    if len(stops) > MAX_STOP:
+        raise invalid("stop", f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+    return stops
+
+
+def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens") -> dict[str, Any]:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid("model", f"must be a string, got {model!r}")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if _number(body, penalty, 0.0, -2.0, 2.0) != 0.0:
+            raise invalid(penalty, "is not supported by moelm's server (use repetition_penalty); only 0 is accepted")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
+        raise invalid("stream_options", "must be an object with the single key include_usage")
+    include_usage = _boolean(options or {}, "include_usage")
+    stream = _boolean(body, "stream")
+    if options is not None and not stream:
+        raise invalid("stream_options", "is only allowed with stream: true")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise invalid("user", "must be a string")
+    try:
+        params = SamplingParams(
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+            top_k=_integer(body, "top_k", 0, 0) or 0,
+            min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+        )
+    except ValueError as error:  # ranges SamplingParams itself refuses (min_p = 1)
+        raise APIError(400, str(error), code="invalid_value") from None
+    max_tokens = _integer(body, max_tokens_name, None, 1)
+    return dict(
+        model=model,
+        max_tokens=max_tokens,
+        params=params,
+        n=_integer(body, "n", 1, 1, MAX_N),
+        stop=_stop(body),
+        seed=_integer(body, "seed", None, -(2**63), 2**63 - 1),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def parse_completion(body: dict[str, Any]) -> CompletionRequest:
+    """POST /v1/completions: prompt is a string, a list of strings, a list of token ids or a list of those."""
+    common = _common(body, COMPLETION_FIELDS)
+    if "prompt" not in body:
+        raise APIError(400, "missing required parameter 'prompt'", param="prompt", code="missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(_token_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise invalid("prompt", "must be a string, a list of strings, a list of token ids, or a list of those")
+    if any(p == "" for p in prompts):
+        raise invalid("prompt", "must not be empty")
+    if _boolean(body, "echo"):
+        raise invalid("echo", "echo is not supported by moelm's server")
+    if body.get("suffix") is not None:
+        raise invalid("suffix", "suffix (fill-in-the-middle) is not supported by moelm's server")
+    if _integer(body, "best_of", 1, 1, 1) != 1:
+        raise invalid("best_of", "only 1 is supported")
+    logprobs = _integer(body, "logprobs", None, 0, 5)
+    return CompletionRequest(**common, logprobs=logprobs, prompts=prompts)
+
+
+def _token_list(value: Any) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def parse_chat(body: dict[str, Any]) -> ChatRequest:
+    """POST /v1/chat/completions: messages with roles and text content (a string or a list of text parts)."""
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise invalid("max_tokens", "give max_tokens or max_completion_tokens, not both")
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    common = _common(body, CHAT_FIELDS, name)
+    if "messages" not in body:
+        raise APIError(
+            400, "missing required parameter 'messages'", param="messages", code="missing_required_parameter"
+        )
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "must be a non-empty list of {role, content} objects")
+    parsed = [_message(i, m) for i, m in enumerate(messages)]
+    logprobs = None
+    if _boolean(body, "logprobs"):
+        logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        raise invalid("top_logprobs", "needs logprobs: true")
+    return ChatRequest(**common, logprobs=logprobs, messages=parsed)
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise invalid(where, "must be an object with role and content")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise invalid(f"{where}.role", f"must be one of {list(CHAT_ROLES)}, got {role!r}")
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise invalid(f"{where}.content", "parts must be {type: text, text: ...} (moelm models read text)")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise invalid(f"{where}.content", "must be a string or a list of text parts")
+    extra = sorted(set(message) - {"role", "content", "name", "reasoning_content"})
+    if extra:
+        raise invalid(where, f"unrecognized key(s) {extra}")
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    if isinstance(message.get("reasoning_content"), str):
+        out["reasoning"] = message["reasoning_content"]
+    return out
