@@ -58,6 +58,7 @@ class EngineRequest:
     seed: int | None = None
     stop: Callable[[list[int]], bool] | None = None  # new tokens so far -> stop here?
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's and the top k
+    ignore_eos: bool = False  # run to max_new_tokens (load tests with fixed output lengths)
     request_id: int = field(default_factory=itertools.count().__next__)
     # engine-side state
     new_tokens: list[int] = field(default_factory=list)
@@ -266,7 +267,9 @@ class Engine:
                 if request.logprobs:
                     top = logprobs_BV[i].topk(request.logprobs)
                     event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            if token in self.eos or (request.stop is not None and request.stop(request.new_tokens)):
+            if (token in self.eos and not request.ignore_eos) or (
+                request.stop is not None and request.stop(request.new_tokens)
+            ):
                 event.finish_reason = FINISH_STOP
             elif len(request.new_tokens) >= request.max_new_tokens:
                 event.finish_reason = FINISH_LENGTH

@@ -161,6 +161,7 @@ class Server:
                     seed=seed,
                     stop=choice.text.stopped if choice.text.stop else None,
                     logprobs=request.logprobs,
+                    ignore_eos=request.ignore_eos,
                 )
                 choices.append(choice)
         try:

@@ -35,6 +35,7 @@ _COMMON = {
     "top_k",
     "min_p",
     "repetition_penalty",
+    "ignore_eos",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -78,6 +79,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
 
 @dataclass
@@ -184,6 +186,7 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens") 
         seed=_integer(body, "seed", None, -(2**63), 2**63 - 1),
         stream=stream,
         include_usage=include_usage,
+        ignore_eos=_boolean(body, "ignore_eos"),
     )
 
 
