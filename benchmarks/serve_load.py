@@ -2,10 +2,11 @@
 
 A random small-preset model (float32) is saved with a tokenizer, `python -m moelm serve` runs it in a child
 process, and for each concurrency level N (1, 4, 16, 64) N streaming clients each send the same number of
-requests with fixed prompt and output lengths (token-id prompts, `ignore_eos`, `logprobs: 0` so every token is its own chunk). Per request: TTFT, TPOT =
-(E2EL - TTFT) / (output tokens - 1), every inter-token gap (ITL) and E2EL; per level: percentiles and the
-aggregate output tokens/s. The baseline is offline `generate` at batch 16 on the same prompts in this process,
-timed while the server is idle, so "server / offline" at 16 streams is the serving overhead.
+requests with fixed prompt and output lengths (token-id prompts, `ignore_eos`, and `logprobs: 0` so that every
+token arrives as its own chunk). Per request: TTFT, TPOT = (E2EL - TTFT) / (output tokens - 1), every
+inter-token gap (ITL) and E2EL; per level: percentiles and the aggregate output tokens/s. The baseline is offline
+`generate` at batch 16 on the same prompts in this process, timed while the server is idle, so "server /
+offline" at 16 streams is the serving overhead.
 
     python benchmarks/serve_load.py [--preset small --prompt-len 64 --output-len 64 --levels 1,4,16,64]
 """

@@ -11,7 +11,7 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 # The floor below everything: modules any package may import.
-BOTTOM = {"moelm", "moelm.config", "moelm.constants", "moelm.files"}
+BOTTOM = {"moelm", "moelm.config", "moelm.constants", "moelm.files", "moelm.devices"}
 # package -> packages it must never import
 FORBIDDEN = {
     "moelm.infer": ("moelm.train", "moelm.eval", "moelm.serve", "moelm.cli"),
@@ -19,6 +19,7 @@ FORBIDDEN = {
     "moelm.eval": ("moelm.train", "moelm.cli"),
     "moelm.data": ("moelm.train", "moelm.model", "moelm.eval", "moelm.infer", "moelm.cli"),
     "moelm.train": ("moelm.cli",),
+    "moelm.dist": ("moelm.train", "moelm.eval", "moelm.infer", "moelm.serve", "moelm.cli"),
 }
 
 

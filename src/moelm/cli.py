@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -123,6 +124,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"saved HF DeepseekV3 directory to {args.save}")
 
 
+def _device(spec: str):  # noqa: ANN202 - torch.device
+    """--device checked against this machine before the model loads."""
+    from moelm.devices import resolve_device
+
+    return resolve_device(spec)
+
+
 def _sampling(args: argparse.Namespace):  # noqa: ANN202 - SamplingParams
     from moelm.infer.sampling import SamplingParams
 
@@ -133,7 +141,7 @@ def _load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
     """The model directory as a TextGenerator, its decode step compiled when --compile asks for it."""
     from moelm.infer.text import TextGenerator
 
-    generator = TextGenerator.from_pretrained(args.model, dtype=_dtype(args.dtype))
+    generator = TextGenerator.from_pretrained(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
     generator.model.eval()
     if args.compile:
         generator.compile()
@@ -236,6 +244,15 @@ def _number(kind: type, allowed: str, ok: Callable[[float], bool]) -> Callable[[
 
 
 POSITIVE_INT = _number(int, "a positive integer", lambda v: v > 0)
+
+
+def DEVICE(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
+    """--device: auto, cpu, cuda or cuda:N (whether it exists here is checked when the model loads)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 PORT = _number(int, "a port number in 1..65535", lambda v: 0 < v < 65536)
 NON_NEGATIVE_INT = _number(int, "a non-negative integer", lambda v: v >= 0)
 NON_NEGATIVE_FLOAT = _number(float, "a non-negative number", lambda v: v >= 0)
@@ -248,6 +265,7 @@ SEED = _number(int, "an integer in 0..2**63-1", lambda v: 0 <= v < 2**63)
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model directory with tokenizer.json")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
+    parser.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--max-new-tokens", type=POSITIVE_INT, default=64)
     parser.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="0 = off")
@@ -267,7 +285,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ) from None
     from moelm.infer.text import TextGenerator
 
-    generator = TextGenerator.from_pretrained(args.model, dtype=_dtype(args.dtype))
+    generator = TextGenerator.from_pretrained(args.model, dtype=_dtype(args.dtype), device=_device(args.device))
     config = ServerConfig(
         model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key or None,
@@ -459,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     server.add_argument("--model", required=True, type=Path, help="model directory with tokenizer.json")
     server.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
+    server.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     server.add_argument("--port", type=PORT, default=8000)
     server.add_argument(
@@ -488,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate on GSM8K/MMLU/BBH/HumanEval/MBPP/built-in tasks")
     evaluate.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")
     evaluate.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
+    evaluate.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     evaluate.add_argument(
         "--tasks",
         default="builtin",
@@ -521,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     traces = data.add_parser("traces", help="rejection-sample verified reasoning traces from a model (SFT records)")
     traces.add_argument("--model", type=Path, required=True, help="teacher model directory")
     traces.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
+    traces.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     traces.add_argument("--source", default="builtin", help="builtin, gsm8k, mbpp (with --data-dir) or a JSONL file")
     traces.add_argument("--data-dir", type=Path, default=None)
     traces.add_argument("--num-prompts", type=POSITIVE_INT, default=200)

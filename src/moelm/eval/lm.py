@@ -51,6 +51,7 @@ class EvalModel:
         for first in range(0, len(order), self.batch_size):
             rows = order[first : first + self.batch_size]
             ids, mask = left_pad([encoded[i] for i in rows], model.config.pad_token_id or 0)
+            ids, mask = ids.to(self.generator.device), mask.to(self.generator.device)
 
             def hit_stop(_row: int, tokens: list[int]) -> bool:
                 tail = self.generator.tokenizer.decode(tokens[-24:], skip_special_tokens=False)
@@ -101,7 +102,9 @@ class EvalModel:
             for r, key in enumerate(rows):
                 ids[r, : len(key)] = torch.tensor(key)
                 mask[r, : len(key)] = 1
-            logprobs = F.log_softmax(model(ids, attention_mask=mask).logits.float(), dim=-1)
+            device = self.generator.device
+            logprobs = F.log_softmax(model(ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+            logprobs = logprobs.cpu()
             done = 0
             for r, key in enumerate(rows):
                 for i in sharing[key]:

@@ -34,12 +34,18 @@ class TextGenerator:
     compiled: CompiledDecode | None = None  # set by compile(): decode steps run through a compiled graph
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype | None = None) -> TextGenerator:
-        model = MoELM.from_pretrained(model_dir, dtype=dtype, mtp=False)
+    def from_pretrained(
+        cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> TextGenerator:
+        model = MoELM.from_pretrained(model_dir, dtype=dtype, device=device, mtp=False)
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs it to take text prompts")
         return cls(model, load_tokenizer_file(tokenizer_file), load_chat_template(model_dir))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     def compile(self, backend: str = "auto") -> TextGenerator:
         """Run decode steps through a compiled graph from now on (see moelm.infer.compiled)."""
@@ -93,7 +99,7 @@ class TextGenerator:
 
         steps = stream(
             self.model,
-            torch.tensor([ids]),
+            torch.tensor([ids], device=self.device),
             max_new_tokens,
             params,
             eos_token_id=self.eos_ids(),
@@ -123,6 +129,7 @@ class TextGenerator:
         """Completions for a batch of prompts (left-padded into one batch)."""
         encoded = [self.tokenizer.encode(p).ids for p in prompts]
         ids, mask = left_pad(encoded)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         kwargs.setdefault("compiled", self.compiled)
         out = generate(self.model, ids, max_new_tokens, attention_mask=mask, eos_token_id=self.eos_ids(), **kwargs)
         return [self.detokenize(row, skip_special_tokens) for row in out[:, ids.shape[1] :].tolist()]

@@ -40,7 +40,8 @@ class RoutedExperts(nn.Module):
         self._backends: dict[tuple, str] = {}
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if routing.dropped_TK is None and not torch.is_grad_enabled() and routing.expert_ids_TK.numel() <= 4:
+        local = isinstance(self.dispatcher, LocalDispatcher)  # expert parallelism holds only some experts here
+        if local and routing.dropped_TK is None and not torch.is_grad_enabled() and routing.expert_ids_TK.numel() <= 4:
             return self._gathered(x_TH, routing.expert_ids_TK, routing.weights_TK)  # a token or two: no sort
         rows_RH, counts_E, plan = self.dispatcher.dispatch(x_TH, routing)
         out_RH = self.compute(rows_RH, counts_E)

@@ -37,6 +37,10 @@ class MoELMOutput:
     hidden_states: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per kind, mean over MoE layers
     balance_loss: torch.Tensor | None = None  # sum of aux_losses (already in `loss`)
+    # Predicted-token counts behind each mean (LM, then each MTP depth): data parallelism re-weights the ranks'
+    # means by them so the gradient is that of the global batch's mean.
+    lm_tokens: torch.Tensor | None = None
+    mtp_terms: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (loss, tokens) per depth
 
 
 class Block(nn.Module):
@@ -208,9 +212,12 @@ class MoELM(nn.Module):
         out = MoELMOutput(logits=logits, routing=routing, hidden_states=hidden)
         if labels is not None:
             out.lm_loss = causal_lm_loss(logits, labels)
+            out.lm_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
             out.loss = out.lm_loss
             if len(self.mtp):
-                out.mtp_loss = self._mtp_loss(input_ids, labels, hidden, position_ids, mask, token_mask, routing)
+                out.mtp_loss = self._mtp_loss(
+                    input_ids, labels, hidden, position_ids, mask, token_mask, routing, out.mtp_terms
+                )
                 out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
         out.aux_losses = average_layer_losses(routing)
         if out.aux_losses:
@@ -257,6 +264,7 @@ class MoELM(nn.Module):
         mask: torch.Tensor | None,
         token_mask: torch.Tensor | None,
         routing: dict[int, Routing],
+        terms: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Mean over depths of the CE of depth k predicting t_{i+k+1} (the λ weight is applied by forward)."""
         seq_len = input_ids.shape[1]
@@ -281,6 +289,8 @@ class MoELM(nn.Module):
                 shifted = targets[:, 1:].masked_fill(~visible, IGNORE_INDEX)
                 targets = torch.cat((targets[:, :1], shifted), dim=1)
             losses.append(causal_lm_loss(logits, targets))
+            if terms is not None:
+                terms.append((losses[-1], (targets[:, 1:] != IGNORE_INDEX).sum()))
         if not losses:
             return hidden.new_zeros(())
         return torch.stack(losses).mean()

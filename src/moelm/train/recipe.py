@@ -7,6 +7,7 @@ with a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,21 @@ class TrainSection:
     log_every: int = 10
     max_skipped: int = 5
     dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N; under torchrun cuda:LOCAL_RANK
     compile: bool = False  # torch.compile the model for training
     reuse_freed_memory: bool = True  # glibc: keep freed step buffers for reuse (moelm.train.allocator)
+
+
+@dataclass
+class ParallelSection:
+    """Multi-process training under torchrun; ignored (one process, no process group) without it."""
+
+    expert_degree: int = 1  # ranks one expert layer is spread over (expert parallelism); divides world and experts
+    fsdp: bool | None = None  # shard parameters, gradients and optimizer state; default: on when world > 1
+    reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)
+    backend: str | None = None  # gloo | nccl; default: nccl on CUDA, gloo on CPU
+    timeout_s: float = 300.0  # a collective that waits longer fails every rank instead of hanging
+    global_balance_loss: bool = False  # aux losses on expert counts all-reduced over ranks (else per micro-batch)
 
 
 @dataclass
@@ -129,6 +143,7 @@ class Recipe:
     log: LogSection
     sft: SFTSection = field(default_factory=SFTSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def validate(self) -> None:
         """Cross-section checks that dataclass defaults cannot express."""
@@ -149,6 +164,31 @@ class Recipe:
             ("train.save_every", self.train.save_every, self.train.save_every > 0, "a positive integer"),
             ("train.keep_last", self.train.keep_last, self.train.keep_last > 0, "a positive integer"),
             ("train.dtype", self.train.dtype, self.train.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+            (
+                "train.device",
+                self.train.device,
+                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.train.device) is not None,
+                "auto, cpu, cuda or cuda:N",
+            ),
+            (
+                "parallel.expert_degree",
+                self.parallel.expert_degree,
+                self.parallel.expert_degree > 0,
+                "a positive integer",
+            ),
+            (
+                "parallel.backend",
+                self.parallel.backend,
+                self.parallel.backend in (None, "gloo", "nccl"),
+                "null (by device), gloo or nccl",
+            ),
+            ("parallel.timeout_s", self.parallel.timeout_s, self.parallel.timeout_s > 0, "a positive number"),
+            (
+                "parallel.expert_degree",
+                self.parallel.expert_degree,
+                self.model.n_routed_experts % self.parallel.expert_degree == 0,
+                f"a divisor of model.n_routed_experts={self.model.n_routed_experts}",
+            ),
             ("train.eval_every", self.train.eval_every, self.train.eval_every > 0, "a positive integer"),
             ("train.eval_batches", self.train.eval_batches, self.train.eval_batches > 0, "a positive integer"),
             ("train.log_every", self.train.log_every, self.train.log_every > 0, "a positive integer"),
@@ -247,6 +287,7 @@ SECTIONS = {
     "log": LogSection,
     "sft": SFTSection,
     "grpo": GRPOSection,
+    "parallel": ParallelSection,
 }
 
 

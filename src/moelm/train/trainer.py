@@ -13,6 +13,7 @@ weights as one that never stopped.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -29,6 +30,7 @@ from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
 from moelm.data.pretraining import CorpusSpec, packed_batches
 from moelm.data.sources import iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, save_tokenizer_file, special_id, train_tokenizer
+from moelm.dist.runtime import init_parallel
 from moelm.files import atomic_write_text
 from moelm.model.transformer import MoELM
 from moelm.train.allocator import reuse_freed_memory
@@ -152,10 +154,24 @@ class TrainState:
         return cls(step=int(state["step"]), cursor=int(state["cursor"]), skipped=int(state["skipped"]))
 
 
-def language_model_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
-    """The default loss: what the model returns for labelled inputs (LM + MTP + balance losses)."""
+def language_model_loss(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], token_weight: Callable | None = None
+) -> tuple[torch.Tensor, dict, dict]:
+    """The default loss: what the model returns for labelled inputs (LM + MTP + balance losses).
+
+    token_weight (data parallelism): maps a rank's predicted-token count for one term to the factor that makes
+    the rank's mean that term's share of the global mean; each term (LM, each MTP depth) is weighted by its own.
+    """
     out = model(**inputs)
-    return out.loss, _loss_values(out), out.routing
+    loss = out.loss
+    if token_weight is not None and out.lm_loss is not None:
+        loss = out.lm_loss * token_weight(out.lm_tokens)
+        if out.mtp_terms:
+            mtp = sum(term * token_weight(tokens) for term, tokens in out.mtp_terms) / len(out.mtp_terms)
+            loss = loss + model.config.mtp_loss_weight * mtp
+        if out.balance_loss is not None:
+            loss = loss + out.balance_loss
+    return loss, _loss_values(out), out.routing
 
 
 @dataclass
@@ -205,10 +221,10 @@ class Trainer:
         return DEFAULT_CHAT_TEMPLATE
 
     def loss(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], token_weight: Callable | None = None
     ) -> tuple[torch.Tensor, dict[str, float], dict]:
         """The training objective `run` hands to `train_step`: the language-model loss."""
-        return language_model_loss(model, inputs)
+        return language_model_loss(model, inputs, token_weight)
 
     def extra_state(self) -> dict[str, Any]:
         """What a subclass must add to a checkpoint to resume exactly (plain tensors and containers)."""
@@ -244,11 +260,12 @@ class Trainer:
                     remove_run_files(self.out_dir, (*RUN_ENTRIES, "cache"))
                 raise
             train = self.recipe.train
-            progress = _Progress(train.max_steps, self.state.step, self.recipe.log.progress)
+            progress = _Progress(train.max_steps, self.state.step, self.recipe.log.progress and self.context.is_main)
             while self.state.step < train.max_steps:
-                if stop.requested is not None:
+                requested = self._agreed_stop(stop.requested)
+                if requested is not None:
                     progress.close()
-                    self._stop(stop.requested)
+                    self._stop(requested)
                 micro_batches = [self.batches.train_batch(self.state.cursor + i) for i in range(train.grad_accum)]
                 self.state.cursor += train.grad_accum
                 record = self.train_step(micro_batches, self.loss)
@@ -260,18 +277,41 @@ class Trainer:
     def setup(self, resume: bool = False) -> None:
         """Tokenizer, batches, model, optimizer, balancer and state: fresh, or restored from the newest intact
         checkpoint when `resume`."""
-        recipe, train = self.recipe, self.recipe.train
+        recipe, train, parallel = self.recipe, self.recipe.train, self.recipe.parallel
         if train.reuse_freed_memory:
             reuse_freed_memory()
-        self.tokenizer = self.prepare_tokenizer()
-        self.batches = self.prepare_batches(self.tokenizer)
+        self.context = init_parallel(
+            train.device,
+            parallel.expert_degree,
+            parallel.fsdp,
+            parallel.reshard_after_forward,
+            parallel.backend,
+            parallel.timeout_s,
+            recipe.model.n_routed_experts,
+        )
+        if not self.context.is_main:
+            self.echo = lambda _line: None  # rank 0 alone prints, logs and writes
+        with self._main_rank_first():  # tokenizer files and the data cache are written once, then read
+            self.tokenizer = self.prepare_tokenizer()
+            self.batches = self.prepare_batches(self.tokenizer)
+        if self.context.distributed and train.batch_size % self.context.world_size:
+            raise ValueError(
+                f"train.batch_size={train.batch_size} must be a multiple of the world size {self.context.world_size}"
+                " (each rank reads an equal share of the global batch)"
+            )
+        latest = load_latest(self.out_dir, warn=_warn) if resume else None
         self.model = self.build_model(self.tokenizer).train()
+        if latest is not None:
+            self.model.load_state_dict(MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32).state_dict())
+        self.model.to(self.context.device)
+        if self.context.distributed:
+            self._parallelize()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=recipe.optim.lr,
             betas=(recipe.optim.beta1, recipe.optim.beta2),
             weight_decay=recipe.optim.weight_decay,
-            fused=True,
+            fused=None if self.context.distributed else True,  # sharded parameters take the foreach path
         )
         self.balancer = None
         if self.model.config.bias_update_rate > 0:
@@ -281,28 +321,79 @@ class Trainer:
         self.state = TrainState()
         self.saved_step: int | None = None
         if resume:
-            self._resume()
-        atomic_write_text(self.out_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
+            self._resume(latest)
+        if self.context.is_main:
+            atomic_write_text(self.out_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
         self.peak_flops = measured_peak_flops()
         self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
         self.monitor = CollapseMonitor()
         self.forward = torch.compile(self.model) if train.compile else self.model
 
-    def _resume(self) -> None:
-        latest = load_latest(self.out_dir, warn=_warn)
+    def _resume(self, latest: tuple[Path, dict[str, Any]] | None) -> None:
+        """Optimizer, RNG and trainer state of the checkpoint whose weights setup() loaded."""
         if latest is None:
             self.echo("no checkpoint to resume from; starting fresh")
-            self._truncate_metrics(0)
+            if self.context.is_main:
+                self._truncate_metrics(0)
             return
         path, state = latest
-        self.model.load_state_dict(MoELM.from_pretrained(path / "model", dtype=torch.float32).state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        if self.context.distributed:
+            from moelm.dist.sharding import load_full_optimizer_state
+
+            load_full_optimizer_state(self.optimizer, self.model, state["optimizer"], self.context)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        rank_states = state.get("rank_rng_states")
+        if rank_states is not None and len(rank_states) == self.context.world_size:
+            torch.set_rng_state(rank_states[self.context.rank])
+        else:  # another world size: same seed stream per rank as a fresh run would have
+            torch.set_rng_state(state["torch_rng"])
         self.state = TrainState.from_checkpoint(state)
         self.load_extra_state(state)
         self.saved_step = self.state.step
-        self._truncate_metrics(self.state.step)
+        if self.context.is_main:
+            self._truncate_metrics(self.state.step)
         self.echo(f"resumed from {path} at step {self.state.step}")
+
+    def _parallelize(self) -> None:
+        """Split the routed experts over the expert group, then shard with FSDP2 (see moelm.dist)."""
+        from moelm.dist.expert_parallel import shard_experts
+        from moelm.dist.sharding import apply_fsdp
+
+        context = self.context
+        if context.expert_degree > 1:
+            shard_experts(self.model, context.ep_group, context.expert_degree, context.ep_rank)
+        if context.fsdp:
+            apply_fsdp(self.model, context)
+
+    def _main_rank_first(self):  # noqa: ANN202 - a context manager
+        """Rank 0 runs the block first (it may write files), the others after it (they read them)."""
+        import contextlib
+
+        import torch.distributed as dist
+
+        @contextlib.contextmanager
+        def ordered():  # noqa: ANN202
+            if not self.context.distributed:
+                yield
+                return
+            if not self.context.is_main:
+                dist.barrier()
+            yield
+            if self.context.is_main:
+                dist.barrier()
+
+        return ordered()
+
+    def _agreed_stop(self, requested: int | None) -> int | None:
+        """A signal seen by any rank stops every rank at the same step (else the collectives would hang)."""
+        if not self.context.distributed:
+            return requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([requested or 0], device=self.context.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None
 
     def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn = language_model_loss) -> dict | None:
         """One optimizer step over the micro-batches (gradients accumulated, then clipped).
@@ -323,17 +414,32 @@ class Trainer:
             enabled=recipe.train.dtype == "bfloat16",
         )
         routing: dict = {}
+        distributed = self.context.distributed
+        if distributed:
+            from moelm.dist.sharding import average_gradients, clip_grad_norm, reduce_mean, shard_batch, token_share
         for inputs, batch_metrics in micro_batches:
             batch_metrics = dict(batch_metrics)
             tokens += batch_metrics.pop("tokens")
+            inputs = {k: v.to(self.context.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            if distributed:
+                inputs = shard_batch(inputs, self.context)
             with autocast:
-                loss, loss_metrics, routing = loss_fn(self.forward, inputs)
+                if distributed and "token_weight" in inspect.signature(loss_fn).parameters:
+                    loss, loss_metrics, routing = loss_fn(self.forward, inputs, token_share(self.context))
+                else:
+                    loss, loss_metrics, routing = loss_fn(self.forward, inputs)
             (loss / len(micro_batches)).backward()
             if self.balancer is not None:
                 self.balancer.observe(routing)
             for name, value in {**loss_metrics, **batch_metrics}.items():
                 totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
+        if distributed:
+            totals = reduce_mean(totals, self.context)
+            if not self.context.fsdp:
+                average_gradients(self.model, self.context)
+            grad_norm = clip_grad_norm(self.model, recipe.optim.grad_clip, self.context)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
         if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
             self._skip_non_finite()
             return None
@@ -383,18 +489,34 @@ class Trainer:
         if step % train.log_every == 0 or step == train.max_steps or step % train.eval_every == 0:
             # Router telemetry costs a host read per layer: gathered only for the steps that are written.
             record.update(routing_metrics(self.last_routing, self.model, per_expert=False))
-            self._log(record)
+            if self.context.is_main:
+                self._log(record)
         if step % train.save_every == 0 or step == train.max_steps:
             self.save()
 
     def finish(self) -> MoELM:
         """Save OUT/model (weights, tokenizer, chat template) and print the final samples."""
         model = self.model.eval()
-        model.save_pretrained(self.out_dir / "model")
-        save_tokenizer_file(self.tokenizer, self.out_dir / "model" / "tokenizer.json")
-        save_chat_template(self.out_dir / "model", self.chat_template())
-        self.print_samples(model, self.tokenizer)
-        return model
+        saved = self._full_model() if self.context.distributed else model
+        if self.context.is_main:
+            saved.save_pretrained(self.out_dir / "model")
+            save_tokenizer_file(self.tokenizer, self.out_dir / "model" / "tokenizer.json")
+            save_chat_template(self.out_dir / "model", self.chat_template())
+            self._print_samples(saved, self.tokenizer)
+        return saved if self.context.is_main else model
+
+    def _full_model(self) -> MoELM:
+        """An unsharded copy of the model on the CPU (every rank takes part in the gathers)."""
+        from moelm.dist.sharding import full_model_state
+
+        state = full_model_state(self.model, self.context)
+        with torch.device("meta"):
+            full = MoELM(self.model.config)
+        full.load_state_dict(state, assign=True)
+        if full.config.tie_word_embeddings:
+            full.lm_head.weight = full.embed_tokens.weight
+        full.rotary = type(full.rotary)(full.config, full.rotary.inv_freq.shape[0] * 2)
+        return full.eval()
 
     def _stop(self, signum: int) -> None:
         """Checkpoint the last finished step (unless it is saved already) and raise TrainingInterrupted."""
@@ -413,7 +535,18 @@ class Trainer:
         return metrics
 
     def print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
-        """Greedy continuations of the recipe's sample prompts."""
+        """Greedy continuations of the recipe's sample prompts (under torchrun: rank 0 generates with a gathered
+        copy, since sharded layers cannot run in inference mode and generation lengths differ per prompt)."""
+        if not self.recipe.log.sample_prompts or not self.recipe.log.sample_tokens:
+            return
+        if self.context.distributed:
+            full = self._full_model()
+            if self.context.is_main:
+                self._print_samples(full, tokenizer)
+            return
+        self._print_samples(model, tokenizer)
+
+    def _print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
         from moelm.infer.text import TextGenerator
 
         was_training = model.training
@@ -425,16 +558,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ io
     def save(self) -> None:
-        """A checkpoint of the current step: weights, optimizer, RNG and TrainState."""
+        """A checkpoint of the current step: weights, optimizer, RNG and TrainState (under torchrun: the full,
+        unsharded state in the one-process layout, gathered by every rank and written by rank 0)."""
+        model, optimizer_state = self.model, self.optimizer.state_dict()
+        rank_rng_states = [torch.get_rng_state()]
+        if self.context.distributed:
+            import torch.distributed as dist
+
+            from moelm.dist.sharding import full_optimizer_state
+
+            model = self._full_model()
+            optimizer_state = full_optimizer_state(self.optimizer, self.model, self.context)
+            rank_rng_states = [None] * self.context.world_size
+            dist.all_gather_object(rank_rng_states, torch.get_rng_state())
         state = {
             **self.state.to_checkpoint(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "torch_rng": torch.get_rng_state(),
+            "rank_rng_states": rank_rng_states,
             **self.extra_state(),
         }
-        save_checkpoint(
-            self.out_dir, self.state.step, self.model, state, self.tokenizer_file, self.recipe.train.keep_last
-        )
+        if self.context.is_main:
+            save_checkpoint(
+                self.out_dir, self.state.step, model, state, self.tokenizer_file, self.recipe.train.keep_last
+            )
+        if self.context.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
         self.saved_step = self.state.step
 
     def _log(self, record: dict[str, float]) -> None:

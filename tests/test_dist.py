@@ -1,0 +1,175 @@
+"""Scale-out on torch.distributed, on CPU with gloo: 2 processes started by torchrun against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import pretrain_command, tiny_config
+
+from moelm import MoELM
+from moelm.devices import DeviceError, resolve_device
+from moelm.dist.runtime import ParallelSetupError, init_parallel
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def pretrain(out, steps: int, *extra: str, ranks: int = 1, resume: bool = False) -> subprocess.CompletedProcess:
+    command = pretrain_command(out, steps, "train.save_every=2", *extra) + (["--resume"] if resume else [])
+    if ranks > 1:
+        command = [*TORCHRUN, "-m", "moelm", *command[3:]]
+    result = run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return MoELM.from_pretrained(directory).state_dict()
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_model(a, b, atol: float = 1e-4) -> None:
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    worst = max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+    assert worst < atol, worst
+
+
+WORKER = str(Path(__file__).with_name("dist_worker.py"))
+STEP = ["model.bias_update_rate=0.01", "train.grad_accum=2"]
+
+
+def one_step(tmp_path, name: str, *overrides: str, ranks: int = 1) -> dict:
+    result = tmp_path / f"{name}.pt"
+    command = [WORKER, str(tmp_path / name), str(result), *STEP, *overrides]
+    command = [*TORCHRUN, *command] if ranks > 1 else [sys.executable, *command]
+    completed = run(command)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return torch.load(result, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def single_step(tmp_path_factory):
+    return one_step(tmp_path_factory.mktemp("single"), "single")
+
+
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        ["parallel.fsdp=true"],
+        ["parallel.expert_degree=2", "parallel.fsdp=false"],
+        ["parallel.expert_degree=2", "parallel.fsdp=true"],
+        ["parallel.fsdp=false"],
+    ],
+    ids=["fsdp", "ep2", "ep2+fsdp", "replicated"],
+)
+def test_one_step_on_two_ranks_has_the_gradients_of_one_process(single_step, tmp_path, parallel):
+    """Same global batch (2 micro-batches, each split over the ranks): loss, every gradient, the clipped norm
+    and the aux-free bias update equal the one-process step."""
+    step = one_step(tmp_path, "two", *parallel, ranks=2)
+    assert step["loss"] == pytest.approx(single_step["loss"], rel=1e-5)
+    assert step["grad_norm"] == pytest.approx(single_step["grad_norm"], rel=1e-5)
+    assert step["grads"].keys() == single_step["grads"].keys()
+    for name, grad in single_step["grads"].items():
+        torch.testing.assert_close(step["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for name, bias in single_step["biases"].items():
+        assert bias.abs().sum() > 0
+        torch.testing.assert_close(step["biases"][name], bias, atol=0, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference run for the checkpoint tests: 4 steps in one process."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    pretrain(out, 4, "model.bias_update_rate=0.01", "train.log_every=1")
+    return out
+
+
+def test_four_steps_on_two_ranks_end_at_the_loss_of_one_process(single, tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, 4, "model.bias_update_rate=0.01", "train.log_every=1", "parallel.expert_degree=2", ranks=2)
+    assert losses(out) == pytest.approx(losses(single), rel=1e-4)
+    assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoints" / "step-4").is_dir()
+
+
+def test_checkpoints_reshard_between_two_ranks_and_one(single, tmp_path):
+    """Saved on 2 ranks at step 2, resumed on 1 (and the reverse): the run ends where the one-process run does."""
+    two_then_one = tmp_path / "a"
+    pretrain(two_then_one, 2, "model.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2)
+    pretrain(two_then_one, 4, "model.bias_update_rate=0.01", "train.log_every=1", resume=True)
+    assert_same_model(two_then_one / "model", single / "model")
+    one_then_two = tmp_path / "b"
+    pretrain(one_then_two, 2, "model.bias_update_rate=0.01")
+    pretrain(one_then_two, 4, "model.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2, resume=True)
+    assert_same_model(one_then_two / "model", single / "model")
+
+
+def test_expert_degree_that_does_not_divide_fails_on_every_rank_with_one_line(tmp_path):
+    command = [*TORCHRUN, "-m", "moelm", *pretrain_command(tmp_path / "x", 2, "parallel.expert_degree=4")[3:]]
+    result = run(command, timeout=120)
+    assert result.returncode != 0
+    assert "parallel.expert_degree=4 must divide the world size 2" in result.stderr
+
+
+def test_expert_degree_must_divide_the_experts():
+    command = pretrain_command("unused", 2, "parallel.expert_degree=3")
+    result = run(command, timeout=60)
+    assert result.returncode == 2 and "must be a divisor of model.n_routed_experts=8" in result.stderr
+
+
+def test_missing_rendezvous_variables_are_named(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ParallelSetupError, match="'RANK'.*launch with torchrun"):
+        init_parallel("cpu")
+
+
+def test_expert_parallelism_needs_torchrun():
+    with pytest.raises(ParallelSetupError, match="needs 2 processes"):
+        init_parallel("cpu", expert_degree=2)
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def test_device_selection_on_a_machine_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(DeviceError, match="must be auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+
+
+def test_device_selection_with_cuda_follows_the_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match="cuda:2 does not exist: this machine has 2"):
+        resolve_device("cuda:2")
+
+
+def test_device_flags_are_validated_before_loading(tmp_path):
+    MoELM(tiny_config()).save_pretrained(tmp_path)
+    result = run(
+        [sys.executable, "-m", "moelm", "generate", "--model", str(tmp_path), "--prompt", "x", "--device", "tpu"]
+    )
+    assert result.returncode == 2 and "--device" in result.stderr
+    result = run(
+        [sys.executable, "-m", "moelm", "generate", "--model", str(tmp_path), "--prompt", "x", "--device", "cuda"]
+    )
+    assert result.returncode == 2 and "no CUDA device" in result.stderr and "Traceback" not in result.stderr
