@@ -173,3 +173,75 @@ def test_device_flags_are_validated_before_loading(tmp_path):
         [sys.executable, "-m", "moelm", "generate", "--model", str(tmp_path), "--prompt", "x", "--device", "cuda"]
     )
     assert result.returncode == 2 and "no CUDA device" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _start(out, steps: int, *extra: str, resume: bool = False) -> subprocess.Popen:
+    command = pretrain_command(out, steps, "train.save_every=2", *extra) + (["--resume"] if resume else [])
+    command = [*TORCHRUN, "-m", "moelm", *command[3:]]
+    return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    import time
+
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
+def test_a_rank_that_dies_mid_run_stops_the_others_instead_of_hanging(tmp_path):
+    process = _start(tmp_path / "run", 400)
+    _wait_for(tmp_path / "run" / "checkpoints" / "step-2", process)
+    workers = _children(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], 9)
+    try:
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    assert code != 0
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_on_two_ranks_is_bitwise_identical(tmp_path):
+    straight = tmp_path / "straight"
+    pretrain(straight, 6, "parallel.expert_degree=2", ranks=2)
+    killed = tmp_path / "killed"
+    process = _start(killed, 6, "parallel.expert_degree=2")
+    _wait_for(killed / "checkpoints" / "step-2", process)
+    os.killpg(process.pid, 9)
+    process.wait()
+    assert not (killed / "model").exists()
+    pretrain(killed, 6, "parallel.expert_degree=2", ranks=2, resume=True)
+    first, second = weights(straight / "model"), weights(killed / "model")
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+
+
+def test_export_writes_a_checkpoint_as_a_model_directory(single, tmp_path):
+    from moelm.cli import main
+
+    checkpoint = single / "checkpoints" / "step-2"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    exported, saved = weights(tmp_path / "hf"), weights(checkpoint / "model")
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 2  # not empty
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2

@@ -297,6 +297,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(generator, config, args.host, args.port, args.log_level)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a training checkpoint (verified against its manifest) as an HF model directory."""
+    import shutil
+
+    from moelm.files import DamagedFileError, verify_manifest
+    from moelm.model.transformer import MoELM
+
+    checkpoint = args.checkpoint
+    if not (checkpoint / "model" / "config.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: not a moelm checkpoint (expected {checkpoint}/model/config.json)")
+    if (checkpoint / "manifest.json").is_file():
+        try:
+            verify_manifest(checkpoint)
+        except DamagedFileError as error:
+            raise ValueError(f"--checkpoint {checkpoint}: {error}") from None
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace the model files in it")
+    model = MoELM.from_pretrained(checkpoint / "model", dtype=_dtype(args.dtype))
+    model.save_pretrained(args.out, max_shard_bytes=args.max_shard_size, quantization=args.quantization)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (checkpoint / "model" / name).is_file():
+            shutil.copyfile(checkpoint / "model" / name, args.out / name)
+    print(f"exported {checkpoint} to {args.out}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Pre-train from a recipe into OUT (checkpoints, metrics.jsonl, model/), optionally resuming."""
     from moelm.train.recipe import load_recipe
@@ -489,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-waiting", type=POSITIVE_INT, default=256, help="queued requests before 429")
     server.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     server.set_defaults(func=cmd_serve)
+
+    export = sub.add_parser("export", help="write a training checkpoint as an HF model directory")
+    export.add_argument("--checkpoint", required=True, type=Path, help="OUT/checkpoints/step-N")
+    export.add_argument("--out", required=True, type=Path, help="the HF directory to write")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
+    export.add_argument("--dtype", choices=DTYPES, default=None, help="store the weights in this dtype")
+    export.add_argument("--max-shard-size", default="5GB", help="split into shards of at most this size")
+    export.add_argument("--quantization", choices=("fp8",), default=None, help="DeepSeek's block-scaled FP8")
+    export.set_defaults(func=cmd_export)
 
     pretrain = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
     _add_recipe_args(pretrain)

@@ -449,7 +449,14 @@ class Trainer:
         state.step += 1
         self.monitor.update(routing)
         self.last_routing = routing
-        tokens_per_s = tokens / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        tokens_per_s = tokens / elapsed
+        exchange = {}
+        if distributed and self.context.expert_degree > 1:
+            from moelm.dist.expert_parallel import take_exchange_stats
+
+            stats = take_exchange_stats(self.model)
+            exchange = {"dist/a2a_bytes_sent": stats.bytes_sent, "dist/a2a_time_share": stats.seconds / elapsed}
         return {
             "step": state.step,
             **totals,
@@ -458,6 +465,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
             "skipped_steps": state.skipped,
+            **exchange,
         }
 
     def _skip_non_finite(self) -> None:

@@ -1,0 +1,98 @@
+"""Data- and expert-parallel scaling on one machine: 1 process x T threads against T processes x 1 thread.
+
+Each configuration runs `moelm pretrain` (small preset by default) for a few steps in its own output directory,
+in turn: one process with all threads, then torchrun with one thread per rank under FSDP only and under expert
+parallelism (EP = ranks). Tokens/s is the median over the steps after the first two (rank 0's step time for the
+global batch). For the EP run the trainer logs the all-to-all bytes that left each rank and the share of the step
+spent in the exchanges; the analytical count per step is 4 exchanges (dispatch + combine, forward + backward)
+x tokens per rank x k x hidden x 4 bytes x (P-1)/P per MoE layer, for uniform routing.
+
+    python benchmarks/scaling.py [--preset small --ranks 2 --steps 8 --batch 8 --seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from moelm import load_config
+
+
+def run(out: Path, args: argparse.Namespace, ranks: int, *extra: str) -> dict[str, float]:
+    settings = [
+        f"model.preset={args.preset}",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch}",
+        f"data.seq_len={args.seq}",
+        "data.builtin_records=3000",
+        "data.vocab_size=2048",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        f"train.save_every={args.steps}",
+        "log.progress=false",
+        "log.sample_tokens=0",
+        *extra,
+    ]
+    command = ["-m", "moelm", "pretrain", "--out", str(out)]
+    for item in settings:
+        command += ["--set", item]
+    env = dict(os.environ)
+    if ranks > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *command]
+    else:
+        env["OMP_NUM_THREADS"] = str(args.ranks)
+        command = [sys.executable, *command]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = records[2:] or records
+    summary = {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1)}
+    if "dist/a2a_bytes_sent" in timed[0]:
+        summary["a2a_bytes_per_step"] = statistics.median(r["dist/a2a_bytes_sent"] for r in timed)
+        summary["a2a_time_share"] = round(statistics.median(r["dist/a2a_time_share"] for r in timed), 3)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args()
+    config = load_config(args.preset)
+    with tempfile.TemporaryDirectory() as root:
+        one = run(Path(root) / "one", args, 1)
+        fsdp = run(Path(root) / "fsdp", args, args.ranks, "parallel.fsdp=true")
+        ep = run(Path(root) / "ep", args, args.ranks, "parallel.fsdp=true", f"parallel.expert_degree={args.ranks}")
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
+    tokens_per_rank = args.batch * args.seq // args.ranks
+    analytical = (
+        4 * tokens_per_rank * config.num_experts_per_tok * config.hidden_size * 4 * (args.ranks - 1) / args.ranks
+    ) * moe_layers
+    summary = {
+        "preset": args.preset,
+        "global_batch_tokens": args.batch * args.seq,
+        f"1x{args.ranks}_threads_tok_s": one["tokens_per_s"],
+        f"{args.ranks}x1_fsdp_tok_s": fsdp["tokens_per_s"],
+        f"{args.ranks}x1_ep{args.ranks}_fsdp_tok_s": ep["tokens_per_s"],
+        "fsdp_over_threads": round(fsdp["tokens_per_s"] / one["tokens_per_s"], 3),
+        "ep_over_threads": round(ep["tokens_per_s"] / one["tokens_per_s"], 3),
+        "a2a_bytes_per_step_measured": ep.get("a2a_bytes_per_step"),
+        "a2a_bytes_per_step_analytical": int(analytical),
+        "a2a_time_share": ep.get("a2a_time_share"),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
