@@ -1,11 +1,12 @@
 """Data- and expert-parallel scaling on one machine: 1 process x T threads against T processes x 1 thread.
 
 Each configuration runs `moelm pretrain` (small preset by default) for a few steps in its own output directory,
-in turn: one process with all threads, then torchrun with one thread per rank under FSDP only and under expert
-parallelism (EP = ranks). Tokens/s is the median over the steps after the first two (rank 0's step time for the
-global batch). For the EP run the trainer logs the all-to-all bytes that left each rank and the share of the step
-spent in the exchanges; the analytical count per step is 4 exchanges (dispatch + combine, forward + backward)
-x tokens per rank x k x hidden x 4 bytes x (P-1)/P per MoE layer, for uniform routing.
+in turn: one process with all threads, then torchrun with one thread per rank under FSDP (resharding after
+forward, and not), with replicated parameters and averaged gradients, and under expert parallelism (EP = ranks).
+Tokens/s is the median over the steps after the first two (rank 0's step time for the global batch). For the EP
+run the trainer logs the all-to-all bytes that left each rank and the share of the step spent in the exchanges;
+the analytical count per step is 4 exchanges (dispatch + combine, forward + backward) x tokens per rank x k x
+hidden x 4 bytes x (P-1)/P per MoE layer, for uniform routing.
 
     python benchmarks/scaling.py [--preset small --ranks 2 --steps 8 --batch 8 --seq 256]
 """
@@ -73,6 +74,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         one = run(Path(root) / "one", args, 1)
         fsdp = run(Path(root) / "fsdp", args, args.ranks, "parallel.fsdp=true")
+        fsdp_keep = run(
+            Path(root) / "fsdp2", args, args.ranks, "parallel.fsdp=true", "parallel.reshard_after_forward=false"
+        )
+        replicated = run(Path(root) / "replicated", args, args.ranks, "parallel.fsdp=false")
         ep = run(Path(root) / "ep", args, args.ranks, "parallel.fsdp=true", f"parallel.expert_degree={args.ranks}")
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
     tokens_per_rank = args.batch * args.seq // args.ranks
@@ -84,6 +89,8 @@ def main() -> None:
         "global_batch_tokens": args.batch * args.seq,
         f"1x{args.ranks}_threads_tok_s": one["tokens_per_s"],
         f"{args.ranks}x1_fsdp_tok_s": fsdp["tokens_per_s"],
+        f"{args.ranks}x1_fsdp_no_reshard_tok_s": fsdp_keep["tokens_per_s"],
+        f"{args.ranks}x1_replicated_tok_s": replicated["tokens_per_s"],
         f"{args.ranks}x1_ep{args.ranks}_fsdp_tok_s": ep["tokens_per_s"],
         "fsdp_over_threads": round(fsdp["tokens_per_s"] / one["tokens_per_s"], 3),
         "ep_over_threads": round(ep["tokens_per_s"] / one["tokens_per_s"], 3),

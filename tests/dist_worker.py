@@ -1,5 +1,5 @@
-"""Run under torchrun (or alone) by test_dist.py: one optimizer step of the tiny recipe, then write rank 0's
-view of the full (unsharded) gradients, the step's loss and the routing biases after the update."""
+"""Run under torchrun (or alone) by test_dist.py: a held-out evaluation, then one optimizer step of the tiny
+recipe; writes rank 0's view of the full (unsharded) gradients, the step's loss and the routing biases after it."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def main(out: str, result: str, *overrides: str) -> None:
         return step(*args, **kwargs)
 
     trainer.optimizer.step = capture
+    trainer.evaluate(trainer.model, trainer.batches)  # a forward outside training first, as runs do
     batch = [trainer.batches.train_batch(i) for i in range(recipe.train.grad_accum)]
     record = trainer.train_step(batch, trainer.loss)
     biases = {n: b.clone() for n, b in trainer.model.named_buffers() if n.endswith("e_score_correction_bias")}

@@ -73,8 +73,9 @@ def single_step(tmp_path_factory):
         ["parallel.expert_degree=2", "parallel.fsdp=false"],
         ["parallel.expert_degree=2", "parallel.fsdp=true"],
         ["parallel.fsdp=false"],
+        ["parallel.fsdp=true", "parallel.reshard_after_forward=false"],
     ],
-    ids=["fsdp", "ep2", "ep2+fsdp", "replicated"],
+    ids=["fsdp", "ep2", "ep2+fsdp", "replicated", "fsdp-no-reshard"],
 )
 def test_one_step_on_two_ranks_has_the_gradients_of_one_process(single_step, tmp_path, parallel):
     """Same global batch (2 micro-batches, each split over the ranks): loss, every gradient, the clipped norm

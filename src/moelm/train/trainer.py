@@ -540,6 +540,10 @@ class Trainer:
         model.eval()
         metrics = batches.evaluate(model)
         model.train(was_training)
+        if self.context.distributed and self.context.fsdp:
+            from moelm.dist.sharding import reshard_all
+
+            reshard_all(model)
         return metrics
 
     def print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
