@@ -19,6 +19,7 @@ FORBIDDEN = {
     "moelm.eval": ("moelm.train", "moelm.cli"),
     "moelm.data": ("moelm.train", "moelm.model", "moelm.eval", "moelm.infer", "moelm.cli"),
     "moelm.train": ("moelm.cli",),
+    "moelm.analysis": ("moelm.train", "moelm.eval", "moelm.serve", "moelm.dist", "moelm.cli"),
     "moelm.dist": ("moelm.train", "moelm.eval", "moelm.infer", "moelm.serve", "moelm.cli"),
 }
 

@@ -322,6 +322,30 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {checkpoint} to {args.out}")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """Routing analytics of one model (report.html, report.json, PNGs), or several side by side."""
+    from moelm.analysis.report import analyze, compare
+
+    if args.compare:
+        summaries = {}
+        for index, model_dir in enumerate(args.compare):
+            summary = analyze(model_dir, args.out / f"run{index}", args.data, None, args.limit)
+            summaries[f"run{index} {model_dir}"] = summary
+        print(compare(summaries))
+        print(f"reports in {args.out}/run*/report.html")
+        return
+    if args.model is None:
+        raise ValueError("moelm analyze needs --model DIR or --compare DIR1 DIR2 ...")
+    summary = analyze(args.model, args.out, args.data, args.metrics, args.limit)
+    mean = summary["mean_over_layers"]
+    print(
+        f"{summary['tokens']} tokens; mean over MoE layers: load max/mean {mean['load_max_over_mean']:.3f}, "
+        f"routing entropy {mean['routing_entropy']:.3f}, I(domain; expert) {mean['mi_bits']:.4f} bits "
+        f"(shuffled domains {mean['mi_shuffled_bits']:.4f})"
+    )
+    print(f"report: {args.out / 'report.html'}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Pre-train from a recipe into OUT (checkpoints, metrics.jsonl, model/), optionally resuming."""
     from moelm.train.recipe import load_recipe
@@ -523,6 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default="5GB", help="split into shards of at most this size")
     export.add_argument("--quantization", choices=("fp8",), default=None, help="DeepSeek's block-scaled FP8")
     export.set_defaults(func=cmd_export)
+
+    analyze = sub.add_parser("analyze", help="routing analytics: expert load, co-selection, specialisation")
+    analyze.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")
+    analyze.add_argument("--data", default="builtin", help="builtin, or a JSONL file with text and domain fields")
+    analyze.add_argument("--metrics", type=Path, default=None, help="a run's metrics.jsonl (load over time)")
+    analyze.add_argument("--out", type=Path, default=Path("analysis"), help="where the report goes")
+    analyze.add_argument("--limit", type=POSITIVE_INT, default=400, help="documents to route")
+    analyze.add_argument("--compare", type=Path, nargs="+", default=None, help="several model directories")
+    analyze.set_defaults(func=cmd_analyze)
 
     pretrain = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")
     _add_recipe_args(pretrain)
