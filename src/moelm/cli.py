@@ -322,6 +322,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {checkpoint} to {args.out}")
 
 
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    """Pre-train -> SFT -> GRPO -> evaluation after each -> routing analytics -> report, in one command."""
+    from moelm.quickstart import quickstart
+
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.resume:
+        raise ValueError(f"--out {args.out} is not empty; pass --resume to continue that quickstart or choose another")
+    report = quickstart(args.out, args.minutes)
+    print(f"report: {report}")
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     """Routing analytics of one model (report.html, report.json, PNGs), or several side by side."""
     from moelm.analysis.report import analyze, compare
@@ -547,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", default="5GB", help="split into shards of at most this size")
     export.add_argument("--quantization", choices=("fp8",), default=None, help="DeepSeek's block-scaled FP8")
     export.set_defaults(func=cmd_export)
+
+    quick = sub.add_parser("quickstart", help="the R1 pipeline on a laptop: pretrain, SFT, GRPO, eval, report")
+    quick.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    quick.add_argument("--minutes", type=POSITIVE_FLOAT, default=15.0, help="time budget the steps are sized to")
+    quick.add_argument("--resume", action="store_true", help="continue a quickstart in --out")
+    quick.set_defaults(func=cmd_quickstart)
 
     analyze = sub.add_parser("analyze", help="routing analytics: expert load, co-selection, specialisation")
     analyze.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")
