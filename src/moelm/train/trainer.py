@@ -304,6 +304,8 @@ class Trainer:
         if latest is not None:
             self.model.load_state_dict(MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32).state_dict())
         self.model.to(self.context.device)
+        if self.context.device.type != "cpu":  # batch sources build CPU tensors: they follow the model
+            self.model.register_forward_pre_hook(_inputs_to(self.context.device), with_kwargs=True)
         if self.context.distributed:
             self._parallelize()
         self.optimizer = torch.optim.AdamW(
@@ -628,6 +630,16 @@ class Trainer:
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _inputs_to(device: torch.device) -> Callable:
+    """A forward pre-hook moving tensor arguments to `device` (evaluation and sampling batches are built on CPU)."""
+
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        move = lambda value: value.to(device) if torch.is_tensor(value) else value  # noqa: E731
+        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+    return hook
 
 
 def _logged_step(line: str) -> float:
