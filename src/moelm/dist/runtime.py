@@ -1,0 +1,129 @@
+"""The process group and device meshes of a torchrun launch, or a one-process context without torchrun.
+
+Layout (as torchtitan lays it out): every rank is a data-parallel rank. With expert degree P the world of W ranks
+is a 2D mesh (W/P, P) named ("expert_replica", "ep"): the P ranks of an "ep" row split the routed experts into
+P contiguous blocks and exchange tokens by all-to-all; the W/P ranks of an "expert_replica" column hold the same
+experts and shard them among themselves (FSDP). Dense parameters (attention, shared experts, router, norms,
+embeddings) are sharded over all W ranks through a 1D mesh ("dp",). The inner "ep" dimension keeps an
+all-to-all group on neighbouring ranks, which on GPUs means inside one node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from moelm.devices import resolve_device
+
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class ParallelSetupError(ValueError):
+    """A launch that cannot work: a missing torchrun variable, an expert degree that does not divide."""
+
+
+@dataclass
+class ParallelContext:
+    """Where this process stands: rank, world, device and the meshes of its parallel dimensions."""
+
+    device: torch.device
+    world_size: int = 1
+    rank: int = 0
+    expert_degree: int = 1
+    fsdp: bool = False
+    reshard_after_forward: bool = True
+    dense_mesh: DeviceMesh | None = None  # ("dp",) over all ranks
+    expert_mesh: DeviceMesh | None = None  # ("expert_replica", "ep")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        return self.expert_mesh.get_group("ep") if self.expert_mesh is not None and self.expert_degree > 1 else None
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.expert_degree
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup | None:
+        """Ranks holding the same experts (all ranks when there is no expert parallelism)."""
+        if self.expert_mesh is None:
+            return None
+        return self.expert_mesh.get_group("expert_replica")
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_parallel(
+    device_spec: str = "auto",
+    expert_degree: int = 1,
+    fsdp: bool | None = None,
+    reshard_after_forward: bool = True,
+    backend: str | None = None,
+    timeout_s: float = 300.0,
+    num_experts: int | None = None,
+) -> ParallelContext:
+    """Join the torchrun process group (when WORLD_SIZE > 1) and build the meshes; one process otherwise.
+
+    The backend follows the device (nccl on CUDA, gloo on CPU) unless given; a collective waiting longer than
+    timeout_s raises on every rank, so one failed rank never leaves the others hanging.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if expert_degree != 1:
+            raise ParallelSetupError(
+                f"parallel.expert_degree={expert_degree} needs {expert_degree} processes: launch with "
+                f"torchrun --nproc-per-node {expert_degree} -m moelm ..."
+            )
+        return ParallelContext(device=resolve_device(device_spec, 0))
+    missing = [name for name in RENDEZVOUS_VARIABLES if name not in os.environ]
+    if missing:
+        raise ParallelSetupError(f"WORLD_SIZE={world} but {missing} are not set: launch with torchrun")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if world % expert_degree:
+        raise ParallelSetupError(
+            f"parallel.expert_degree={expert_degree} must divide the world size {world} (ranks per expert group)"
+        )
+    if num_experts is not None and num_experts % expert_degree:
+        raise ParallelSetupError(
+            f"parallel.expert_degree={expert_degree} must divide model.n_routed_experts={num_experts}"
+        )
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dense_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    expert_mesh = init_device_mesh(
+        device.type, (world // expert_degree, expert_degree), mesh_dim_names=("expert_replica", "ep")
+    )
+    return ParallelContext(
+        device=device,
+        world_size=world,
+        rank=rank,
+        expert_degree=expert_degree,
+        fsdp=True if fsdp is None else fsdp,
+        reshard_after_forward=reshard_after_forward,
+        dense_mesh=dense_mesh,
+        expert_mesh=expert_mesh,
+    )
+
+
+def shutdown(context: ParallelContext) -> None:
+    if context.distributed and dist.is_initialized():
+        dist.destroy_process_group()

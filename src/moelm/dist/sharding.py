@@ -1,0 +1,183 @@
+"""Data-parallel training state over ranks: FSDP2 sharding, gradient averaging, clipping, full-state gathers.
+
+Gradients must equal the single-process step on the global batch. Each rank's loss is the mean over its shard,
+so every gradient is the sum of the ranks' contributions divided by the world size W: FSDP's reduce-scatter over
+all ranks does that for dense parameters; routed-expert weights already receive the gradient of every token
+routed to them through the all-to-all backward, so they are summed over the ranks holding the same experts and
+divided by W as well (FSDP2's gradient divide factor, or an explicit all-reduce without FSDP).
+
+Checkpoints hold the full, unsharded state in the single-process layout (a model directory plus the optimizer's
+state per parameter), gathered by every rank and written by rank 0. Any world size reads them back: parameters
+are loaded before sharding, optimizer moments are cut the way their parameters were. A run therefore resumes on
+1, 2 or 4 ranks from a checkpoint written on any of them.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from moelm.dist.expert_parallel import is_expert_parameter
+from moelm.dist.runtime import ParallelContext
+from moelm.model.experts import RoutedExperts
+
+
+def apply_fsdp(model: nn.Module, context: ParallelContext) -> None:
+    """FSDP2 over the meshes: routed experts over their replica ranks, each block and the root over all ranks."""
+    reshard = context.reshard_after_forward
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            fully_shard(module, mesh=context.expert_mesh["expert_replica"], reshard_after_forward=reshard)
+            module.set_gradient_divide_factor(float(context.world_size))
+    # MTP: only its transformer block is a unit; its norms and projection are also used outside its forward.
+    for block in [*model.layers, *(module.block for module in model.mtp)]:
+        fully_shard(block, mesh=context.dense_mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=context.dense_mesh, reshard_after_forward=reshard)
+
+
+def average_gradients(model: nn.Module, context: ParallelContext) -> None:
+    """Without FSDP: sum every gradient over the ranks that share the parameter, divide by the world size."""
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        group = context.replica_group if is_expert_parameter(name) else None
+        dist.all_reduce(param.grad, group=group)
+        param.grad /= context.world_size
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, context: ParallelContext) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the global model: each element of each gradient counted once, whether
+    it is sharded (FSDP), split (experts) or replicated (plain data parallelism)."""
+    squares = torch.zeros((), dtype=torch.float64, device=context.device)
+    grads = []
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        grads.append(grad)
+        total = grad.double().pow(2).sum()
+        if not context.fsdp:  # replicated copies of the same values: count each once
+            expert = is_expert_parameter(name)
+            total = total / (context.world_size // context.expert_degree if expert else context.world_size)
+        squares += total
+    dist.all_reduce(squares)
+    norm = squares.sqrt().float()
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if math.isfinite(float(norm)):
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------- full state
+def _full(tensor: torch.Tensor, name: str, context: ParallelContext) -> torch.Tensor:
+    """The whole tensor on every rank: FSDP shards gathered, then expert blocks gathered over the expert group."""
+    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()
+    if context.expert_degree > 1 and is_expert_parameter(name):
+        blocks = [torch.empty_like(full) for _ in range(context.expert_degree)]
+        dist.all_gather(blocks, full.contiguous(), group=context.ep_group)
+        full = torch.cat(blocks)
+    return full.cpu()
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Return every FSDP unit to its sharded parameters (without reshard_after_forward, a forward outside training,
+    such as evaluation, leaves them gathered)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_model_state(model: nn.Module, context: ParallelContext) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer unsharded, in the single-process state-dict layout (all ranks call this)."""
+    reshard_all(model)
+    state = {name: _full(param, name, context) for name, param in model.named_parameters()}
+    for name, buffer in model.named_buffers():
+        if name in model.state_dict():
+            state[name] = buffer.detach().cpu()
+    return state
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, context: ParallelContext) -> dict:
+    """The optimizer's state_dict as one process would hold it (moments unsharded), on every rank."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    local = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, param in enumerate(params):
+        entry = optimizer.state.get(param, {})
+        state[index] = {
+            key: _full(value, names[id(param)], context) if torch.is_tensor(value) and value.dim() else value
+            for key, value in entry.items()
+        }
+    return {"state": state, "param_groups": local["param_groups"]}
+
+
+def _shard_like(full: torch.Tensor, param: torch.Tensor, name: str, context: ParallelContext) -> torch.Tensor:
+    """Cut a full tensor the way `param` is cut on this rank (expert block, then FSDP placement)."""
+    if context.expert_degree > 1 and is_expert_parameter(name):
+        rows = full.shape[0] // context.expert_degree
+        full = full[context.ep_rank * rows : (context.ep_rank + 1) * rows]
+    full = full.to(context.device)
+    if isinstance(param, DTensor):
+        return distribute_tensor(full, param.device_mesh, param.placements)
+    return full.clone()
+
+
+def load_full_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, state: dict, context: ParallelContext
+) -> None:
+    """Load a full (single-process layout) optimizer state into this rank's sharded optimizer."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for index, param in enumerate(params):
+        entry = state["state"].get(index, state["state"].get(str(index), {}))
+        sharded[index] = {
+            key: _shard_like(value, param, names[id(param)], context)
+            if torch.is_tensor(value) and value.dim()
+            else value
+            for key, value in entry.items()
+        }
+    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+
+
+def shard_batch(inputs: dict[str, torch.Tensor], context: ParallelContext) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global micro-batch (every [B, ...] tensor cut into world-size equal parts)."""
+    out = {}
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.dim() and value.shape[0] % context.world_size == 0:
+            rows = value.shape[0] // context.world_size
+            out[key] = value[context.rank * rows : (context.rank + 1) * rows]
+        else:
+            out[key] = value
+    return out
+
+
+def token_share(context: ParallelContext):  # noqa: ANN201 - Callable[[Tensor], Tensor]
+    """The loss weight of a term this rank averaged over `tokens` predicted tokens: world size x its share of
+    the term's tokens over all ranks. With gradients averaged over ranks, the weighted rank means add up to the
+    global batch's mean, even where shards hold different numbers of ignored labels (document ends, SFT
+    prompts, MTP targets across documents)."""
+
+    def weight(tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens.detach().to(torch.float64)
+        total = local.clone()
+        dist.all_reduce(total)
+        return (local * context.world_size / total.clamp(min=1)).float()
+
+    return weight
+
+
+def reduce_mean(values: dict[str, float], context: ParallelContext) -> dict[str, float]:
+    """The mean of each logged scalar over the ranks (each rank saw its own shard of the batch)."""
+    if not values:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / context.world_size).tolist(), strict=True))
+
