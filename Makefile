@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-OUT ?= runs/tiny
+OUT ?= runs/quickstart
 STAMP := $(VENV)/.moelm-setup
 BIN := $(VENV)/bin
 
@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The main job; --resume makes a second `make run` continue (or just re-save) the same run instead of refusing it.
+# The main job; --resume makes a second `make run` skip the finished stages of the same run instead of refusing it.
 run: setup
-	$(BIN)/moelm pretrain --config configs/pretrain-tiny.yaml --out $(OUT) --resume
+	$(BIN)/moelm quickstart --out $(OUT) --resume
 
 test: setup
 	$(BIN)/python -m pytest -q
