@@ -93,13 +93,16 @@ def test_a_uniform_router_shows_no_specialisation(model_dir, tmp_path):
     from moelm.analysis.report import analyze
 
     summary = analyze(uniform, tmp_path / "out", limit=40)
+    with pytest.raises(FileExistsError, match="--overwrite"):  # an earlier report is never silently replaced
+        analyze(uniform, tmp_path / "out", limit=40)
     layer = summary["layers"]["1"]
     assert layer["mi_bits"] == pytest.approx(0.0, abs=1e-12) and layer["mi_shuffled_bits"] == pytest.approx(0.0)
     assert layer["load_max_over_mean"] == pytest.approx(summary["num_experts"] / summary["top_k"])
 
 
 def test_compare_puts_runs_side_by_side(model_dir, tmp_path, capsys):
-    assert main(["analyze", "--compare", str(model_dir), str(model_dir), "--out", str(tmp_path), "--limit", "20"]) == 0
+    argv = ["analyze", "--compare", str(model_dir), str(model_dir), "--out", str(tmp_path), "--limit", "20"]
+    assert main(argv) == 0
     table = capsys.readouterr().out
     assert "load max/mean" in table and "run0 " in table and "run1 " in table
 

@@ -339,14 +339,14 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     if args.compare:
         summaries = {}
         for index, model_dir in enumerate(args.compare):
-            summary = analyze(model_dir, args.out / f"run{index}", args.data, None, args.limit)
+            summary = analyze(model_dir, args.out / f"run{index}", args.data, None, args.limit, args.overwrite)
             summaries[f"run{index} {model_dir}"] = summary
         print(compare(summaries))
         print(f"reports in {args.out}/run*/report.html")
         return
     if args.model is None:
         raise ValueError("moelm analyze needs --model DIR or --compare DIR1 DIR2 ...")
-    summary = analyze(args.model, args.out, args.data, args.metrics, args.limit)
+    summary = analyze(args.model, args.out, args.data, args.metrics, args.limit, args.overwrite)
     mean = summary["mean_over_layers"]
     print(
         f"{summary['tokens']} tokens; mean over MoE layers: load max/mean {mean['load_max_over_mean']:.3f}, "
@@ -571,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", type=Path, default=Path("analysis"), help="where the report goes")
     analyze.add_argument("--limit", type=POSITIVE_INT, default=400, help="documents to route")
     analyze.add_argument("--compare", type=Path, nargs="+", default=None, help="several model directories")
+    analyze.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     analyze.set_defaults(func=cmd_analyze)
 
     pretrain = sub.add_parser("pretrain", help="pre-train a model from a YAML recipe")

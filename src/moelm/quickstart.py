@@ -223,5 +223,6 @@ def quickstart(out: Path, minutes: float = DEFAULT_MINUTES, echo: Callable[[str]
         value = last.get(shown)
         echo(f"{stage}: {steps[stage]} steps, {shown} {value:.3f}" if isinstance(value, float) else f"{stage}: done")
         echo(f"{stage}: held-out accuracy {evaluations[stage]['accuracy']:.3f} ({times[stage]:.0f} s)")
-    analysis = analyze(model_dir, out / "analysis", metrics=out / "pretrain" / "metrics.jsonl", limit=200)
+    metrics = out / "pretrain" / "metrics.jsonl"
+    analysis = analyze(model_dir, out / "analysis", metrics=metrics, limit=200, overwrite=True)  # derived: redo
     return write_report(out, evaluations, analysis, times)

@@ -127,10 +127,19 @@ experts a share of {summary["uniform_top_expert_share"]:.2f}.</p>
 
 
 def analyze(
-    model_dir: Path, out: Path, data: str = "builtin", metrics: Path | None = None, limit: int = 400
+    model_dir: Path,
+    out: Path,
+    data: str = "builtin",
+    metrics: Path | None = None,
+    limit: int = 400,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The whole analysis of one model directory into `out` (report.json, report.html, PNGs)."""
+    """The whole analysis of one model directory into `out` (report.json, report.html, PNGs); an earlier report
+    there is replaced only with overwrite=True."""
     from moelm.infer.text import TextGenerator
+
+    if (out / "report.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a report; pass --overwrite to replace it or choose another --out")
 
     generator = TextGenerator.from_pretrained(model_dir)
     trace = trace_routing(generator.model, generator.tokenizer, labelled_documents(data, limit))
