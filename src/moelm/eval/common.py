@@ -17,7 +17,8 @@ class EvalSettings:
     samples: int = 1  # completions per problem (pass@k needs samples >= k)
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int = 1234
+    seed: int = 1234  # sampling seed (request i uses seed + i)
+    fewshot_seed: int = 1234  # lm-eval's fewshot_random_seed: the random few-shot sampler's seed
     max_new_tokens: int | None = None  # None = the task's default
     apply_chat_template: bool = False  # wrap generation prompts in the model's chat template
 
@@ -31,6 +32,16 @@ class EvalSettings:
             ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens > 0, "a positive integer"),
         ]
         check_values(self, checks)
+
+
+# The lm-evaluation-harness release whose task definitions the named tasks reproduce (prompts, shots, stops,
+# limits, filters, metrics); each task records the harness task's own version beside it.
+HARNESS_VERSION = "0.4.13"
+
+
+def harness_record(task: str, version: float) -> dict[str, Any]:
+    """What a results file says about the harness task a moelm task matches."""
+    return {"harness": f"lm-evaluation-harness {HARNESS_VERSION}", "task": task, "task_version": version}
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Extraction follows the harness (references §8) so a moelm number means what the harness's number means:
 GSM8K strict `#### N` (or "The answer is N." for chain-of-thought prompts), GSM8K flexible = the last number,
-BBH = the text after "the answer is " without its final character (the period).
+BBH = the text after "the answer is " without its final character (the period), "[invalid]" when absent.
+`regex_filter` and `harness_exact_match` are lm-eval 0.4's `regex` filter and `exact_match` metric.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import re
 import numpy as np
 
 GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-GSM8K_COT_STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+)\.")
+# lm-eval's gsm8k_cot pattern ends in an unescaped "." (any character), so "The answer is 6\n" matches too.
+GSM8K_COT_STRICT = re.compile(r"The answer is (\-?[0-9\.\,]+).")
 GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# What lm-eval's gsm8k tasks strip from prediction and reference (in this order) before comparing, ignoring case.
+GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
 BBH_ANSWER = re.compile(r"(?<=the answer is )(.*)(?=.)")
 INVALID = "[invalid]"
 
@@ -29,6 +33,29 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def regex_filter(text: str, pattern: re.Pattern[str], group_select: int = 0) -> str:
+    """lm-eval's `regex` filter: the group_select-th match (a tuple match gives its first non-empty group),
+    stripped; "[invalid]" when nothing matches."""
+    matches = pattern.findall(text)
+    if not matches:
+        return INVALID
+    match = matches[group_select]
+    if isinstance(match, tuple):
+        match = next((group for group in match if group), INVALID)
+    return match.strip()
+
+
+def harness_exact_match(
+    prediction: str, reference: str, regexes_to_ignore: tuple[str, ...] = (), ignore_case: bool = False
+) -> bool:
+    """lm-eval's `exact_match`: each regex removed from both strings in turn, then (optionally) lower-cased."""
+    for pattern in regexes_to_ignore:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    if ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    return prediction == reference
+
+
 def normalise_number(text: str) -> str:
     """The harness's filters: drop ',' and '$', strip, drop a trailing '.'."""
     text = text.replace(",", "").replace("$", "").strip()
@@ -36,16 +63,15 @@ def normalise_number(text: str) -> str:
 
 
 def gsm8k_strict(completion: str, cot: bool = False) -> str:
-    match = (GSM8K_COT_STRICT if cot else GSM8K_STRICT).search(completion)
-    return normalise_number(match.group(1)) if match else INVALID
+    """The strict answer, normalised for comparison by string equality (rewards and the built-in tasks)."""
+    answer = regex_filter(completion, GSM8K_COT_STRICT if cot else GSM8K_STRICT)
+    return answer if answer == INVALID else normalise_number(answer)
 
 
 def gsm8k_flexible(completion: str) -> str:
-    matches = GSM8K_FLEXIBLE.findall(completion)
-    if not matches:
-        return INVALID
-    last = matches[-1]
-    return normalise_number(last[0] or last[1])
+    """The last number in the completion, normalised like `gsm8k_strict`."""
+    answer = regex_filter(completion, GSM8K_FLEXIBLE, group_select=-1)
+    return answer if answer == INVALID else normalise_number(answer)
 
 
 def gsm8k_gold(answer: str) -> str:
@@ -53,5 +79,5 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def bbh_extract(completion: str) -> str:
-    match = BBH_ANSWER.search(completion)
-    return match.group(1).strip() if match else completion.strip()
+    """lm-eval's bbh get-answer filter: the text after "the answer is " less its last character, else invalid."""
+    return regex_filter(completion, BBH_ANSWER)

@@ -1,8 +1,10 @@
-"""MMLU: 57 subjects of four-way multiple choice, scored by log-likelihood (lm-evaluation-harness rules).
+"""MMLU: 57 subjects of four-way multiple choice, scored by log-likelihood, as lm-eval 0.4's `mmlu` runs them.
 
-Prompt: "The following are multiple choice questions (with answers) about {subject}.\\n\\n", K=5 dev examples,
-then "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"; the prediction is the choice among " A", " B", " C",
-" D" with the highest log-likelihood. Accuracy per subject, per category and micro-averaged over questions.
+Prompt: "The following are multiple choice questions (with answers) about {subject}.\\n\\n", the first K dev
+examples, then "{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:"; the prediction is the choice among " A",
+" B", " C", " D" with the highest log-likelihood. K defaults to 0, lm-eval's `mmlu` default (papers usually
+report 5-shot: `--num-fewshot 5`); the results record K. Accuracy per subject, per category and micro-averaged
+over questions (the harness's size-weighted group mean).
 Reads the original headerless Hendrycks CSVs (letter answers) and the header/integer form alike.
 """
 
@@ -12,10 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from moelm.data.sft import LETTERS, mmlu_question, mmlu_subject, read_mmlu_csv
-from moelm.eval.common import EvalSettings, TaskResult, require
+from moelm.eval.common import EvalSettings, TaskResult, harness_record, require
 from moelm.eval.lm import EvalModel
 
-VERSION = "1"
+VERSION = "2"
+HARNESS_TASK = ("mmlu", 2.0)  # the group; each subject task mmlu_<subject> is version 1.0
+DEFAULT_SHOTS = 0
 CATEGORIES = {
     "STEM": (
         "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
@@ -61,7 +65,7 @@ def build_prompt(subject: str, shots: list[tuple[str, list[str], str]], question
 
 def evaluate(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskResult:
     dev, test = load_split(data_dir, "dev"), load_split(data_dir, "test")
-    k = 5 if settings.num_fewshot is None else settings.num_fewshot
+    k = DEFAULT_SHOTS if settings.num_fewshot is None else settings.num_fewshot
     docs = []
     for subject, rows in sorted(test.items()):
         for question, choices, answer in rows[: settings.limit] if settings.limit else rows:
@@ -93,5 +97,10 @@ def evaluate(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskRe
     every = [c for correct in per_subject.values() for c in correct]
     metrics["acc"] = sum(every) / max(len(every), 1)
     metrics["n"] = len(every)
-    config = {"num_fewshot": k, "choices": [f" {letter}" for letter in LETTERS], "limit_per_subject": settings.limit}
+    config = {
+        "num_fewshot": k,
+        "choices": [f" {letter}" for letter in LETTERS],
+        "limit_per_subject": settings.limit,
+        "lm_eval": harness_record(*HARNESS_TASK),
+    }
     return TaskResult("mmlu", VERSION, metrics, config, samples)
