@@ -45,3 +45,19 @@ def test_quickstart_refuses_a_used_directory_and_resumes_finished_stages_without
     output = capsys.readouterr().out
     assert "pretrain: done already" in output and output.strip().splitlines()[-1].startswith("report: ")
     assert (quick / "pretrain" / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_quickstart_records_its_seed_and_refuses_to_resume_with_another(quick, capsys):
+    assert json.loads((quick / "report.json").read_text())["run"] == {"seed": 0, "minutes": 0.1}
+    assert main(["quickstart", "--out", str(quick), "--minutes", "0.1", "--resume", "--seed", "1"]) == 2
+    assert "--seed 1 differs from this quickstart's 0" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(quick), "--minutes", "0.2", "--resume"]) == 2
+    assert "--minutes 0.2 differs" in capsys.readouterr().err
+
+
+def test_the_seed_reaches_every_stage_recipe():
+    from moelm.quickstart import _stage_overrides
+    from moelm.train.recipe import load_recipe
+
+    for stage in ("pretrain", "sft", "grpo"):
+        assert load_recipe(None, _stage_overrides(stage, 10, seed=7)).train.seed == 7

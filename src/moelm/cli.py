@@ -328,7 +328,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     if args.out.is_dir() and any(args.out.iterdir()) and not args.resume:
         raise ValueError(f"--out {args.out} is not empty; pass --resume to continue that quickstart or choose another")
-    report = quickstart(args.out, args.minutes)
+    report = quickstart(args.out, args.minutes, seed=args.seed)
     print(f"report: {report}")
 
 
@@ -573,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     quick.add_argument("--minutes", type=POSITIVE_FLOAT, default=15.0, help="time budget the steps are sized to")
     quick.add_argument("--resume", action="store_true", help="continue a quickstart in --out")
+    quick.add_argument("--seed", type=SEED, default=0, help="seed of every stage (held-out problems stay fixed)")
     quick.set_defaults(func=cmd_quickstart)
 
     analyze = sub.add_parser("analyze", help="routing analytics: expert load, co-selection, specialisation")

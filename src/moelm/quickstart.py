@@ -69,11 +69,12 @@ def budget(minutes: float) -> tuple[dict[str, int], int]:
     return steps, max(20, round(BASE_EVAL_PROBLEMS * min(scale, 1.0)))
 
 
-def _stage_overrides(stage: str, steps: int) -> list[str]:
+def _stage_overrides(stage: str, steps: int, seed: int = 0) -> list[str]:
     base = {"pretrain": PRETRAIN, "sft": SFT, "grpo": GRPO}[stage]
     every = max(1, steps // 3)
     return [
         *base,
+        f"train.seed={seed}",
         f"train.max_steps={steps}",
         f"train.save_every={every}",
         f"train.eval_every={every}",
@@ -82,7 +83,9 @@ def _stage_overrides(stage: str, steps: int) -> list[str]:
     ]
 
 
-def run_stage(stage: str, out: Path, steps: int, base_model: Path | None, echo: Callable[[str], None]) -> Path:
+def run_stage(
+    stage: str, out: Path, steps: int, base_model: Path | None, echo: Callable[[str], None], seed: int = 0
+) -> Path:
     """Train one stage into OUT/stage (skipped when its model exists, continued when it has checkpoints)."""
     from moelm.train.grpo import GRPOTrainer
     from moelm.train.recipe import load_recipe
@@ -93,7 +96,7 @@ def run_stage(stage: str, out: Path, steps: int, base_model: Path | None, echo: 
     if (stage_dir / "model" / "config.json").is_file():
         echo(f"{stage}: done already ({stage_dir / 'model'})")
         return stage_dir / "model"
-    recipe = load_recipe(None, _stage_overrides(stage, steps))
+    recipe = load_recipe(None, _stage_overrides(stage, steps, seed))
     silent = lambda _line: None  # noqa: E731 - the stage's own sample printing stays out of the summary
     if stage == "pretrain":
         trainer = Trainer(recipe, stage_dir, echo=silent)
@@ -104,6 +107,20 @@ def run_stage(stage: str, out: Path, steps: int, base_model: Path | None, echo: 
     resume = stage_dir.is_dir() and any(stage_dir.iterdir())
     trainer.run(resume=resume)
     return stage_dir / "model"
+
+
+def _check_run_settings(out: Path, settings: dict[str, float]) -> None:
+    """Record the run's seed and budget in OUT/run.json; resuming with other values would mix two runs."""
+    path = out / "run.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        for key, value in settings.items():
+            if key in recorded and recorded[key] != value:
+                flag = "--seed" if key == "seed" else "--minutes"
+                raise ValueError(
+                    f"{flag} {value} differs from this quickstart's {recorded[key]} ({path}); use another --out"
+                )
+    atomic_write_text(path, json.dumps(settings))
 
 
 def evaluate_stage(model_dir: Path, out: Path, problems: int) -> dict[str, float]:
@@ -173,7 +190,13 @@ def write_report(out: Path, evaluations: dict[str, dict[str, float]], analysis: 
     figure.savefig(out / "accuracy.png")
     plt.close(figure)
 
-    report = {"evaluations": evaluations, "analysis": analysis.get("mean_over_layers", {}), "stage_seconds": times}
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    report = {
+        "run": run,
+        "evaluations": evaluations,
+        "analysis": analysis.get("mean_over_layers", {}),
+        "stage_seconds": times,
+    }
     report["analysis_per_layer"] = {
         layer: {k: v for k, v in values.items() if k in ("mi_bits", "mi_shuffled_bits", "load_max_over_mean")}
         for layer, values in analysis.get("layers", {}).items()
@@ -204,18 +227,23 @@ expert load max/mean {mean.get("load_max_over_mean", 0):.3f}. Full analysis:
     return out / "report.html"
 
 
-def quickstart(out: Path, minutes: float = DEFAULT_MINUTES, echo: Callable[[str], None] = print) -> Path:
-    """Run every stage (skipping finished ones), evaluate, analyse and report; returns the report's path."""
+def quickstart(out: Path, minutes: float = DEFAULT_MINUTES, echo: Callable[[str], None] = print, seed: int = 0) -> Path:
+    """Run every stage (skipping finished ones), evaluate, analyse and report; returns the report's path.
+
+    `seed` seeds every stage's initialisation and data order (train.seed); the held-out problems stay the same
+    for every seed, so runs with different seeds are compared on the same questions.
+    """
     from moelm.analysis.report import analyze
 
     steps, problems = budget(minutes)
     out.mkdir(parents=True, exist_ok=True)
+    _check_run_settings(out, {"seed": seed, "minutes": minutes})
     evaluations: dict[str, dict[str, float]] = {}
     times: dict[str, float] = {}
     model_dir: Path | None = None
     for stage in STAGES:
         start = time.perf_counter()
-        model_dir = run_stage(stage, out, steps[stage], model_dir, echo)
+        model_dir = run_stage(stage, out, steps[stage], model_dir, echo, seed)
         evaluations[stage] = evaluate_stage(model_dir, out / f"eval-{stage}.json", problems)
         times[stage] = round(time.perf_counter() - start, 1)
         last = (_metrics(out / stage) or [{}])[-1]

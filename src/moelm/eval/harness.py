@@ -147,6 +147,9 @@ def results_table(document: dict[str, Any]) -> str:
     """The headline metrics of each task, one line per metric (per-subject and per-task detail stays in JSON)."""
     lines = [f"{'task':<18} {'metric':<34} {'value':>8}"]
     for task, entry in document["results"].items():
+        shots = entry.get("config", {}).get("num_fewshot")
+        if shots is not None:  # stated, since a shot count changes what a number means (MMLU 0 vs 5)
+            lines.append(f"{task:<18} {'num_fewshot':<34} {shots:>8d}")
         for name, value in entry["metrics"].items():
             if name.count("/") == 0 or name.startswith(("acc_category/", "accuracy/")) and name.count("/") == 1:
                 shown = f"{value:>8d}" if _is_count(value) else f"{value:>8.4f}"
