@@ -169,8 +169,8 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk_NdC, w_uv_NvC = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
         q_latent_BNTC = torch.einsum("bthd,hdr->bhtr", q_nope_BTNd, w_uk_NdC)
         q_pe_BNTr = q_pe_BTNr.transpose(1, 2)
-        scores = q_latent_BNTC @ latent_BSC.unsqueeze(1).transpose(-1, -2)
-        scores = scores + q_pe_BNTr @ k_pe_BSr.unsqueeze(1).transpose(-1, -2)
+        scores = _per_head_bmm(q_latent_BNTC, latent_BSC.transpose(1, 2))
+        scores = scores + _per_head_bmm(q_pe_BNTr, k_pe_BSr.transpose(1, 2))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         if own is not None:
@@ -180,11 +180,22 @@ class MultiHeadLatentAttention(nn.Module):
             scores = torch.cat((scores, own_score), dim=-1)
         probs = (scores.float() * self.scale).softmax(dim=-1).to(latent_BSC.dtype)
         if own is None:
-            out_latent_BNTC = probs @ latent_BSC.unsqueeze(1)
+            out_latent_BNTC = _per_head_bmm(probs, latent_BSC)
         else:
-            out_latent_BNTC = probs[..., :-1] @ latent_BSC.unsqueeze(1) + probs[..., -1:] * own_latent_B1C
+            out_latent_BNTC = _per_head_bmm(probs[..., :-1], latent_BSC) + probs[..., -1:] * own_latent_B1C
         out = torch.einsum("bhtr,hvr->bthv", out_latent_BNTC, w_uv_NvC)
         return self.o_proj(out.flatten(2))
+
+
+def _per_head_bmm(x_BNTa: torch.Tensor, y_Bab: torch.Tensor) -> torch.Tensor:
+    """x @ y for every head against one per-row matrix (the latent cache is shared by all heads).
+
+    Heads and queries are folded into one row dimension of a single bmm: broadcasting y over a head dimension
+    instead makes matmul materialise a copy of the whole cache per head at every decode step.
+    """
+    batch, heads, queries, _ = x_BNTa.shape
+    out = torch.bmm(x_BNTa.reshape(batch, heads * queries, -1), y_Bab)
+    return out.view(batch, heads, queries, -1)
 
 
 class GroupedQueryAttention(nn.Module):
