@@ -111,3 +111,58 @@ def test_a_jsonl_without_domains_is_a_one_line_error(model_dir, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text('{"text": "hello"}\n')
     assert main(["analyze", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_a_model_built_to_route_each_domain_to_its_own_experts_is_measured_as_specialised(tmp_path):
+    """A real MoELM constructed so that the first MoE layer sends domain d's tokens to experts 2d and 2d+1:
+    each domain's texts use their own letter (disjoint tokens), a token's embedding is one-hot on its domain's
+    dimension, attention adds nothing (o_proj zero), and the router reads that dimension. Through `analyze`
+    (tracing, statistics, report) the layer's MI must equal the domain entropy, its shuffled baseline ~0, and each
+    domain's tokens must all land on its own two experts."""
+    from conftest import tiny_config
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moelm import MoELM
+    from moelm.analysis.report import analyze
+
+    letters = {"alpha": "a", "beta": "b", "gamma": "c", "delta": "d"}
+    rng = np.random.default_rng(0)
+    records = [
+        {"domain": domain, "text": letter * int(rng.integers(8, 40))}
+        for _ in range(30)
+        for domain, letter in letters.items()
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=10, special_tokens=["<s>", "</s>"])  # letters + their pairs
+    tokenizer.train_from_iterator([r["text"] for r in records], trainer)
+    config = tiny_config(vocab_size=tokenizer.get_vocab_size(), first_k_dense_replace=0, num_hidden_layers=1)
+    model = MoELM(config)
+    domain_order = sorted(letters)  # analyze numbers domains alphabetically
+    with torch.no_grad():
+        model.embed_tokens.weight.zero_()
+        for token, token_id in tokenizer.get_vocab().items():
+            owner = [d for d, letter in letters.items() if set(token) == {letter}]
+            if owner:
+                model.embed_tokens.weight[token_id, domain_order.index(owner[0])] = 1.0
+        layer = model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        router = layer.mlp.router if hasattr(layer.mlp, "router") else layer.mlp.gate
+        router.weight.zero_()
+        for d in range(4):
+            router.weight[2 * d, d] = router.weight[2 * d + 1, d] = 5.0
+    model_dir = tmp_path / "constructed"
+    model.save_pretrained(model_dir)
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    summary = analyze(model_dir, tmp_path / "report", data=str(corpus), limit=len(records))
+    first = summary["layers"]["0"]
+    assert summary["domains"] == domain_order
+    assert first["mi_bits"] == pytest.approx(first["domain_entropy_bits"], abs=1e-9)
+    assert first["domain_entropy_bits"] > 1.5  # four domains with a fair share of tokens each
+    assert first["mi_shuffled_bits"] < 0.01
+    shares = first["domain_top_expert_share"]
+    assert all(share == pytest.approx(1.0) for share in (shares.values() if isinstance(shares, dict) else shares))
