@@ -83,14 +83,20 @@ def _gsm8k_rows(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
-def test_gsm8k_prompts_shots_and_stops_equal_the_harness(tmp_path):
-    train, test = _gsm8k_rows(40), _gsm8k_rows(12, offset=100)
+def _local_gsm8k(root: Path, train_rows: int, test_rows: int) -> tuple[list[dict], list[dict], dict[str, Path]]:
+    """GSM8K-shaped train and test files under root/data/gsm8k and the harness's gsm8k task over them."""
+    train, test = _gsm8k_rows(train_rows), _gsm8k_rows(test_rows, offset=100)
     files = {
-        "train": _write_jsonl(tmp_path / "data" / "gsm8k" / "train.jsonl", train),
-        "test": _write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl", test),
+        "train": _write_jsonl(root / "data" / "gsm8k" / "train.jsonl", train),
+        "test": _write_jsonl(root / "data" / "gsm8k" / "test.jsonl", test),
     }
+    _local_task(root / "tasks", TASKS_DIR / "gsm8k" / "gsm8k.yaml", "local_gsm8k", files)
+    return train, test, files
+
+
+def test_gsm8k_prompts_shots_and_stops_equal_the_harness(tmp_path):
+    train, test, files = _local_gsm8k(tmp_path, 40, 12)
     tasks = tmp_path / "tasks"
-    _local_task(tasks, TASKS_DIR / "gsm8k" / "gsm8k.yaml", "local_gsm8k", files)
     _local_task(tasks, TASKS_DIR / "gsm8k" / "gsm8k-cot.yaml", "local_gsm8k_cot", files)
     for variant, name in (("gsm8k", "local_gsm8k"), ("gsm8k_cot", "local_gsm8k_cot")):
         instances = _harness_requests(tasks, name, limit=len(test))
@@ -342,13 +348,8 @@ def test_moelm_backend_and_moelm_eval_equal_the_hf_backend(tmp_path):
 
     import moelm.eval.lm_eval_backend  # noqa: F401 - registers "moelm"
 
-    train, test = _gsm8k_rows(30), _gsm8k_rows(6, offset=100)
-    files = {
-        "train": _write_jsonl(tmp_path / "data" / "gsm8k" / "train.jsonl", train),
-        "test": _write_jsonl(tmp_path / "data" / "gsm8k" / "test.jsonl", test),
-    }
+    train, test, _ = _local_gsm8k(tmp_path, 30, 6)
     tasks = tmp_path / "tasks"
-    _local_task(tasks, TASKS_DIR / "gsm8k" / "gsm8k.yaml", "local_gsm8k", files)
     dev, mmlu_test = _mmlu_rows("anatomy", 5, 1), _mmlu_rows("anatomy", 6, 2)
     mmlu_files = {
         "test": _write_jsonl(tmp_path / "json" / "anatomy_test.jsonl", mmlu_test),
