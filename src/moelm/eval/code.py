@@ -7,9 +7,12 @@ HumanEval: 0-shot, the prompt is the signature and docstring; greedy, at most 10
 package, which ships them.
 MBPP: test split task_ids 11-510, 3 shots (task_ids 2-4, their code as stored, CRLFs and all) in the harness's
 "[BEGIN] ... [DONE]" format, at most 256 new tokens (the harness's default), cut at "[DONE]"; the program is the
-completion + the three asserts. Like the harness, the dataset's test_setup_code is not run (of the 500 test
-problems only task 367 has any, and it fails in both).
-Each program runs with a 3 s wall-clock limit, the timeout of the harness's code_eval metric.
+completion, the dataset's test_setup_code and the three asserts.
+Two deliberate departures from the harness's scoring, both so that correct code is never failed: lm-eval does not
+run test_setup_code, so task 367 (the one test problem with set-up code) can never pass there; and its code_eval
+allows 3 s per program, moelm 10 s, so a correct but slow program (the canonical solution of task 123 takes
+several seconds on 2 cores) is not failed by the machine's speed. A score can differ from lm-eval's only on
+such problems.
 pass@k uses the unbiased estimator over n samples per problem, for every k in (1, 10, 100) with k <= n.
 """
 
@@ -34,7 +37,7 @@ K_VALUES = (1, 10, 100)
 HUMANEVAL_MAX_NEW_TOKENS = 1024
 MBPP_MAX_NEW_TOKENS = 256
 MBPP_STOP = ["[DONE]"]
-PROGRAM_TIMEOUT_S = 3.0
+PROGRAM_TIMEOUT_S = 10.0
 
 
 def load_humaneval(data_dir: Path | None) -> list[dict[str, Any]]:
@@ -62,8 +65,10 @@ def humaneval_program(problem: dict[str, Any], completion: str) -> str:
 
 
 def mbpp_program(problem: dict[str, Any], completion: str) -> str:
-    """The completion, then the three asserts (the harness's reference: its test_list joined by newlines)."""
-    return f"{completion}\n" + "\n".join(problem["test_list"][:3]) + "\n"
+    """Completion, then the test set-up, then the asserts: the two tasks with set-up code (367, 927) build trees
+    from the class the solution defines, so the set-up must follow the solution."""
+    setup = problem.get("test_setup_code") or ""
+    return f"{completion}\n{setup}\n\n" + "\n".join(problem["test_list"][:3]) + "\n"
 
 
 def mbpp_prompt(problem: dict[str, Any], shots: list[dict[str, Any]]) -> str:
