@@ -179,6 +179,9 @@ def main() -> None:
     parser.add_argument("--ll-limit", type=int, default=16)
     parser.add_argument("--max-gen-toks", type=int, default=128)
     args = parser.parse_args()
+    for needed in ("gsm8k/train.jsonl", "gsm8k/test.jsonl", *(f"mmlu/test/{s}_test.csv" for s in SUBJECTS)):
+        if not (args.data_dir / needed).is_file():
+            parser.error(f"--data-dir {args.data_dir}: {needed} not found (the benchmarks folder of ../shared/data)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ.update(HF_DATASETS_CACHE=str(root / "hf"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")

@@ -111,6 +111,17 @@ def test_gsm8k_prompts_shots_and_stops_equal_the_harness(tmp_path):
     assert gsm8k.prompts_for("gsm8k", test, train, 5, 7) != gsm8k.prompts_for("gsm8k", test, train, 5, 1234)
 
 
+def test_more_shots_than_examples_is_an_error_naming_the_flag(tmp_path):
+    train, test = _gsm8k_rows(3), _gsm8k_rows(2, offset=100)
+    with pytest.raises(ValueError, match="--num-fewshot 5: the GSM8K train split has 3 examples"):
+        gsm8k.prompts_for("gsm8k", test, train, 5, 1234)
+    rows = _mmlu_rows("anatomy", 2, 1)
+    _write_mmlu_csvs(tmp_path, "dev", "anatomy", rows)
+    _write_mmlu_csvs(tmp_path, "test", "anatomy", rows)
+    with pytest.raises(ValueError, match="--num-fewshot 5: MMLU anatomy has 2 dev examples"):
+        mmlu.evaluate(None, tmp_path, EvalSettings(num_fewshot=5))
+
+
 def test_harness_shot_indices_replay_lm_evals_sampler():
     from lm_eval.api.samplers import ContextSampler
 
@@ -406,6 +417,10 @@ def test_backend_refuses_unknown_arguments_by_name(tmp_path):
     save_tiny_model_with_tokenizer(tmp_path)
     with pytest.raises(BackendArgumentError, match="unknown model_args \\['temperture'\\]"):
         MoelmLM(pretrained=str(tmp_path), temperture=1)
+    with pytest.raises(BackendArgumentError, match="seed='x'"):
+        MoelmLM(pretrained=str(tmp_path), seed="x")
+    with pytest.raises(BackendArgumentError, match="compile='yes'"):
+        MoelmLM(pretrained=str(tmp_path), compile="yes")
     with pytest.raises(BackendArgumentError, match="batch_size='auto'"):
         MoelmLM(pretrained=str(tmp_path), batch_size="auto")
     backend = MoelmLM(pretrained=str(tmp_path))

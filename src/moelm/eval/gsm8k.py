@@ -75,6 +75,8 @@ def prompts_for(variant: str, docs: list[dict], train: list[dict], shots: int, f
         return [build_prompt(variant, d["question"], list(EXEMPLARS[:shots])) for d in docs]
     if shots == 0:
         return [build_prompt(variant, d["question"], []) for d in docs]
+    if shots > len(train):
+        raise ValueError(f"--num-fewshot {shots}: the GSM8K train split has {len(train)} examples")
     draws = harness_shot_indices(len(train), shots, len(docs), fewshot_seed)
     return [
         build_prompt(variant, d["question"], [train[i] for i in picked]) for d, picked in zip(docs, draws, strict=True)

@@ -61,6 +61,10 @@ class MoelmLM(TemplateLM):
             )
         if str(dtype) not in DTYPES:
             raise BackendArgumentError(f"moelm backend: dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+        if str(compile).lower() not in ("true", "false", "1", "0"):
+            raise BackendArgumentError(f"moelm backend: compile={compile!r}; allowed: true, false")
+        if not str(seed).isdigit():
+            raise BackendArgumentError(f"moelm backend: seed={seed!r}; a non-negative integer")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise BackendArgumentError(f"moelm backend: batch_size={batch_size!r}; a positive integer ('auto' is not)")
         generator = TextGenerator.from_pretrained(pretrained, dtype=DTYPES[str(dtype)], device=resolve_device(device))

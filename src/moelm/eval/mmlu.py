@@ -68,6 +68,8 @@ def evaluate(model: EvalModel, data_dir: Path, settings: EvalSettings) -> TaskRe
     k = DEFAULT_SHOTS if settings.num_fewshot is None else settings.num_fewshot
     docs = []
     for subject, rows in sorted(test.items()):
+        if k > len(dev.get(subject, [])):  # the harness refuses too rather than use fewer shots
+            raise ValueError(f"--num-fewshot {k}: MMLU {subject} has {len(dev.get(subject, []))} dev examples")
         for question, choices, answer in rows[: settings.limit] if settings.limit else rows:
             docs.append((subject, build_prompt(subject, dev.get(subject, [])[:k], question, choices), answer))
     requests = [(prompt, f" {letter}") for _, prompt, _ in docs for letter in LETTERS]
