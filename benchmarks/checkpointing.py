@@ -20,6 +20,7 @@ import time
 import torch
 
 from moelm import MoELM, load_config
+from moelm.config import MoEOptions
 
 MODES = ("none", "full", "moe")
 
@@ -32,9 +33,9 @@ def _rss_bytes() -> int:
 def run_mode(args: argparse.Namespace) -> dict[str, float]:
     """One mode: warm-up step, then timed steps; returns peak activation bytes and median step seconds."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = load_config(args.preset).replace(activation_checkpointing=args.mode)
+    config = load_config(args.preset)
     torch.manual_seed(0)
-    model = MoELM(config).to(device).train()
+    model = MoELM(config, MoEOptions(activation_checkpointing=args.mode)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
 

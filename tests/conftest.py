@@ -8,6 +8,13 @@ import pytest
 import torch
 
 from moelm import ModelConfig
+from moelm.config import RUN_OPTION_FIELDS, MoEOptions
+
+
+def tiny_setup(**overrides) -> tuple[ModelConfig, MoEOptions]:
+    """tiny_config with the run settings (MoEOptions fields) among the overrides split off."""
+    run = {k: overrides.pop(k) for k in list(overrides) if k in RUN_OPTION_FIELDS}
+    return tiny_config(**overrides), MoEOptions(**run)
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import expert_forward, tiny_config
+from conftest import expert_forward, tiny_config, tiny_setup
 
 from moelm import MoELM
 from moelm.model.balance import (
@@ -84,8 +84,8 @@ def test_capacity_drops_second_choices_before_first_choices():
 
 
 def test_dropped_assignments_contribute_nothing_and_tokens_keep_the_residual():
-    config = tiny_config(capacity_factor=0.5, n_shared_experts=0, n_group=1, topk_group=1)
-    moe = MoE(config).train()
+    config, options = tiny_setup(capacity_factor=0.5, n_shared_experts=0, n_group=1, topk_group=1)
+    moe = MoE(config, options).train()
     x = torch.randn(1, 24, config.hidden_size)
     y, routing = moe(x)
     assert routing.dropped_TK.any()
@@ -96,13 +96,13 @@ def test_dropped_assignments_contribute_nothing_and_tokens_keep_the_residual():
             expert = routing.expert_ids_TK[t, slot].item()
             expected[t] += kept_weights[t, slot] * expert_forward(moe.experts, expert, x[0, t : t + 1])[0]
     torch.testing.assert_close(y[0], expected, atol=1e-6, rtol=1e-5)
-    model = MoELM(tiny_config(capacity_factor=0.5, eval_capacity_factor=None)).eval()
+    model = MoELM(*tiny_setup(capacity_factor=0.5, eval_capacity_factor=None)).eval()
     assert model(torch.randint(0, 97, (1, 8))).routing[1].dropped_TK is None  # eval is dropless here
 
 
 def test_model_returns_each_loss_with_coefficients_and_adds_them_to_the_loss():
-    config = tiny_config(aux_loss_alpha=0.01, seq_aux_loss_alpha=0.001, router_z_loss_coef=0.001)
-    model = MoELM(config)
+    config, options = tiny_setup(aux_loss_alpha=0.01, seq_aux_loss_alpha=0.001, router_z_loss_coef=0.001)
+    model = MoELM(config, options)
     ids = torch.randint(0, 97, (2, 12))
     out = model(ids, labels=ids)
     assert set(out.aux_losses) == {"aux_loss", "seq_aux_loss", "z_loss"}
@@ -114,8 +114,10 @@ def test_model_returns_each_loss_with_coefficients_and_adds_them_to_the_loss():
 
 
 def test_noisy_gating_adds_noise_only_in_training_and_returns_importance_and_load_losses():
-    config = tiny_config(noisy_gating=True, importance_loss_coef=0.1, load_loss_coef=0.1, n_group=1, topk_group=1)
-    moe = MoE(config)
+    config, options = tiny_setup(
+        noisy_gating=True, importance_loss_coef=0.1, load_loss_coef=0.1, n_group=1, topk_group=1
+    )
+    moe = MoE(config, options)
     x = torch.randn(1, 16, config.hidden_size)
     moe.eval()
     first, second = moe(x)[1], moe(x)[1]
@@ -165,12 +167,12 @@ def test_bias_persists_through_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("mode", ["full", "moe"])
 def test_activation_checkpointing_gives_identical_gradients_routing_and_counts(mode):
-    base = tiny_config(num_hidden_layers=3, noisy_gating=True, load_loss_coef=0.01, n_group=1, topk_group=1)
+    base, options = tiny_setup(num_hidden_layers=3, noisy_gating=True, load_loss_coef=0.01, n_group=1, topk_group=1)
     ids = torch.randint(0, 97, (2, 16))
     results = []
     for setting in ("none", mode):
         torch.manual_seed(1)
-        model = MoELM(base.replace(activation_checkpointing=setting)).train()
+        model = MoELM(base, options.replace(activation_checkpointing=setting)).train()
         torch.manual_seed(2)  # same noise draws in both runs
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -188,7 +190,7 @@ def test_activation_checkpointing_gives_identical_gradients_routing_and_counts(m
 
 
 def test_routing_metrics_are_flat_named_scalars():
-    model = MoELM(tiny_config(num_hidden_layers=3, aux_loss_alpha=0.01, router_z_loss_coef=0.001))
+    model = MoELM(*tiny_setup(num_hidden_layers=3, aux_loss_alpha=0.01, router_z_loss_coef=0.001))
     out = model(torch.randint(0, 97, (2, 8)))
     metrics = routing_metrics(out.routing, model)
     for key in ("moe/layer1/load_max_over_mean", "moe/layer2/idle_frac", "moe/load_max_over_mean"):
@@ -215,14 +217,14 @@ def test_collapse_monitor_warns_after_patience_steps():
 def _final_load_ratio(steps: int = 200, **balancing) -> float:
     """Train a tiny model on Zipf-skewed tokens; mean max/mean expert load of the last 20 steps."""
     torch.manual_seed(0)
-    config = tiny_config(
+    config, options = tiny_setup(
         vocab_size=64, n_group=1, topk_group=1, num_attention_heads=2, initializer_range=0.1, **balancing
     )
-    model = MoELM(config)
+    model = MoELM(config, options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     balancer = None
-    if config.bias_update_rate:
-        balancer = BiasBalancer(model, config.bias_update_rate)
+    if options.bias_update_rate:
+        balancer = BiasBalancer(model, options.bias_update_rate)
         balancer.register(optimizer)
     generator = torch.Generator().manual_seed(1)
     zipf = 1.0 / torch.arange(1, 65, dtype=torch.float32)

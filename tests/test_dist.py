@@ -49,7 +49,7 @@ def assert_same_model(a, b, atol: float = 1e-4) -> None:
 
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-STEP = ["model.bias_update_rate=0.01", "train.grad_accum=2"]
+STEP = ["moe.bias_update_rate=0.01", "train.grad_accum=2"]
 
 
 def one_step(tmp_path, name: str, *overrides: str, ranks: int = 1) -> dict:
@@ -95,13 +95,13 @@ def test_one_step_on_two_ranks_has_the_gradients_of_one_process(single_step, tmp
 def single(tmp_path_factory):
     """The reference run for the checkpoint tests: 4 steps in one process."""
     out = tmp_path_factory.mktemp("single") / "run"
-    pretrain(out, 4, "model.bias_update_rate=0.01", "train.log_every=1")
+    pretrain(out, 4, "moe.bias_update_rate=0.01", "train.log_every=1")
     return out
 
 
 def test_four_steps_on_two_ranks_end_at_the_loss_of_one_process(single, tmp_path):
     out = tmp_path / "run"
-    pretrain(out, 4, "model.bias_update_rate=0.01", "train.log_every=1", "parallel.expert_degree=2", ranks=2)
+    pretrain(out, 4, "moe.bias_update_rate=0.01", "train.log_every=1", "parallel.expert_degree=2", ranks=2)
     assert losses(out) == pytest.approx(losses(single), rel=1e-4)
     assert (out / "model" / "model.safetensors").is_file() and (out / "checkpoints" / "step-4").is_dir()
 
@@ -109,12 +109,12 @@ def test_four_steps_on_two_ranks_end_at_the_loss_of_one_process(single, tmp_path
 def test_checkpoints_reshard_between_two_ranks_and_one(single, tmp_path):
     """Saved on 2 ranks at step 2, resumed on 1 (and the reverse): the run ends where the one-process run does."""
     two_then_one = tmp_path / "a"
-    pretrain(two_then_one, 2, "model.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2)
-    pretrain(two_then_one, 4, "model.bias_update_rate=0.01", "train.log_every=1", resume=True)
+    pretrain(two_then_one, 2, "moe.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2)
+    pretrain(two_then_one, 4, "moe.bias_update_rate=0.01", "train.log_every=1", resume=True)
     assert_same_model(two_then_one / "model", single / "model")
     one_then_two = tmp_path / "b"
-    pretrain(one_then_two, 2, "model.bias_update_rate=0.01")
-    pretrain(one_then_two, 4, "model.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2, resume=True)
+    pretrain(one_then_two, 2, "moe.bias_update_rate=0.01")
+    pretrain(one_then_two, 4, "moe.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2, resume=True)
     assert_same_model(one_then_two / "model", single / "model")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import expert_forward, tiny_config
+from conftest import expert_forward, tiny_config, tiny_setup
 
 from moelm import MoELM
 from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
@@ -81,7 +81,7 @@ def test_fixed_shape_decode_step_equals_the_cached_forward(attention, batch, exp
     """decode_step (what the compiled graph runs) against the eager cached forward, on left-padded prompts,
     through every expert dispatch it can take: gathered (1 token), every expert (3 tokens x 2 or 4 choices)
     and capacity drops."""
-    config = tiny_config(
+    config, options = tiny_setup(
         attention=attention,
         num_key_value_heads=2 if attention == "gqa" else 4,
         num_experts_per_tok=experts_per_token,
@@ -89,7 +89,7 @@ def test_fixed_shape_decode_step_equals_the_cached_forward(attention, batch, exp
         eval_capacity_factor=eval_capacity_factor,
         initializer_range=0.2,
     )
-    model = MoELM(config).eval()
+    model = MoELM(config, options).eval()
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]][:batch])
     steps = torch.randint(3, 97, (batch, 6))
     with torch.no_grad():
@@ -251,7 +251,7 @@ def test_cached_mtp_draft_logits_equal_uncached():
 
 def test_speculative_greedy_equals_plain_greedy_and_accepts_drafts_of_a_trained_head():
     torch.manual_seed(0)
-    model = MoELM(tiny_config(num_nextn_predict_layers=1, mtp_loss_weight=1.0))
+    model = MoELM(*tiny_setup(num_nextn_predict_layers=1, mtp_loss_weight=1.0))
     pattern = torch.tensor([5, 9, 2, 7, 3, 11])
     data = pattern.repeat(4)[None].expand(4, -1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

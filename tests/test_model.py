@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import tiny_config, tiny_setup
 
 from moelm import MoELM
 from moelm.model.kernels.cpu import linear
@@ -26,7 +26,7 @@ def test_lm_loss_is_next_token_cross_entropy_ignoring_minus_100():
 
 
 def test_mtp_loss_predicts_two_ahead_and_is_weighted_into_the_loss():
-    model = MoELM(tiny_config(num_nextn_predict_layers=1, mtp_loss_weight=0.3))
+    model = MoELM(*tiny_setup(num_nextn_predict_layers=1, mtp_loss_weight=0.3))
     ids = torch.randint(0, 97, (2, 10))
     out = model(ids, labels=ids)
     # Recompute depth 1 by hand: h' = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]) -> block -> head predicts t_{i+2}.

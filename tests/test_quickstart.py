@@ -55,9 +55,14 @@ def test_quickstart_records_its_seed_and_refuses_to_resume_with_another(quick, c
     assert "--minutes 0.2 differs" in capsys.readouterr().err
 
 
-def test_the_seed_reaches_every_stage_recipe():
-    from moelm.quickstart import _stage_overrides
+def test_the_seed_reaches_every_stage_recipe_and_each_recipe_round_trips_through_yaml(tmp_path):
+    from moelm.quickstart import stage_recipe
     from moelm.train.recipe import load_recipe
 
     for stage in ("pretrain", "sft", "grpo"):
-        assert load_recipe(None, _stage_overrides(stage, 10, seed=7)).train.seed == 7
+        recipe = stage_recipe(stage, 10, seed=7)
+        assert recipe.train.seed == 7 and recipe.train.max_steps == 10
+        (tmp_path / f"{stage}.yaml").write_text(recipe.to_yaml())
+        assert load_recipe(tmp_path / f"{stage}.yaml") == recipe  # what `moelm pretrain|sft|grpo` would run
+    assert stage_recipe("pretrain", 10).moe.bias_update_rate == 0.001
+    assert [s.domains for s in stage_recipe("sft", 10).sft.sources] == [["math", "code", "logic", "language"]]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from moelm.config import MoEOptions
 from moelm.model.kernels.grouped_gemm import expert_backend
 from moelm.model.moe import MoE
 from moelm.model.router import Router
@@ -130,8 +131,8 @@ def reference_moe(moe, x):
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("options", ROUTER_OPTIONS)
 def test_moe_dispatch_matches_per_token_reference(backend, options):
-    config = tiny_config(expert_backend=backend, n_shared_experts=2, **options)
-    moe = MoE(config)
+    config = tiny_config(n_shared_experts=2, **options)
+    moe = MoE(config, MoEOptions(expert_backend=backend))
     for param in moe.parameters():
         torch.nn.init.normal_(param, std=0.3)
     moe.gate.e_score_correction_bias.normal_(0, 0.3)
@@ -160,8 +161,8 @@ def test_experts_nobody_chose_are_skipped_and_gradients_reach_chosen_ones():
 def test_training_dispatch_gradients_match_per_token_reference(backend):
     """The training path's sort and unsort are custom gathers with hand-written backwards; their gradients
     must equal autograd through the per-token float64 definition."""
-    config = tiny_config(expert_backend=backend, num_experts_per_tok=3)
-    moe = MoE(config)
+    config = tiny_config(num_experts_per_tok=3)
+    moe = MoE(config, MoEOptions(expert_backend=backend))
     for param in moe.experts.parameters():
         torch.nn.init.normal_(param, std=0.3)
     x = torch.randn(13, config.hidden_size, requires_grad=True)
@@ -221,7 +222,7 @@ def test_grouped_and_loop_backends_give_the_same_gradients():
     grads = []
     for backend in ("loop", "grouped_mm"):
         torch.manual_seed(3)
-        moe = MoE(tiny_config(expert_backend=backend))
+        moe = MoE(tiny_config(), MoEOptions(expert_backend=backend))
         x = torch.randn(2, 9, 32, requires_grad=True)
         moe(x)[0].square().sum().backward()
         grads.append((x.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad, moe.gate.weight.grad))

@@ -44,7 +44,7 @@ def test_schedules_warm_up_then_decay_to_the_floor():
 
 
 def test_training_lowers_loss_logs_metrics_and_saves_a_loadable_model(tmp_path):
-    recipe = load_recipe(None, [*TINY_RUN, "train.max_steps=40", "train.save_every=20", "model.bias_update_rate=0.001"])
+    recipe = load_recipe(None, [*TINY_RUN, "train.max_steps=40", "train.save_every=20", "moe.bias_update_rate=0.001"])
     trainer = Trainer(recipe, tmp_path, echo=lambda _: None)
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

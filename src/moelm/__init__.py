@@ -10,12 +10,26 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ModelConfig", "MoELM", "MoELMOutput", "Routing", "load_config", "__version__"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "MoEOptions",
+    "MoELM",
+    "MoELMOutput",
+    "Recipe",
+    "Routing",
+    "load_config",
+    "load_recipe",
+    "__version__",
+]
 
 _LAZY = {
     "ConfigError": "moelm.config",
     "ModelConfig": "moelm.config",
+    "MoEOptions": "moelm.config",
     "load_config": "moelm.config",
+    "Recipe": "moelm.train.recipe",
+    "load_recipe": "moelm.train.recipe",
     "MoELM": "moelm.model",
     "MoELMOutput": "moelm.model",
     "Routing": "moelm.model",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from moelm import __version__
 from moelm.config import load_config, preset_names
+from moelm.schema import DEVICE_ALLOWED, DEVICE_PATTERN
 
 if TYPE_CHECKING:
     from moelm.config import ModelConfig
@@ -248,8 +249,8 @@ POSITIVE_INT = _number(int, "a positive integer", lambda v: v > 0)
 
 def DEVICE(text: str) -> str:  # noqa: N802 - an argparse type, named like the others
     """--device: auto, cpu, cuda or cuda:N (whether it exists here is checked when the model loads)."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if re.fullmatch(DEVICE_PATTERN, text) is None:
+        raise argparse.ArgumentTypeError(f"must be {DEVICE_ALLOWED}, got {text!r}")
     return text
 
 
@@ -319,6 +320,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (checkpoint / "model" / name).is_file():
             shutil.copyfile(checkpoint / "model" / name, args.out / name)
+    if (checkpoint / "run.json").is_file():  # provenance: the recipe and versions that produced these weights
+        shutil.copyfile(checkpoint / "run.json", args.out / "run.json")
     print(f"exported {checkpoint} to {args.out}")
 
 
@@ -362,7 +365,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from moelm.train.trainer import Trainer
 
     recipe = load_recipe(args.config, args.set)
-    Trainer(recipe, args.out).run(resume=args.resume, overwrite=args.overwrite)
+    Trainer(recipe, args.out).run(args.resume, args.overwrite, args.allow_recipe_change)
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
@@ -372,7 +375,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     from moelm.train.sft import SFTTrainer
 
     recipe = load_recipe(args.config, args.set)
-    SFTTrainer(recipe, args.out, base_model=args.model).run(resume=args.resume, overwrite=args.overwrite)
+    SFTTrainer(recipe, args.out, base_model=args.model).run(args.resume, args.overwrite, args.allow_recipe_change)
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
@@ -382,7 +385,7 @@ def cmd_grpo(args: argparse.Namespace) -> None:
     from moelm.train.recipe import load_recipe
 
     recipe = load_recipe(args.config, args.set)
-    GRPOTrainer(recipe, args.out, base_model=args.model).run(resume=args.resume, overwrite=args.overwrite)
+    GRPOTrainer(recipe, args.out, base_model=args.model).run(args.resume, args.overwrite, args.allow_recipe_change)
     print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
 
 
@@ -507,6 +510,11 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in --out")
     mode.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start over")
+    parser.add_argument(
+        "--allow-recipe-change",
+        action="store_true",
+        help="with --resume: accept recipe changes beyond cadence, length, device and layout (recorded in run.json)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

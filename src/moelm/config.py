@@ -1,25 +1,44 @@
 """Model configuration: HF DeepseekV3 field names plus moelm's own router and attention options.
 
-One dataclass describes a model. Field names follow transformers' `DeepseekV3Config` so a `config.json`
-published for DeepSeek-V3 maps onto it field for field; options plain HF cannot represent (softmax scoring,
-GQA attention, the expert backend) are moelm-only fields, saved under their own key in `config.json`.
-Every invalid value fails at construction with a `ConfigError` naming the field, its value and what is allowed.
+`ModelConfig` describes a network and nothing else. Field names follow transformers' `DeepseekV3Config` so a
+`config.json` published for DeepSeek-V3 maps onto it field for field; architecture plain HF cannot represent
+(softmax scoring, GQA attention, noisy gating) is moelm-only, saved under its own key in `config.json`. How a
+run drives the MoE layers (balancing coefficients, capacity, the bias-update rate, activation checkpointing, the
+expert kernel) is `MoEOptions`: a recipe section, never written into a saved model. Constraints are declared on
+the fields (`moelm.schema`); every invalid value fails at construction naming the field and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-import types
-import typing
+import sys
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar
 
 import yaml
+
+from moelm.schema import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    ConfigError,
+    Constraint,
+    Rule,
+    Violation,
+    above,
+    check,
+    coerce_fields,
+    coerce_value,
+    one_of,
+    setting,
+)
+
+__all__ = ["ConfigError", "ModelConfig", "MoEOptions", "coerce_fields", "coerce_value", "load_config", "load_yaml"]
 
 MOELM_CONFIG_KEY = "moelm"
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -35,13 +54,9 @@ HIDDEN_ACTS = ("silu",)
 CHECKPOINTING_MODES = ("none", "full", "moe")
 
 
-def moelm_only(default: Any) -> Any:
+def moelm_only(default: Any, check: Constraint | None = None) -> Any:
     """A field plain HF DeepseekV3 has no name for: saved under MOELM_CONFIG_KEY in config.json."""
-    return dataclasses.field(default=default, metadata={"moelm_only": True})
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value: the message names the field, the value and what is allowed."""
+    return setting(default, check=check, moelm_only=True)
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -64,250 +79,140 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _type_name(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Any: "any value"}
-    if hint in names:
-        return names[hint]
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
-    if origin is dict:
-        return "a mapping"
-    return getattr(hint, "__name__", str(hint))
+def _even(value: int) -> bool:
+    return value > 0 and value % 2 == 0
 
 
-def coerce_value(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a field's type hint, naming `key` when it does not fit.
-
-    Integers given as integral floats (`1e2`) become ints and ints become floats where a float is expected;
-    fractions for integer fields, strings for numbers, numbers for strings and so on are rejected up front, so a
-    wrong type never reaches the code that would crash on it.
-    """
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            try:
-                return coerce_value(key, value, option)
-            except ConfigError:
-                continue
-        _fail(key, value, _type_name(hint))
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        if isinstance(value, float):
-            _fail(key, value, "an integer (no fraction)")
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            return [coerce_value(f"{key}[{i}]", item, args[0]) if args else item for i, item in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            item_hint = args[1] if len(args) == 2 else Any
-            return {k: coerce_value(f"{key}.{k}", v, item_hint) for k, v in value.items()}
-    else:
-        return value
-    _fail(key, value, _type_name(hint))
-    return None  # unreachable: _fail raises
+# ---------------------------------------------------------------------- cross-field rules of ModelConfig
+def _experts_per_token_fit(c: ModelConfig) -> Violation | None:
+    if c.num_experts_per_tok > c.n_routed_experts:
+        return Violation("num_experts_per_tok", c.num_experts_per_tok, f"at most n_routed_experts={c.n_routed_experts}")
+    per_group = c.n_routed_experts // c.n_group
+    if c.num_experts_per_tok > c.topk_group * per_group:
+        allowed = f"at most topk_group * experts per group = {c.topk_group * per_group}"
+        return Violation("num_experts_per_tok", c.num_experts_per_tok, allowed)
+    return None
 
 
-def coerce_fields(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`values` (a mapping of a dataclass's fields) with every value checked and coerced to its field's type."""
-    hints = get_type_hints(cls, vars(typing))
-    return {
-        name: coerce_value(prefix + name, value, hints[name]) if name in hints else value
-        for name, value in values.items()
-    }
+def _groups_divide_experts(c: ModelConfig) -> Violation | None:
+    if c.n_routed_experts % c.n_group:
+        return Violation("n_routed_experts", c.n_routed_experts, f"a multiple of n_group={c.n_group}")
+    if c.topk_group > c.n_group:
+        return Violation("topk_group", c.topk_group, f"at most n_group={c.n_group}")
+    if c.n_group > 1 and c.n_routed_experts // c.n_group < 2 and c.scoring_func == "sigmoid":
+        return Violation("n_group", c.n_group, "a group size of at least 2 experts (group score sums the top-2)")
+    return None
+
+
+def _gqa_heads_fit(c: ModelConfig) -> Violation | None:
+    if c.attention != "gqa":
+        return None
+    if c.head_dim is None and c.hidden_size % c.num_attention_heads:
+        return Violation("hidden_size", c.hidden_size, "divisible by num_attention_heads when head_dim is unset")
+    if c.gqa_head_dim % 2:
+        return Violation("head_dim", c.gqa_head_dim, "an even number (RoPE rotates pairs)")
+    if c.num_key_value_heads <= 0 or c.num_attention_heads % c.num_key_value_heads:
+        allowed = f"a positive divisor of num_attention_heads={c.num_attention_heads}"
+        return Violation("num_key_value_heads", c.num_key_value_heads, allowed)
+    return None
+
+
+def _rope_scaling_known(c: ModelConfig) -> Violation | None:
+    if c.rope_scaling is None:
+        return None
+    rope_type = c.rope_scaling.get("type", c.rope_scaling.get("rope_type"))
+    if rope_type not in ROPE_TYPES:
+        return Violation("rope_scaling.type", rope_type, f"one of {list(ROPE_TYPES)}")
+    factor = c.rope_scaling.get("factor")
+    if rope_type == "yarn" and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0):
+        return Violation("rope_scaling.factor", factor, "a positive number")
+    return None
+
+
+def _dense_layers_fit(c: ModelConfig) -> Violation | None:
+    if c.first_k_dense_replace > c.num_hidden_layers:
+        return Violation("first_k_dense_replace", c.first_k_dense_replace, f"0..{c.num_hidden_layers}")
+    return None
+
+
+def _token_ids_in_vocab(c: ModelConfig) -> Violation | None:
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(c, name)
+        if value is not None and not 0 <= value < c.vocab_size:
+            return Violation(name, value, f"null or a token id in 0..{c.vocab_size - 1}")
+    return None
+
+
+def _noise_without_groups(c: ModelConfig) -> Violation | None:
+    if c.noisy_gating and c.n_group > 1:
+        return Violation("noisy_gating", c.noisy_gating, "false when n_group > 1 (noisy top-k is not group-limited)")
+    return None
 
 
 @dataclass
 class ModelConfig:
-    """A DeepSeek-V3-style MoE decoder; defaults describe a tiny model, presets describe real shapes."""
+    """A DeepSeek-V3-style MoE decoder's architecture: what a saved config.json needs to rebuild the network.
 
-    model_type: str = "deepseek_v3"
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    moe_intermediate_size: int = 96
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    n_shared_experts: int = 1
-    n_routed_experts: int = 8
-    num_experts_per_tok: int = 2
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
+    Defaults describe a tiny model, presets describe real shapes. How a run trains it (balancing coefficients,
+    capacity, checkpointing, the expert kernel) is `MoEOptions`, a recipe section, not part of the model.
+    """
+
+    model_type: str = setting("deepseek_v3", check=one_of(*MODEL_TYPES))
+    vocab_size: int = setting(1024, check=POSITIVE_INT)
+    hidden_size: int = setting(128, check=POSITIVE_INT)
+    intermediate_size: int = setting(384, check=POSITIVE_INT)
+    moe_intermediate_size: int = setting(96, check=POSITIVE_INT)
+    num_hidden_layers: int = setting(4, check=POSITIVE_INT)
+    num_attention_heads: int = setting(4, check=POSITIVE_INT)
+    num_key_value_heads: int = 4  # GQA only (checked by _gqa_heads_fit)
+    n_shared_experts: int = setting(1, check=NON_NEGATIVE_INT)
+    n_routed_experts: int = setting(8, check=POSITIVE_INT)
+    num_experts_per_tok: int = setting(2, check=POSITIVE_INT)
+    n_group: int = setting(1, check=POSITIVE_INT)
+    topk_group: int = setting(1, check=POSITIVE_INT)
+    routed_scaling_factor: float = setting(1.0, check=POSITIVE)
     norm_topk_prob: bool = True
-    first_k_dense_replace: int = 1
-    moe_layer_freq: int = 1
-    kv_lora_rank: int = 64
-    q_lora_rank: int | None = None
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
+    first_k_dense_replace: int = setting(1, check=NON_NEGATIVE_INT)
+    moe_layer_freq: int = setting(1, check=POSITIVE_INT)
+    kv_lora_rank: int = setting(64, check=POSITIVE_INT)
+    q_lora_rank: int | None = setting(None, check=above(0, "a positive integer or null (no query compression)"))
+    qk_nope_head_dim: int = setting(32, check=NON_NEGATIVE_INT)
+    qk_rope_head_dim: int = setting(16, check=Constraint("an even positive integer (RoPE rotates pairs)", _even))
+    v_head_dim: int = setting(32, check=POSITIVE_INT)
+    hidden_act: str = setting("silu", check=one_of(*HIDDEN_ACTS))
+    max_position_embeddings: int = setting(2048, check=POSITIVE_INT)
+    rope_theta: float = setting(10000.0, check=POSITIVE)
     rope_scaling: dict[str, Any] | None = None
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
+    rms_norm_eps: float = setting(1e-6, check=POSITIVE)
+    initializer_range: float = setting(0.02, check=NON_NEGATIVE)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: int = setting(0, check=NON_NEGATIVE_INT)
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
-    # moelm-only options
-    scoring_func: str = moelm_only("sigmoid")
-    attention: str = moelm_only("mla")
-    head_dim: int | None = moelm_only(None)
-    expert_backend: str = moelm_only("auto")
-    mtp_loss_weight: float = moelm_only(0.3)
-    # load balancing (references §2); a coefficient of 0 turns that mechanism off, all are combinable
-    aux_loss_alpha: float = moelm_only(
-        0.0
-    )  # Switch/GShard loss alpha * E * sum f_i P_i, per layer, averaged over layers
-    seq_aux_loss_alpha: float = moelm_only(0.0)  # DeepSeek-V3 complementary sequence-wise balance loss
-    noisy_gating: bool = moelm_only(False)  # Shazeer 2017 learned-noise top-k gating (noise only in training)
-    importance_loss_coef: float = moelm_only(0.0)  # Shazeer importance loss w * CV(importance)^2
-    load_loss_coef: float = moelm_only(0.0)  # Shazeer load loss w * CV(smooth load)^2 (needs noisy_gating)
-    router_z_loss_coef: float = moelm_only(0.0)  # ST-MoE z-loss: mean logsumexp(logits)^2
-    capacity_factor: float | None = moelm_only(None)  # training capacity; None = dropless
-    eval_capacity_factor: float | None = moelm_only(None)  # capacity in eval mode; None = dropless
-    bias_update_rate: float = moelm_only(0.0)  # aux-loss-free balancing gamma (applied by BiasBalancer once per step)
-    bias_update_centered: bool = moelm_only(False)  # subtract the mean bias update so the biases do not drift
-    activation_checkpointing: str = moelm_only("none")  # none | full (whole blocks) | moe (expert FFNs only)
+    # moelm-only architecture
+    scoring_func: str = moelm_only("sigmoid", one_of(*SCORING_FUNCS))
+    attention: str = moelm_only("mla", one_of(*ATTENTION_KINDS))
+    head_dim: int | None = moelm_only(None, POSITIVE_INT)
+    noisy_gating: bool = moelm_only(False)  # Shazeer 2017 learned-noise top-k gating: adds a noise projection
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        _experts_per_token_fit,
+        _groups_divide_experts,
+        _gqa_heads_fit,
+        _rope_scaling_known,
+        _dense_layers_fit,
+        _token_ids_in_vocab,
+        _noise_without_groups,
+    )
 
     def __post_init__(self) -> None:
-        for name, value in coerce_fields(ModelConfig, self.__dict__).items():
-            setattr(self, name, value)
         self.validate()
 
-    # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Reject shapes and options the model cannot build, naming the field and the allowed values."""
-        positive = [
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "n_routed_experts",
-            "num_experts_per_tok",
-            "n_group",
-            "topk_group",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_position_embeddings",
-            "moe_layer_freq",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                _fail(name, value, "a positive integer")
-        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers", "qk_nope_head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                _fail(name, value, "a non-negative integer")
-        _choice("model_type", self.model_type, MODEL_TYPES)
-        _choice("scoring_func", self.scoring_func, SCORING_FUNCS)
-        _choice("attention", self.attention, ATTENTION_KINDS)
-        _choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
-        _choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
-        if self.num_experts_per_tok > self.n_routed_experts:
-            _fail(
-                "num_experts_per_tok",
-                self.num_experts_per_tok,
-                f"at most n_routed_experts={self.n_routed_experts}",
-            )
-        if self.n_routed_experts % self.n_group:
-            _fail("n_routed_experts", self.n_routed_experts, f"a multiple of n_group={self.n_group}")
-        if self.topk_group > self.n_group:
-            _fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
-        experts_per_group = self.n_routed_experts // self.n_group
-        if self.n_group > 1 and experts_per_group < 2 and self.scoring_func == "sigmoid":
-            _fail("n_group", self.n_group, "a group size of at least 2 experts (group score sums the top-2)")
-        if self.num_experts_per_tok > self.topk_group * experts_per_group:
-            _fail(
-                "num_experts_per_tok",
-                self.num_experts_per_tok,
-                f"at most topk_group * experts per group = {self.topk_group * experts_per_group}",
-            )
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
-            _fail("q_lora_rank", self.q_lora_rank, "a positive integer or null (no query compression)")
-        if self.qk_rope_head_dim % 2:
-            _fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even number (RoPE rotates pairs)")
-        if self.attention == "gqa":
-            head_dim = self.gqa_head_dim
-            if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-                _fail("hidden_size", self.hidden_size, "divisible by num_attention_heads when head_dim is unset")
-            if head_dim % 2:
-                _fail("head_dim", head_dim, "an even number (RoPE rotates pairs)")
-            if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
-                _fail(
-                    "num_key_value_heads",
-                    self.num_key_value_heads,
-                    f"a positive divisor of num_attention_heads={self.num_attention_heads}",
-                )
-        if self.rope_scaling is not None:
-            if not isinstance(self.rope_scaling, dict):
-                _fail("rope_scaling", self.rope_scaling, "a mapping such as {type: yarn, factor: 40, ...}")
-            rope_type = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            _choice("rope_scaling.type", rope_type, ROPE_TYPES)
-            if rope_type == "yarn":
-                factor = self.rope_scaling.get("factor")
-                if not isinstance(factor, (int, float)) or factor <= 0:
-                    _fail("rope_scaling.factor", factor, "a positive number")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            _fail("first_k_dense_replace", self.first_k_dense_replace, f"0..{self.num_hidden_layers}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not (0 <= value < self.vocab_size):
-                _fail(name, value, f"null or a token id in 0..{self.vocab_size - 1}")
-        if self.routed_scaling_factor <= 0:
-            _fail("routed_scaling_factor", self.routed_scaling_factor, "a positive number")
-        for name in (
-            "mtp_loss_weight",
-            "aux_loss_alpha",
-            "seq_aux_loss_alpha",
-            "importance_loss_coef",
-            "load_loss_coef",
-            "router_z_loss_coef",
-            "bias_update_rate",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                _fail(name, value, "a non-negative number")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                _fail(name, value, "null (dropless) or a positive number such as 1.25")
-        _choice("activation_checkpointing", self.activation_checkpointing, CHECKPOINTING_MODES)
-        if self.load_loss_coef > 0 and not self.noisy_gating:
-            _fail(
-                "load_loss_coef", self.load_loss_coef, "0 unless noisy_gating is true (the load estimator needs noise)"
-            )
-        if self.noisy_gating and self.n_group > 1:
-            _fail("noisy_gating", self.noisy_gating, "false when n_group > 1 (noisy top-k is not group-limited)")
+        check(self)
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -337,6 +242,12 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a flat mapping; unknown keys fail naming them so typos never pass silently."""
         known = {f.name for f in fields(cls)}
+        moved = sorted(set(data) & set(RUN_OPTION_FIELDS))
+        if moved:
+            raise ConfigError(
+                f"{moved} are run settings, not architecture: set them in the recipe's moe section "
+                f"(moe.{moved[0]}=...) or pass MoEOptions to MoELM"
+            )
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; allowed fields: {sorted(known)}")
@@ -371,6 +282,15 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Map an HF DeepseekV3 `config.json` (transformers 4.x or 5.x spelling) onto a ModelConfig."""
+        return cls.from_hf_dict_with_options(data)[0]
+
+    @classmethod
+    def from_hf_dict_with_options(cls, data: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+        """The ModelConfig of a `config.json`, and the run settings an older moelm wrote beside it.
+
+        Directories saved before MoEOptions existed carry balancing, capacity and kernel settings under the
+        'moelm' key; they are returned separately so a loader can apply them (with a note) instead of failing.
+        """
         model_type = data.get("model_type", "deepseek_v3")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"unsupported model_type={model_type!r}: moelm loads one of {list(MODEL_TYPES)}")
@@ -407,8 +327,10 @@ class ModelConfig:
                 values[name] = 1
         if "scoring_func" in data and MOELM_CONFIG_KEY not in data and model_type == "deepseek_v3":
             values["scoring_func"] = data["scoring_func"]
-        values.update(data.get(MOELM_CONFIG_KEY) or {})
-        return cls(**values)
+        extras = dict(data.get(MOELM_CONFIG_KEY) or {})
+        legacy = {k: extras.pop(k) for k in list(extras) if k in RUN_OPTION_FIELDS}
+        values.update(extras)
+        return cls(**values), legacy
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers reads as DeepseekV3Config (or DeepseekV2Config for a V2 model), with
@@ -455,8 +377,6 @@ class ModelConfig:
                 "ones MoE; DeepSeek's own code and moelm honour it)"
             )
         if self.model_type == "deepseek_v2":
-            if self.bias_update_rate > 0:
-                problems.append("bias_update_rate > 0 (DeepseekV2 has no e_score_correction_bias to store it in)")
             if self.num_nextn_predict_layers:
                 problems.append("num_nextn_predict_layers > 0 (DeepseekV2 has no MTP layers)")
         return problems
@@ -464,6 +384,11 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
         """Read an HF `config.json`."""
+        return cls.from_json_with_options(path)[0]
+
+    @classmethod
+    def from_json_with_options(cls, path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+        """Read an HF `config.json`: the config, and the run settings an older moelm stored in it."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -472,15 +397,61 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object of config fields")
-        return cls.from_hf_dict(data)
+        return cls.from_hf_dict_with_options(data)
 
 
-def check_values(owner: object, checks: list[tuple[str, bool, str]], prefix: str = "") -> None:
-    """The one validation helper: raise ConfigError for the first (field, ok, allowed) check that failed,
-    naming `prefix + field`, the owner's value of it and what is allowed."""
-    for name, ok, allowed in checks:
-        if not ok:
-            _fail(prefix + name, getattr(owner, name), allowed)
+@dataclass
+class MoEOptions:
+    """How a run drives the MoE layers: balancing, capacity, activation checkpointing and the expert kernel.
+
+    These change training (or speed), never the network's shape, so they live in the recipe's `moe` section
+    and are passed to `MoELM(config, options)`; a saved model directory does not carry them. A coefficient of 0
+    turns its mechanism off; all are combinable (references §2).
+    """
+
+    expert_backend: str = setting("auto", check=one_of(*EXPERT_BACKENDS))
+    activation_checkpointing: str = setting("none", check=one_of(*CHECKPOINTING_MODES))  # full blocks | expert FFNs
+    mtp_loss_weight: float = setting(0.3, check=NON_NEGATIVE)  # DeepSeek-V3's lambda on the MTP loss
+    aux_loss_alpha: float = setting(0.0, check=NON_NEGATIVE)  # Switch/GShard alpha * E * sum f_i P_i
+    seq_aux_loss_alpha: float = setting(0.0, check=NON_NEGATIVE)  # DeepSeek-V3 sequence-wise balance loss
+    importance_loss_coef: float = setting(0.0, check=NON_NEGATIVE)  # Shazeer importance loss w * CV^2
+    load_loss_coef: float = setting(0.0, check=NON_NEGATIVE)  # Shazeer load loss (needs model.noisy_gating)
+    router_z_loss_coef: float = setting(0.0, check=NON_NEGATIVE)  # ST-MoE z-loss
+    capacity_factor: float | None = setting(None, check=above(0, "null (dropless) or a positive number"))
+    eval_capacity_factor: float | None = setting(None, check=above(0, "null (dropless) or a positive number"))
+    bias_update_rate: float = setting(0.0, check=NON_NEGATIVE)  # aux-loss-free balancing gamma, once per step
+    bias_update_centered: bool = False  # subtract the mean bias update so the biases do not drift
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def replace(self, **changes: Any) -> MoEOptions:
+        return dataclasses.replace(self, **changes)
+
+    def conflicts_with(self, config: ModelConfig) -> Violation | None:
+        """A setting the given architecture cannot honour (key relative to this section)."""
+        if self.load_loss_coef > 0 and not config.noisy_gating:
+            allowed = "0 unless model.noisy_gating is true (the load estimator needs noise)"
+            return Violation("load_loss_coef", self.load_loss_coef, allowed)
+        if self.bias_update_rate > 0 and config.model_type == "deepseek_v2":
+            return Violation("bias_update_rate", self.bias_update_rate, "0 for deepseek_v2 (no selection bias)")
+        return None
+
+
+RUN_OPTION_FIELDS = tuple(f.name for f in fields(MoEOptions))
+
+
+def options_from_legacy(legacy: dict[str, Any], source: str) -> MoEOptions:
+    """MoEOptions from the run settings an older config.json carried, with a note saying they were applied."""
+    options = MoEOptions(**coerce_fields(MoEOptions, legacy, "moe."))
+    changed = {k: v for k, v in legacy.items() if getattr(MoEOptions(), k) != v}
+    if changed:
+        print(
+            f"note: {source} carries run settings from an older moelm ({changed}); applied as MoEOptions "
+            "(a recipe's moe section sets them now)",
+            file=sys.stderr,
+        )
+    return options
 
 
 # Fields that only moelm understands, from their metadata; HF export writes them under MOELM_CONFIG_KEY.
@@ -490,15 +461,6 @@ MOELM_ONLY_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get(
 def _one_line(error: Exception) -> str:
     """A YAML parser message (several lines with a caret) folded into one line."""
     return " ".join(str(error).split())
-
-
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"invalid {name}={value!r}: must be {allowed}")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(name, value, f"one of {list(allowed)}")
 
 
 def preset_names() -> list[str]:

@@ -11,7 +11,8 @@ import re
 
 import torch
 
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+from moelm.schema import DEVICE_ALLOWED as DEVICE_CHOICES
+from moelm.schema import DEVICE_PATTERN
 
 
 class DeviceError(ValueError):
@@ -22,7 +23,7 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     """The torch.device for a --device / train.device value (local_rank: this process's rank on its node)."""
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", spec)
+    match = re.fullmatch(DEVICE_PATTERN, spec)
     if match is None:
         raise DeviceError(f"invalid device {spec!r}: must be {DEVICE_CHOICES}")
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):

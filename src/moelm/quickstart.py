@@ -15,51 +15,18 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moelm.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from moelm.train.recipe import Recipe
 
 STAGES = ("pretrain", "sft", "grpo")
 # Steps and evaluation size at the default 15 minutes; scaled linearly (with floors) for other budgets.
 BASE_STEPS = {"pretrain": 300, "sft": 200, "grpo": 40}
 BASE_EVAL_PROBLEMS = 200
 DEFAULT_MINUTES = 15.0
-
-PRETRAIN = [
-    "model.bias_update_rate=0.001",
-    "data.source=builtin",
-    "data.builtin_records=6000",
-    "data.vocab_size=2048",
-    "data.seq_len=128",
-    "optim.lr=3e-3",
-    "optim.warmup_steps=20",
-    "train.batch_size=16",
-]
-SFT = [
-    "data.seq_len=128",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=10",
-    "train.batch_size=16",
-    "sft.sources=[{format: builtin, num_records: 6000, seed: 1, domains: [math, code, logic, language]}]",
-    "sft.difficulty=source",
-    "sft.pacing=linear",
-    "sft.pacing_start=0.25",
-    "sft.pacing_full_at=0.7",
-    "sft.val_examples=100",
-]
-GRPO = [
-    "optim.lr=2e-4",
-    "optim.warmup_steps=5",
-    "optim.weight_decay=0.0",
-    "train.batch_size=8",
-    "grpo.sources=[{format: builtin, num_records: 3000, seed: 2, domains: [math], max_difficulty: 1}]",
-    "grpo.chat_template=true",
-    "grpo.num_generations=8",
-    "grpo.max_completion_tokens=48",
-    "grpo.rewards={accuracy: 1.0, format: 0.1}",
-    "grpo.beta=0.0",
-    "grpo.eval_prompts=32",
-]
 
 
 def budget(minutes: float) -> tuple[dict[str, int], int]:
@@ -69,18 +36,57 @@ def budget(minutes: float) -> tuple[dict[str, int], int]:
     return steps, max(20, round(BASE_EVAL_PROBLEMS * min(scale, 1.0)))
 
 
-def _stage_overrides(stage: str, steps: int, seed: int = 0) -> list[str]:
-    base = {"pretrain": PRETRAIN, "sft": SFT, "grpo": GRPO}[stage]
+def stage_recipe(stage: str, steps: int, seed: int = 0) -> Recipe:
+    """The recipe of one stage, built as objects (the same recipe `moelm pretrain|sft|grpo` would read)."""
+    from moelm.config import MoEOptions
+    from moelm.data.source_specs import BuiltinSource
+    from moelm.train.recipe import DataSection, GRPOSection, OptimSection, Recipe, SFTSection, TrainSection
+
     every = max(1, steps // 3)
-    return [
-        *base,
-        f"train.seed={seed}",
-        f"train.max_steps={steps}",
-        f"train.save_every={every}",
-        f"train.eval_every={every}",
-        f"train.log_every={max(1, min(10, steps // 10))}",
-        "train.keep_last=1",
-    ]
+    train = TrainSection(
+        seed=seed,
+        max_steps=steps,
+        batch_size=8 if stage == "grpo" else 16,
+        save_every=every,
+        eval_every=every,
+        log_every=max(1, min(10, steps // 10)),
+        keep_last=1,
+    )
+    if stage == "pretrain":
+        return Recipe(
+            moe=MoEOptions(bias_update_rate=0.001),
+            data=DataSection(source="builtin", builtin_records=6000, vocab_size=2048, seq_len=128),
+            optim=OptimSection(lr=3e-3, warmup_steps=20),
+            train=train,
+        )
+    if stage == "sft":
+        sources = [BuiltinSource(num_records=6000, seed=1, domains=["math", "code", "logic", "language"])]
+        return Recipe(
+            data=DataSection(seq_len=128),
+            optim=OptimSection(lr=1e-3, warmup_steps=10),
+            train=train,
+            sft=SFTSection(
+                sources=sources,
+                difficulty="source",
+                pacing="linear",
+                pacing_start=0.25,
+                pacing_full_at=0.7,
+                val_examples=100,
+            ),
+        )
+    return Recipe(
+        optim=OptimSection(lr=2e-4, warmup_steps=5, weight_decay=0.0),
+        train=train,
+        grpo=GRPOSection(
+            sources=[BuiltinSource(num_records=3000, seed=2, domains=["math"], max_difficulty=1)],
+            chat_template=True,
+            num_generations=8,
+            max_completion_tokens=48,
+            rewards={"accuracy": 1.0, "format": 0.1},
+            beta=0.0,
+            eval_prompts=32,
+        ),
+    )
 
 
 def run_stage(
@@ -88,7 +94,6 @@ def run_stage(
 ) -> Path:
     """Train one stage into OUT/stage (skipped when its model exists, continued when it has checkpoints)."""
     from moelm.train.grpo import GRPOTrainer
-    from moelm.train.recipe import load_recipe
     from moelm.train.sft import SFTTrainer
     from moelm.train.trainer import Trainer
 
@@ -96,7 +101,7 @@ def run_stage(
     if (stage_dir / "model" / "config.json").is_file():
         echo(f"{stage}: done already ({stage_dir / 'model'})")
         return stage_dir / "model"
-    recipe = load_recipe(None, _stage_overrides(stage, steps, seed))
+    recipe = stage_recipe(stage, steps, seed)
     silent = lambda _line: None  # noqa: E731 - the stage's own sample printing stays out of the summary
     if stage == "pretrain":
         trainer = Trainer(recipe, stage_dir, echo=silent)

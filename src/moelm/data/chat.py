@@ -110,11 +110,16 @@ def encode_chat(
     return ids, mask
 
 
-def save_chat_template(directory: str | Path, template: str = DEFAULT_CHAT_TEMPLATE) -> None:
-    """Write (or update) tokenizer_config.json's chat_template, keeping its other keys."""
+def save_chat_template(
+    directory: str | Path, template: str = DEFAULT_CHAT_TEMPLATE, bos_token: str | None = None
+) -> None:
+    """Write (or update) tokenizer_config.json's chat_template and special tokens, keeping its other keys.
+
+    `bos_token` is the model config's BOS (None for models moelm trains: they never see one), so a harness that
+    takes BOS from the tokenizer, as lm-eval does, prefixes what the model saw before each document: EOS."""
     path = Path(directory) / CONFIG_FILE
     config = json.loads(path.read_text()) if path.is_file() else {}
-    config.update({"chat_template": template, "eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>"})
+    config.update({"chat_template": template, "eos_token": "</s>", "bos_token": bos_token, "pad_token": "<pad>"})
     atomic_write_text(path, json.dumps(config, indent=2))
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from moelm.data.builtin import DOMAINS, Record, builtin_corpus
 from moelm.data.chat import ChatFormatError, validate_messages
+from moelm.data.source_specs import BuiltinSource, FileSource, SourceSpec
 from moelm.data.sources import DataError, jsonl_records
 
 FORMATS = ("jsonl", "gsm8k", "mbpp", "bbh", "mmlu", "builtin")
@@ -266,17 +267,18 @@ LOADERS: dict[str, Callable[..., tuple[list[SFTExample], LoadReport]]] = {
 }
 
 
-def load_source(
-    kind: str, path: str | None = None, strict: bool = False, **builtin: Any
-) -> tuple[list[SFTExample], LoadReport]:
-    """Dispatch on the source kind (one of FORMATS), naming the allowed kinds on a typo."""
-    if kind == "builtin":
-        return load_builtin(**builtin)
-    if kind not in LOADERS:
-        raise DataError(f"unknown SFT source format {kind!r}; allowed: {list(FORMATS)}")
-    if not path:
-        raise DataError(f"SFT source of format {kind!r} needs a path")
-    return LOADERS[kind](path, strict=strict)
+def load_source(spec: SourceSpec, strict: bool = False) -> tuple[list[SFTExample], LoadReport]:
+    """The examples of one typed source spec (its format decides the reader); `task` renames their task."""
+    if isinstance(spec, BuiltinSource):
+        examples, report = load_builtin(spec.num_records, spec.seed, tuple(spec.domains), spec.max_difficulty)
+    elif isinstance(spec, FileSource) and spec.FORMAT in LOADERS:
+        examples, report = LOADERS[spec.FORMAT](spec.path, strict=strict)
+    else:
+        raise DataError(f"unknown SFT source format {spec.format!r}; allowed: {list(FORMATS)}")
+    if spec.task is not None:
+        for example in examples:
+            example.task = spec.task
+    return examples, report
 
 
 def length_difficulty(examples: list[SFTExample]) -> None:

@@ -31,15 +31,26 @@ def iter_text_files(path: Path) -> Iterator[str]:
 def jsonl_records(path: str | Path, on_bad_line: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a JSON Lines file (gzip-compressed when it ends in .gz).
 
-    A line that is not JSON is reported as "path:N: invalid JSON (...)": raised as DataError, or passed to
+    A line that is not UTF-8 or not JSON is reported as "path:N: ...": raised as DataError, or passed to
     `on_bad_line` (which may collect it and let reading go on). The one JSONL reader of the package.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                message = (
+                    f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                    "re-encode the file as UTF-8"
+                )
+                if on_bad_line is None:
+                    raise DataError(message) from None
+                on_bad_line(message)
+                continue
             if not line.strip():
                 continue
             try:

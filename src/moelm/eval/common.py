@@ -6,32 +6,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moelm.config import check_values
 from moelm.data.sources import DataError, jsonl_records
+from moelm.schema import NON_NEGATIVE_INT, POSITIVE_INT, at_least, check, interval, setting
 
 
 @dataclass
 class EvalSettings:
-    limit: int | None = None  # first N documents of each task (None = all)
-    num_fewshot: int | None = None  # None = the task's standard count
-    samples: int = 1  # completions per problem (pass@k needs samples >= k)
-    temperature: float = 0.0
-    top_p: float = 1.0
+    limit: int | None = setting(None, check=POSITIVE_INT)  # first N documents of each task (None = all)
+    num_fewshot: int | None = setting(None, check=NON_NEGATIVE_INT)  # None = the task's standard count
+    samples: int = setting(1, check=POSITIVE_INT)  # completions per problem (pass@k needs samples >= k)
+    temperature: float = setting(0.0, check=at_least(0, "0 (greedy) or more"))
+    top_p: float = setting(1.0, check=interval(0, 1, low_open=True))
     seed: int = 1234  # sampling seed (request i uses seed + i)
     fewshot_seed: int = 1234  # lm-eval's fewshot_random_seed: the random few-shot sampler's seed
-    max_new_tokens: int | None = None  # None = the task's default
+    max_new_tokens: int | None = setting(None, check=POSITIVE_INT)  # None = the task's default
     apply_chat_template: bool = False  # wrap generation prompts in the model's chat template
 
     def __post_init__(self) -> None:
-        checks = [
-            ("limit", self.limit is None or self.limit > 0, "a positive integer"),
-            ("num_fewshot", self.num_fewshot is None or self.num_fewshot >= 0, "0 or more"),
-            ("samples", self.samples > 0, "a positive integer"),
-            ("temperature", self.temperature >= 0, "0 (greedy) or more"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens > 0, "a positive integer"),
-        ]
-        check_values(self, checks)
+        check(self)
 
 
 # The lm-evaluation-harness release whose task definitions the named tasks reproduce (prompts, shots, stops,

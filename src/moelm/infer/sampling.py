@@ -7,28 +7,21 @@ from dataclasses import dataclass
 
 import torch
 
-from moelm.config import check_values
+from moelm.schema import NON_NEGATIVE_INT, Constraint, at_least, check, interval, setting
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to turn next-token logits into a token; temperature 0 means greedy."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float = setting(0.0, check=at_least(0, "a number >= 0 (0 = greedy)"))
+    top_k: int = setting(0, check=Constraint("an integer >= 0 (0 = off)", NON_NEGATIVE_INT.test))
+    top_p: float = setting(1.0, check=interval(0, 1, low_open=True))
+    min_p: float = setting(0.0, check=interval(0, 1, high_open=True))
+    repetition_penalty: float = setting(1.0, check=Constraint("a number > 0 (1 = off)", lambda v: v > 0))
 
     def __post_init__(self) -> None:
-        checks = [
-            ("temperature", self.temperature >= 0, "a number >= 0 (0 = greedy)"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("top_p", 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "a number in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1 = off)"),
-        ]
-        check_values(self, checks)
+        check(self)
 
     @property
     def greedy(self) -> bool:

@@ -25,11 +25,11 @@ from moelm.model.router import Routing
 class RoutedExperts(nn.Module):
     """E SwiGLU experts of width moe_intermediate_size, applied to the tokens the router assigned them."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
         super().__init__()
         self.num_experts = config.n_routed_experts
         self.intermediate_size = config.moe_intermediate_size
-        self.backend = config.expert_backend
+        self.backend = backend  # MoEOptions.expert_backend
         hidden = config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_size, hidden))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, self.intermediate_size))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from moelm.config import ModelConfig
+from moelm.config import ModelConfig, MoEOptions, options_from_legacy
 from moelm.files import atomic_path, atomic_write_text
 from moelm.model import fp8
 from moelm.model.layers import RotaryEmbedding
@@ -302,6 +302,7 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     mtp: bool = True,
+    options: MoEOptions | None = None,
 ) -> MoELM:
     """Build `model_cls` on the meta device, then fill every tensor from the checkpoint (no random init).
 
@@ -311,7 +312,9 @@ def load_pretrained(
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
-    config = ModelConfig.from_json(config_file)
+    config, legacy = ModelConfig.from_json_with_options(config_file)
+    if options is None and legacy:
+        options = options_from_legacy(legacy, str(config_file))
     try:
         block = fp8.block_size(json.loads(config_file.read_text()))
     except fp8.FP8FormatError as error:
@@ -334,7 +337,7 @@ def load_pretrained(
         config = config.replace(num_nextn_predict_layers=0)
     config = _moe_layers_as_stored(config, reader, path)
     with torch.device("meta"):
-        model = model_cls(config)
+        model = model_cls(config, options)
     dtype = dtype or (torch.bfloat16 if block is not None else torch.float32)  # FP8 checkpoints: bf16 default
     state = {}
     meta_state = model.state_dict()

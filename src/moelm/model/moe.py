@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moelm.config import ModelConfig
+from moelm.config import ModelConfig, MoEOptions
 from moelm.model.balance import capacity, capacity_drops, cv_squared, router_z_loss, sequence_balance_loss, switch_loss
 from moelm.model.experts import RoutedExperts
 from moelm.model.layers import SwiGLU
@@ -16,17 +16,18 @@ from moelm.model.router import Router, Routing
 class MoE(nn.Module):
     """y = sum_k w_k * Expert_k(x) + Shared(x); returns the output and the layer's Routing (with its losses)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, options: MoEOptions | None = None) -> None:
         super().__init__()
         self.config = config
-        self.gate = Router(config)
-        self.experts = RoutedExperts(config)
+        self.options = options = options or MoEOptions()
+        self.gate = Router(config, options.load_loss_coef)
+        self.experts = RoutedExperts(config, options.expert_backend)
         self.shared_experts = (
             SwiGLU(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
             if config.n_shared_experts > 0
             else None
         )
-        self.checkpoint_ffn = config.activation_checkpointing == "moe"
+        self.checkpoint_ffn = options.activation_checkpointing == "moe"
 
     def forward(self, x_BTH: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         hidden = x_BTH.shape[-1]
@@ -47,7 +48,7 @@ class MoE(nn.Module):
     def _route(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
         """The router's choice, with over-capacity assignments marked when a capacity factor applies."""
         routing = self.gate(x_TH, token_mask_T)
-        capacity_factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        capacity_factor = self.options.capacity_factor if self.training else self.options.eval_capacity_factor
         if capacity_factor is None:
             return routing
         slots = capacity(x_TH.shape[0], self.gate.num_experts, self.gate.top_k, capacity_factor)
@@ -72,7 +73,7 @@ class MoE(nn.Module):
         self, routing: Routing, batch: int, seq_len: int, token_mask_BT: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """The configured auxiliary losses of this layer, each already multiplied by its coefficient."""
-        config, losses = self.config, {}
+        config, losses = self.options, {}
         mask_T = routing.token_mask_T
         if config.aux_loss_alpha > 0:
             losses["aux_loss"] = config.aux_loss_alpha * switch_loss(routing.logits_TE, routing.expert_ids_TK, mask_T)

@@ -53,7 +53,7 @@ class Routing:
 class Router(nn.Module):
     """Gate projection plus DeepSeek's group-limited top-k selection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, load_loss_coef: float = 0.0) -> None:
         super().__init__()
         self.num_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
@@ -64,7 +64,7 @@ class Router(nn.Module):
         self.scoring_func = config.scoring_func
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
         init_normal_(self.weight, config.initializer_range)
-        self.load_loss_coef = config.load_loss_coef
+        self.load_loss_coef = load_loss_coef  # MoEOptions.load_loss_coef (needs noisy_gating)
         # Shazeer 2017 learned noise scale; zero-initialised as in the paper (noise std starts at softplus(0)).
         self.noise_weight = (
             nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moelm.config import ModelConfig
+from moelm.config import ConfigError, ModelConfig, MoEOptions
 from moelm.constants import IGNORE_INDEX
 from moelm.model.attention import build_attention
 from moelm.model.cache import KVCache
@@ -46,15 +46,15 @@ class MoELMOutput:
 class Block(nn.Module):
     """Pre-norm decoder block: x + Attn(norm(x)), then + FFN(norm(x)) with a dense or MoE FFN."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, options: MoEOptions) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = build_attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoE(config) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
-        self.checkpoint_block = config.activation_checkpointing == "full"
+        self.mlp = MoE(config, options) if self.is_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.checkpoint_block = options.activation_checkpointing == "full"
 
     def forward(
         self,
@@ -105,12 +105,12 @@ class Block(nn.Module):
 class MTPModule(nn.Module):
     """DeepSeek-V3 multi-token prediction depth: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]) -> block."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, options: MoEOptions) -> None:
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
-        self.block = Block(config, layer_idx)
+        self.block = Block(config, layer_idx, options)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
@@ -131,17 +131,21 @@ class MTPModule(nn.Module):
 class MoELM(nn.Module):
     """DeepSeek-V3-style MoE causal language model."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, options: MoEOptions | None = None) -> None:
         super().__init__()
         self.config = config
+        self.options = options = options or MoEOptions()
+        broken = options.conflicts_with(config)
+        if broken is not None:
+            raise ConfigError(f"invalid moe.{broken.key}={broken.value!r}: must be {broken.allowed}")
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i, options) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(
-            MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+            MTPModule(config, config.num_hidden_layers + k, options) for k in range(config.num_nextn_predict_layers)
         )
         rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.gqa_head_dim
         self.rotary = RotaryEmbedding(config, rope_dim)
@@ -218,7 +222,7 @@ class MoELM(nn.Module):
                 out.mtp_loss = self._mtp_loss(
                     input_ids, labels, hidden, position_ids, mask, token_mask, routing, out.mtp_terms
                 )
-                out.loss = out.lm_loss + self.config.mtp_loss_weight * out.mtp_loss
+                out.loss = out.lm_loss + self.options.mtp_loss_weight * out.mtp_loss
         out.aux_losses = average_layer_losses(routing)
         if out.aux_losses:
             out.balance_loss = torch.stack(list(out.aux_losses.values())).sum()
@@ -348,10 +352,12 @@ class MoELM(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         mtp: bool = True,
+        options: MoEOptions | None = None,
     ) -> MoELM:
         """Load an HF DeepseekV3 / DeepseekV2 (or moelm-saved) directory: config.json + safetensors, never
-        pickles; mtp=False skips the MTP layers (inference does not run them)."""
-        return load_pretrained(cls, path, dtype=dtype, device=device, mtp=mtp)
+        pickles; mtp=False skips the MTP layers (inference does not run them). `options` are the run settings
+        (default: MoEOptions(), or those an older moelm stored in the directory's config.json, with a note)."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, mtp=mtp, options=options)
 
     def save_pretrained(
         self,

@@ -36,9 +36,17 @@ def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, model: MoELM, state: dict[str, Any], tokenizer_file: Path | None, keep_last: int
+    out_dir: Path,
+    step: int,
+    model: MoELM,
+    state: dict[str, Any],
+    tokenizer_file: Path | None,
+    keep_last: int,
+    text_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write step-N atomically with its manifest, then drop all but the newest `keep_last` checkpoints."""
+    """Write step-N atomically with its manifest, then drop all but the newest `keep_last` checkpoints.
+
+    `text_files` (name -> text, e.g. run.json) are written beside the trainer state, inside the manifest."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -48,6 +56,8 @@ def save_checkpoint(
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / "model" / "tokenizer.json")
     torch.save(state, tmp / TRAINER_STATE)
+    for name, text in (text_files or {}).items():
+        (tmp / name).write_text(text)
     write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moelm.config import ConfigError
 from moelm.data.builtin import builtin_corpus
 from moelm.data.chat import render_chat
+from moelm.data.source_specs import BuiltinSource, JsonlSource, SourceSpec
 from moelm.data.sources import DataError, jsonl_records
 from moelm.infer.generate import left_pad, stream
 from moelm.infer.sampling import SamplingParams
@@ -42,24 +43,18 @@ class Prompt:
     difficulty: int = 1
 
 
-def load_prompts(sources: list[dict[str, Any]]) -> list[Prompt]:
+def load_prompts(sources: list[SourceSpec]) -> list[Prompt]:
     """Prompts from builtin records (math, logic, code with its asserts) or JSONL {prompt, answer[, tests]}."""
     prompts: list[Prompt] = []
     for number, source in enumerate(sources):
-        kind = source.get("format") if isinstance(source, dict) else None
-        if kind == "builtin":
-            domains = tuple(source.get("domains", ("math",)))
-            hardest = int(source.get("max_difficulty") or 99)
-            records = builtin_corpus(
-                int(source.get("num_records", 2000)), seed=int(source.get("seed", 2)), domains=domains
-            )
+        if isinstance(source, BuiltinSource):
+            hardest = source.max_difficulty or 99
+            records = builtin_corpus(source.num_records, seed=source.seed, domains=tuple(source.domains))
             for record in (r for r in records if r.difficulty <= hardest):
                 tests = record.text.split("\n\n\n", 1)[1].strip().splitlines() if record.domain == "code" else None
                 prompts.append(Prompt(record.prompt, record.answer, record.domain, tests, record.difficulty))
-        elif kind == "jsonl":
-            if not source.get("path"):
-                raise ConfigError(f"grpo.sources[{number}] (jsonl) needs a path")
-            path = Path(str(source["path"]))
+        elif isinstance(source, JsonlSource):
+            path = Path(source.path)
             for line, row in jsonl_records(path):
                 if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                     raise DataError(f"{path}:{line}: expected an object with a string 'prompt'")
@@ -67,7 +62,7 @@ def load_prompts(sources: list[dict[str, Any]]) -> list[Prompt]:
                 tests = row.get("tests")
                 prompts.append(Prompt(row["prompt"], None if answer is None else str(answer), row.get("domain"), tests))
         else:
-            raise ConfigError(f"grpo.sources[{number}] needs format builtin or jsonl, got {kind!r}")
+            raise ConfigError(f"grpo.sources[{number}] needs format builtin or jsonl, got {source.format!r}")
     if not prompts:
         raise DataError("the GRPO sources hold no prompts")
     return prompts
@@ -177,11 +172,15 @@ class GRPOTrainer(SFTTrainer):
         self.echo(f"grpo: {len(train)} training prompts, {len(val)} held out")
         return RolloutBatches(self, train, val)
 
-    def setup(self, resume: bool = False) -> None:
-        super().setup(resume)
+    def setup(self, resume: bool = False, allow_recipe_change: bool = False) -> None:
+        super().setup(resume, allow_recipe_change)
         self.reference = None
         if self.recipe.grpo.beta > 0:  # the frozen base model; none is held when beta is 0
-            self.reference = MoELM.from_pretrained(self.base_model, dtype=torch.float32).eval().requires_grad_(False)
+            self.reference = (
+                MoELM.from_pretrained(self.base_model, dtype=torch.float32, options=self.recipe.moe)
+                .eval()
+                .requires_grad_(False)
+            )
 
     # ------------------------------------------------------------------ rollouts
     def prompt_text(self, prompt: Prompt) -> str:

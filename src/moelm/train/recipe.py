@@ -1,66 +1,90 @@
-"""Training recipes: YAML with sections model, data, optim, train, log; every key overridable as a.b=value.
+"""Training recipes: YAML with sections model, moe, data, optim, train, log, sft, grpo, parallel.
 
-Unknown keys and invalid values fail before anything runs, naming the key, so a typo never trains for an hour
-with a default.
+Every key is a declared setting (`moelm.schema`): its type and constraint live on the field, cross-field rules are
+small named functions, and one function checks them all, so unknown keys and invalid values fail before anything
+runs, naming the key. Recipes compose in Python (`recipe.replace(train={"max_steps": 10})`) and on the command
+line (`--set train.max_steps=10`); `to_dict` is the resolved recipe recorded with every run and checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from moelm.config import ConfigError, ModelConfig, coerce_fields, load_config, load_yaml
+from moelm.config import RUN_OPTION_FIELDS, ConfigError, ModelConfig, MoEOptions, load_config, load_yaml
+from moelm.data.source_specs import GRPO_FORMATS, SFT_FORMATS, BuiltinSource, SourceSpec, parse_sources
 from moelm.data.tokenizer import MIN_VOCAB_SIZE
+from moelm.schema import (
+    DEVICE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Constraint,
+    Rule,
+    Violation,
+    at_least,
+    build,
+    check,
+    coerce_fields,
+    interval,
+    keys_under,
+    one_of,
+    setting,
+    to_plain,
+)
 from moelm.train.curriculum import PACINGS
 from moelm.train.grpo_loss import ADVANTAGE_SCALES, AGGREGATIONS
 
 REWARD_NAMES = ("accuracy", "format", "tag_count", "code")
+UNIT = interval(0, 1)
+UNIT_OPEN_HIGH = interval(0, 1, high_open=True)
+UNIT_OPEN_LOW = interval(0, 1, low_open=True)
 
 
 @dataclass
 class DataSection:
     source: str = "builtin"  # 'builtin', a .jsonl file, a .txt file or a folder of .txt files
     text_field: str = "text"
-    builtin_records: int = 4000
+    builtin_records: int = setting(4000, check=POSITIVE_INT)
     tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the corpus
-    vocab_size: int = 2048
-    seq_len: int = 256
-    val_fraction: float = 0.05
-    fim_rate: float = 0.0  # share of documents rewritten fill-in-the-middle (PSM); DeepSeek uses 0.1
+    vocab_size: int = setting(2048, check=at_least(MIN_VOCAB_SIZE, f"at least {MIN_VOCAB_SIZE} (256 bytes + specials)"))
+    seq_len: int = setting(256, check=at_least(2, "an integer >= 2"))
+    val_fraction: float = setting(0.05, check=UNIT_OPEN_HIGH)
+    fim_rate: float = setting(0.0, check=UNIT)  # share of documents rewritten fill-in-the-middle; DeepSeek uses 0.1
 
 
 @dataclass
 class OptimSection:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
-    grad_clip: float = 1.0
+    lr: float = setting(3e-3, check=POSITIVE)
+    min_lr_ratio: float = setting(0.1, check=UNIT)
+    weight_decay: float = setting(0.1, check=NON_NEGATIVE)
+    beta1: float = setting(0.9, check=UNIT_OPEN_HIGH)
+    beta2: float = setting(0.95, check=UNIT_OPEN_HIGH)
+    warmup_steps: int = setting(20, check=NON_NEGATIVE_INT)
+    schedule: str = setting("cosine", check=one_of("cosine", "wsd"))  # wsd: warmup-stable-decay
+    decay_fraction: float = setting(0.2, check=UNIT)  # wsd: share of steps spent decaying
+    grad_clip: float = setting(1.0, check=POSITIVE)
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 300
-    batch_size: int = 8
-    grad_accum: int = 1
+    max_steps: int = setting(300, check=POSITIVE_INT)
+    batch_size: int = setting(8, check=POSITIVE_INT)
+    grad_accum: int = setting(1, check=POSITIVE_INT)
     seed: int = 0
-    save_every: int = 100
-    keep_last: int = 2
-    eval_every: int = 100
-    eval_batches: int = 4
-    log_every: int = 10
-    max_skipped: int = 5
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights and optimizer stay float32)
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N; under torchrun cuda:LOCAL_RANK
+    save_every: int = setting(100, check=POSITIVE_INT)
+    keep_last: int = setting(2, check=POSITIVE_INT)
+    eval_every: int = setting(100, check=POSITIVE_INT)
+    eval_batches: int = setting(4, check=POSITIVE_INT)
+    log_every: int = setting(10, check=POSITIVE_INT)
+    max_skipped: int = setting(5, check=POSITIVE_INT)
+    dtype: str = setting("float32", check=one_of("float32", "bfloat16"))  # bf16 autocast; weights stay float32
+    device: str = setting("auto", check=DEVICE)  # auto (CUDA when available); under torchrun cuda:LOCAL_RANK
     compile: bool = False  # torch.compile the model for training
     reuse_freed_memory: bool = True  # glibc: keep freed step buffers for reuse (moelm.train.allocator)
 
@@ -69,218 +93,118 @@ class TrainSection:
 class ParallelSection:
     """Multi-process training under torchrun; ignored (one process, no process group) without it."""
 
-    expert_degree: int = 1  # ranks one expert layer is spread over (expert parallelism); divides world and experts
+    expert_degree: int = setting(1, check=POSITIVE_INT)  # ranks one expert layer is spread over; divides experts
     fsdp: bool | None = None  # shard parameters, gradients and optimizer state; default: on when world > 1
     reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)
-    backend: str | None = None  # gloo | nccl; default: nccl on CUDA, gloo on CPU
-    timeout_s: float = 300.0  # a collective that waits longer fails every rank instead of hanging
+    backend: str | None = setting(None, check=one_of("gloo", "nccl"))  # default: nccl on CUDA, gloo on CPU
+    timeout_s: float = setting(300.0, check=POSITIVE)  # a collective that waits longer fails every rank
     global_balance_loss: bool = False  # aux losses on expert counts all-reduced over ranks (else per micro-batch)
 
 
 @dataclass
 class LogSection:
     sample_prompts: list[str] = field(default_factory=lambda: ["Question: What is 12 + 7?\nAnswer:", "def add_3(x):"])
-    sample_tokens: int = 32
+    sample_tokens: int = setting(32, check=NON_NEGATIVE_INT)
     progress: bool = True
+
+
+def _sft_default_sources() -> list[SourceSpec]:
+    return [BuiltinSource(num_records=4000, domains=["math"])]
+
+
+def _grpo_default_sources() -> list[SourceSpec]:
+    return [BuiltinSource(num_records=2000, seed=2, domains=["math"], max_difficulty=1)]
 
 
 @dataclass
 class SFTSection:
     """Fine-tuning data: sources with mixture weights, difficulty, curriculum pacing, batching."""
 
-    # Each source: {format: builtin|jsonl|gsm8k|mbpp|bbh|mmlu, path, weight, task (jsonl only)};
-    # builtin also takes num_records, seed, domains, max_difficulty.
-    sources: list[dict[str, Any]] = field(
-        default_factory=lambda: [{"format": "builtin", "num_records": 4000, "domains": ["math"]}]
-    )
-    mixture_temperature: float = 1.0  # without weights: task probability ∝ size^(1/T)
+    # Typed specs (moelm.data.source_specs): builtin (num_records, seed, domains, max_difficulty) or a file format
+    # with a path; each may carry a mixture weight and a task name.
+    sources: list[SourceSpec] = field(default_factory=_sft_default_sources)
+    mixture_temperature: float = setting(1.0, check=POSITIVE)  # without weights: task probability ∝ size^(1/T)
     strict: bool = False  # malformed records: skipped and reported (False) or fatal (True)
-    difficulty: str = "source"  # source | length | loss (mean assistant-token loss under the base model)
-    pacing: str = "none"  # none | linear | root | step
-    pacing_start: float = 0.2  # fraction of each task unlocked at the start
-    pacing_full_at: float = 0.8  # training progress at which everything is unlocked
-    pacing_steps: int = 4  # buckets for the step pacing
+    difficulty: str = setting("source", check=one_of("source", "length", "loss"))  # loss: under the base model
+    pacing: str = setting("none", check=one_of(*PACINGS))
+    pacing_start: float = setting(0.2, check=UNIT_OPEN_LOW)  # fraction of each task unlocked at the start
+    pacing_full_at: float = setting(0.8, check=UNIT_OPEN_LOW)  # training progress at which everything is unlocked
+    pacing_steps: int = setting(4, check=POSITIVE_INT)  # buckets for the step pacing
     anti_curriculum: bool = False  # hardest first (ablation)
-    batching: str = "pack"  # pack (block-diagonal attention) | pad (length-bucketed); see benchmarks/sft_batching.py
-    bucket_batches: int = 8  # pad: batches drawn together and sorted by length
-    val_examples: int = 64  # held-out examples per task (never trained on)
+    batching: str = setting("pack", check=one_of("pack", "pad"))  # see benchmarks/sft_batching.py
+    bucket_batches: int = setting(8, check=POSITIVE_INT)  # pad: batches drawn together and sorted by length
+    val_examples: int = setting(64, check=NON_NEGATIVE_INT)  # held-out examples per task (never trained on)
     eval_exact_match: bool = True  # greedy exact match on held-out examples with answers, at every eval
-    max_new_tokens: int = 48
+    max_new_tokens: int = setting(48, check=POSITIVE_INT)
+
+    SOURCE_FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS
+    BUILTIN_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+
+def _overlong_inside_limit(g: GRPOSection) -> Violation | None:
+    if g.overlong_cache_tokens >= g.max_completion_tokens:
+        return Violation(
+            "overlong_cache_tokens", g.overlong_cache_tokens, "0 (off) or fewer than grpo.max_completion_tokens"
+        )
+    return None
+
+
+REWARDS = Constraint(
+    f"a non-empty mapping of {list(REWARD_NAMES)} to weights", lambda v: bool(v) and set(v) <= set(REWARD_NAMES)
+)
 
 
 @dataclass
 class GRPOSection:
     """Reinforcement learning with verifiable rewards: prompts, rollouts, rewards and the GRPO objective."""
 
-    # Prompt sources, as sft.sources: builtin (num_records, seed, domains, max_difficulty) or jsonl records with
-    # prompt and answer (and optional tests: a list of assert lines for code prompts).
-    sources: list[dict[str, Any]] = field(
-        default_factory=lambda: [{"format": "builtin", "num_records": 2000, "domains": ["math"], "max_difficulty": 1}]
-    )
+    # Prompt sources: builtin, or jsonl records with prompt and answer (and optional tests: assert lines).
+    sources: list[SourceSpec] = field(default_factory=_grpo_default_sources)
     chat_template: bool = True  # ask through the model's chat template (R1 format) or with the plain prompt
-    num_generations: int = 4  # G completions per prompt; train.batch_size prompts per micro-batch
-    max_completion_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    overlong_cache_tokens: int = 0  # > 0: DAPO soft overlong penalty over the last N tokens before the limit
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    aggregation: str = "grpo"  # grpo | dr_grpo | dapo
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
-    beta: float = 0.0  # > 0: k3 KL to the frozen base model
-    num_iterations: int = 1  # updates per rollout batch (mu); > 1 reuses stored old log-probs
+    num_generations: int = setting(4, check=at_least(2, "an integer >= 2"))  # G completions per prompt
+    max_completion_tokens: int = setting(32, check=POSITIVE_INT)
+    temperature: float = setting(1.0, check=POSITIVE)
+    top_p: float = setting(1.0, check=UNIT_OPEN_LOW)
+    rewards: dict[str, float] = setting(factory=lambda: {"accuracy": 1.0, "format": 0.1}, check=REWARDS)
+    overlong_cache_tokens: int = setting(0, check=NON_NEGATIVE_INT)  # DAPO soft overlong penalty window
+    scale_rewards: str = setting("group", check=one_of(*ADVANTAGE_SCALES))  # none = Dr. GRPO
+    aggregation: str = setting("grpo", check=one_of(*AGGREGATIONS))
+    epsilon_low: float = setting(0.2, check=UNIT_OPEN_HIGH)
+    epsilon_high: float = setting(0.28, check=NON_NEGATIVE)
+    beta: float = setting(0.0, check=NON_NEGATIVE)  # > 0: k3 KL to the frozen base model
+    num_iterations: int = setting(1, check=POSITIVE_INT)  # updates per rollout batch (mu)
     mask_truncated: bool = False  # drop completions that hit max_completion_tokens from the loss
-    eval_prompts: int = 32  # held-out prompts scored greedily at every evaluation
+    eval_prompts: int = setting(32, check=NON_NEGATIVE_INT)  # held-out prompts scored greedily at every evaluation
+
+    SOURCE_FORMATS: ClassVar[tuple[str, ...]] = GRPO_FORMATS
+    BUILTIN_DEFAULTS: ClassVar[dict[str, Any]] = {"seed": 2}  # not the SFT draw (seed 0/1) unless asked
+    RULES: ClassVar[tuple[Rule, ...]] = (_overlong_inside_limit,)
 
 
-@dataclass
-class Recipe:
-    model: ModelConfig
-    data: DataSection
-    optim: OptimSection
-    train: TrainSection
-    log: LogSection
-    sft: SFTSection = field(default_factory=SFTSection)
-    grpo: GRPOSection = field(default_factory=GRPOSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-
-    def validate(self) -> None:
-        """Cross-section checks that dataclass defaults cannot express."""
-        checks = [
-            (
-                "data.seq_len",
-                self.data.seq_len,
-                2 <= self.data.seq_len <= self.model.max_position_embeddings,
-                f"2..model.max_position_embeddings={self.model.max_position_embeddings}",
-            ),
-            ("data.val_fraction", self.data.val_fraction, 0 <= self.data.val_fraction < 1, "in [0, 1)"),
-            ("data.fim_rate", self.data.fim_rate, 0 <= self.data.fim_rate <= 1, "in [0, 1]"),
-            ("optim.schedule", self.optim.schedule, self.optim.schedule in ("cosine", "wsd"), "cosine or wsd"),
-            ("optim.lr", self.optim.lr, self.optim.lr > 0, "a positive number"),
-            ("train.max_steps", self.train.max_steps, self.train.max_steps > 0, "a positive integer"),
-            ("train.batch_size", self.train.batch_size, self.train.batch_size > 0, "a positive integer"),
-            ("train.grad_accum", self.train.grad_accum, self.train.grad_accum > 0, "a positive integer"),
-            ("train.save_every", self.train.save_every, self.train.save_every > 0, "a positive integer"),
-            ("train.keep_last", self.train.keep_last, self.train.keep_last > 0, "a positive integer"),
-            ("train.dtype", self.train.dtype, self.train.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
-            (
-                "train.device",
-                self.train.device,
-                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.train.device) is not None,
-                "auto, cpu, cuda or cuda:N",
-            ),
-            (
-                "parallel.expert_degree",
-                self.parallel.expert_degree,
-                self.parallel.expert_degree > 0,
-                "a positive integer",
-            ),
-            (
-                "parallel.backend",
-                self.parallel.backend,
-                self.parallel.backend in (None, "gloo", "nccl"),
-                "null (by device), gloo or nccl",
-            ),
-            ("parallel.timeout_s", self.parallel.timeout_s, self.parallel.timeout_s > 0, "a positive number"),
-            (
-                "parallel.expert_degree",
-                self.parallel.expert_degree,
-                self.model.n_routed_experts % self.parallel.expert_degree == 0,
-                f"a divisor of model.n_routed_experts={self.model.n_routed_experts}",
-            ),
-            ("train.eval_every", self.train.eval_every, self.train.eval_every > 0, "a positive integer"),
-            ("train.eval_batches", self.train.eval_batches, self.train.eval_batches > 0, "a positive integer"),
-            ("train.log_every", self.train.log_every, self.train.log_every > 0, "a positive integer"),
-            ("train.max_skipped", self.train.max_skipped, self.train.max_skipped > 0, "a positive integer"),
-            (
-                "data.vocab_size",
-                self.data.vocab_size,
-                self.data.vocab_size >= MIN_VOCAB_SIZE,
-                f"at least {MIN_VOCAB_SIZE} (256 bytes + special tokens)",
-            ),
-            ("data.builtin_records", self.data.builtin_records, self.data.builtin_records > 0, "a positive integer"),
-            ("optim.min_lr_ratio", self.optim.min_lr_ratio, 0 <= self.optim.min_lr_ratio <= 1, "in [0, 1]"),
-            ("optim.weight_decay", self.optim.weight_decay, self.optim.weight_decay >= 0, "a non-negative number"),
-            ("optim.beta1", self.optim.beta1, 0 <= self.optim.beta1 < 1, "in [0, 1)"),
-            ("optim.beta2", self.optim.beta2, 0 <= self.optim.beta2 < 1, "in [0, 1)"),
-            ("optim.warmup_steps", self.optim.warmup_steps, self.optim.warmup_steps >= 0, "a non-negative integer"),
-            ("optim.decay_fraction", self.optim.decay_fraction, 0 <= self.optim.decay_fraction <= 1, "in [0, 1]"),
-            ("optim.grad_clip", self.optim.grad_clip, self.optim.grad_clip > 0, "a positive number"),
-            ("log.sample_tokens", self.log.sample_tokens, self.log.sample_tokens >= 0, "a non-negative integer"),
-            (
-                "sft.mixture_temperature",
-                self.sft.mixture_temperature,
-                self.sft.mixture_temperature > 0,
-                "a positive number",
-            ),
-            ("sft.val_examples", self.sft.val_examples, self.sft.val_examples >= 0, "a non-negative integer"),
-            ("sft.max_new_tokens", self.sft.max_new_tokens, self.sft.max_new_tokens > 0, "a positive integer"),
-            ("sft.pacing", self.sft.pacing, self.sft.pacing in PACINGS, f"one of {list(PACINGS)}"),
-            ("sft.batching", self.sft.batching, self.sft.batching in ("pack", "pad"), "pack or pad"),
-            (
-                "sft.difficulty",
-                self.sft.difficulty,
-                self.sft.difficulty in ("source", "length", "loss"),
-                "source, length or loss",
-            ),
-            ("sft.pacing_start", self.sft.pacing_start, 0 < self.sft.pacing_start <= 1, "in (0, 1]"),
-            ("sft.pacing_full_at", self.sft.pacing_full_at, 0 < self.sft.pacing_full_at <= 1, "in (0, 1]"),
-            ("sft.pacing_steps", self.sft.pacing_steps, self.sft.pacing_steps > 0, "a positive integer"),
-            ("sft.bucket_batches", self.sft.bucket_batches, self.sft.bucket_batches > 0, "a positive integer"),
-            ("sft.sources", self.sft.sources, bool(self.sft.sources), "a non-empty list of sources"),
-            ("grpo.sources", self.grpo.sources, bool(self.grpo.sources), "a non-empty list of sources"),
-            ("grpo.num_generations", self.grpo.num_generations, self.grpo.num_generations >= 2, "an integer >= 2"),
-            (
-                "grpo.max_completion_tokens",
-                self.grpo.max_completion_tokens,
-                self.grpo.max_completion_tokens > 0,
-                "a positive integer",
-            ),
-            ("grpo.temperature", self.grpo.temperature, self.grpo.temperature > 0, "a positive number"),
-            ("grpo.top_p", self.grpo.top_p, 0 < self.grpo.top_p <= 1, "in (0, 1]"),
-            (
-                "grpo.rewards",
-                self.grpo.rewards,
-                bool(self.grpo.rewards) and set(self.grpo.rewards) <= set(REWARD_NAMES),
-                f"a non-empty mapping of {list(REWARD_NAMES)} to weights",
-            ),
-            (
-                "grpo.scale_rewards",
-                self.grpo.scale_rewards,
-                self.grpo.scale_rewards in ADVANTAGE_SCALES,
-                f"one of {list(ADVANTAGE_SCALES)}",
-            ),
-            (
-                "grpo.aggregation",
-                self.grpo.aggregation,
-                self.grpo.aggregation in AGGREGATIONS,
-                f"one of {list(AGGREGATIONS)}",
-            ),
-            ("grpo.epsilon_low", self.grpo.epsilon_low, 0 <= self.grpo.epsilon_low < 1, "in [0, 1)"),
-            ("grpo.epsilon_high", self.grpo.epsilon_high, self.grpo.epsilon_high >= 0, "a non-negative number"),
-            ("grpo.beta", self.grpo.beta, self.grpo.beta >= 0, "a non-negative number"),
-            ("grpo.num_iterations", self.grpo.num_iterations, self.grpo.num_iterations > 0, "a positive integer"),
-            (
-                "grpo.overlong_cache_tokens",
-                self.grpo.overlong_cache_tokens,
-                0 <= self.grpo.overlong_cache_tokens < self.grpo.max_completion_tokens,
-                "0 (off) or fewer than grpo.max_completion_tokens",
-            ),
-            ("grpo.eval_prompts", self.grpo.eval_prompts, self.grpo.eval_prompts >= 0, "a non-negative integer"),
-        ]
-        for key, value, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"invalid {key}={value!r}: must be {allowed}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.to_dict(),
-            **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS},
-        }
+# ---------------------------------------------------------------------- rules across sections
+def _sequence_fits_positions(r: Recipe) -> Violation | None:
+    limit = r.model.max_position_embeddings
+    if r.data.seq_len > limit:
+        return Violation("data.seq_len", r.data.seq_len, f"2..model.max_position_embeddings={limit}")
+    return None
 
 
-SECTIONS = {
+def _expert_degree_divides_experts(r: Recipe) -> Violation | None:
+    experts = r.model.n_routed_experts
+    if experts % r.parallel.expert_degree:
+        return Violation(
+            "parallel.expert_degree", r.parallel.expert_degree, f"a divisor of model.n_routed_experts={experts}"
+        )
+    return None
+
+
+def _moe_options_fit_model(r: Recipe) -> Violation | None:
+    broken = r.moe.conflicts_with(r.model)
+    return None if broken is None else Violation(f"moe.{broken.key}", broken.value, broken.allowed)
+
+
+SECTIONS: dict[str, type] = {
+    "moe": MoEOptions,
     "data": DataSection,
     "optim": OptimSection,
     "train": TrainSection,
@@ -289,6 +213,64 @@ SECTIONS = {
     "grpo": GRPOSection,
     "parallel": ParallelSection,
 }
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=lambda: load_config("tiny"))
+    moe: MoEOptions = field(default_factory=MoEOptions)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        _sequence_fits_positions,
+        _expert_degree_divides_experts,
+        _moe_options_fit_model,
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every section's fields, then the rules that span sections; the first failure names its key."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if hasattr(section, "SOURCE_FORMATS"):
+                section.sources = parse_sources(
+                    section.sources, f"{name}.sources", section.SOURCE_FORMATS, section.BUILTIN_DEFAULTS
+                )
+            check(section, f"{name}.")
+        self.model.validate()
+        for rule in self.RULES:
+            broken = rule(self)
+            if broken is not None:
+                raise ConfigError(f"invalid {broken.key}={broken.value!r}: must be {broken.allowed}")
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A validated copy with sections changed: each keyword names a section and gives a section object or a
+        mapping of the keys to change, e.g. `recipe.replace(train={"max_steps": 10}, model={"n_group": 2})`."""
+        updated = {}
+        for name, change in changes.items():
+            if name not in ("model", *SECTIONS):
+                raise ConfigError(f"unknown recipe section {name!r}; sections: model, {', '.join(SECTIONS)}")
+            current = getattr(self, name)
+            if isinstance(change, dict):
+                merged = {**{f.name: getattr(current, f.name) for f in fields(current)}, **change}
+                change = _build_model(merged) if name == "model" else _build_section(name, merged)
+            updated[name] = change
+        return dataclasses.replace(self, **updated)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain values: what `recipe_from_dict` (and a YAML recipe file) reads back."""
+        return {"model": self.model.to_dict(), **{name: to_plain(getattr(self, name)) for name in SECTIONS}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -310,12 +292,57 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _build_section(cls: type, values: dict[str, Any], section: str):  # noqa: ANN202
-    allowed = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - allowed)
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    """One recipe section from its mapping; sources lists become typed specs first."""
+    cls = SECTIONS[name]
+    values = dict(values)
+    if "sources" in values and hasattr(cls, "SOURCE_FORMATS"):
+        values["sources"] = parse_sources(
+            values["sources"], f"{name}.sources", cls.SOURCE_FORMATS, cls.BUILTIN_DEFAULTS
+        )
+    return build(cls, values, f"{name}.")
+
+
+def _build_model(model_raw: Any) -> ModelConfig:
+    """The model section: a preset name, or a mapping of fields (starting from `preset`, default tiny)."""
+    if isinstance(model_raw, str):
+        model_raw = {"preset": model_raw}
+    if not isinstance(model_raw, dict):
+        raise ConfigError(f"invalid model={model_raw!r}: must be a preset name or a mapping of model fields")
+    model_raw = dict(model_raw)
+    moved = sorted(set(model_raw) & set(RUN_OPTION_FIELDS))
+    if moved:
+        raise ConfigError(
+            f"model.{moved[0]} is a run setting, not architecture: write it as moe.{moved[0]} "
+            f"(moved to the moe section: {', '.join(moved)})"
+        )
+    preset = model_raw.pop("preset", "tiny")  # explicit fields override the preset they start from
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"invalid model.preset={preset!r}: must be a preset name or a YAML path")
+    base = load_config(preset).to_dict() if preset else {}
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(model_raw) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; allowed: {sorted(allowed)}")
-    return cls(**coerce_fields(cls, values, f"{section}."))
+        raise ConfigError(f"unknown key(s) {['model.' + k for k in unknown]}; allowed: {sorted(known)}")
+    model_raw = coerce_fields(ModelConfig, model_raw, "model.")
+    with keys_under("model."):  # name the recipe key, not the bare field
+        return ModelConfig.from_dict({**base, **model_raw})
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """A Recipe from a mapping of sections (a YAML recipe, a recorded recipe.json), every key checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a recipe is a mapping with sections model, {', '.join(SECTIONS)}")
+    unknown = sorted(set(raw) - {"model", *SECTIONS})
+    if unknown:
+        raise ConfigError(f"unknown recipe section(s) {unknown}; sections: model, {', '.join(SECTIONS)}")
+    sections = {}
+    for name in SECTIONS:
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"invalid recipe section {name}={values!r}: must be a mapping of {name}.KEY: value")
+        sections[name] = _build_section(name, values)
+    return Recipe(model=_build_model(raw.get("model", "tiny")), **sections)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -331,33 +358,4 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe is a mapping with sections model, {', '.join(SECTIONS)}")
-    raw = apply_overrides(raw, overrides or [])
-    unknown = sorted(set(raw) - {"model", *SECTIONS})
-    if unknown:
-        raise ConfigError(f"unknown recipe section(s) {unknown}; sections: model, {', '.join(SECTIONS)}")
-    model_raw = raw.get("model", "tiny")
-    if isinstance(model_raw, str):
-        model_raw = {"preset": model_raw}
-    if not isinstance(model_raw, dict):
-        raise ConfigError(f"invalid model={model_raw!r}: must be a preset name or a mapping of model fields")
-    model_raw = dict(model_raw)
-    preset = model_raw.pop("preset", "tiny")  # explicit fields override the preset they start from
-    if preset is not None and not isinstance(preset, str):
-        raise ConfigError(f"invalid model.preset={preset!r}: must be a preset name or a YAML path")
-    base = load_config(preset).to_dict() if preset else {}
-    known = {f.name for f in fields(ModelConfig)}
-    model_raw = coerce_fields(ModelConfig, {k: v for k, v in model_raw.items() if k in known}, "model.") | {
-        k: v
-        for k, v in model_raw.items()
-        if k not in known  # unknown keys: from_dict names them
-    }
-    model = ModelConfig.from_dict({**base, **model_raw})
-    sections = {}
-    for name, cls in SECTIONS.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"invalid recipe section {name}={values!r}: must be a mapping of {name}.KEY: value")
-        sections[name] = _build_section(cls, values, name)
-    recipe = Recipe(model=model, **sections)
-    recipe.validate()
-    return recipe
+    return recipe_from_dict(apply_overrides(raw, overrides or []))

@@ -21,15 +21,13 @@ from moelm.config import ConfigError
 from moelm.constants import IGNORE_INDEX
 from moelm.data.chat import encode_chat, load_chat_template
 from moelm.data.packing import batch_inputs
-from moelm.data.sft import FORMATS, SFTExample, length_difficulty, load_source
+from moelm.data.sft import SFTExample, length_difficulty, load_source
 from moelm.data.sources import DataError
 from moelm.data.tokenizer import EOS, PAD, load_tokenizer_file, save_tokenizer_file, special_id
 from moelm.eval.exact_match import chat_exact_match
 from moelm.model.transformer import MoELM
 from moelm.train.curriculum import CurriculumSampler
 from moelm.train.trainer import Trainer
-
-SOURCE_KEYS = {"format", "path", "weight", "task", "num_records", "seed", "domains", "max_difficulty"}
 
 
 @dataclass
@@ -210,7 +208,7 @@ class SFTTrainer(Trainer):
         return load_chat_template(self.base_model)
 
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
-        model = MoELM.from_pretrained(self.base_model, dtype=torch.float32)
+        model = MoELM.from_pretrained(self.base_model, dtype=torch.float32, options=self.recipe.moe)
         if model.config.vocab_size < tokenizer.get_vocab_size():
             raise ConfigError(
                 f"base model vocab_size={model.config.vocab_size} is smaller than its tokenizer's "
@@ -225,26 +223,15 @@ class SFTTrainer(Trainer):
         examples: list[SFTExample] = []
         weights: dict[str, float] = {}
         for number, source in enumerate(sft.sources):
-            if not isinstance(source, dict) or "format" not in source:
-                raise ConfigError(f"sft.sources[{number}] must be a mapping with a 'format' (one of {list(FORMATS)})")
-            unknown = sorted(set(source) - SOURCE_KEYS)
-            if unknown:
-                raise ConfigError(f"sft.sources[{number}] has unknown key(s) {unknown}; allowed: {sorted(SOURCE_KEYS)}")
-            builtin = {k: source[k] for k in ("num_records", "seed", "max_difficulty") if k in source}
-            if "domains" in source:
-                builtin["domains"] = tuple(source["domains"])
-            loaded, report = load_source(source["format"], source.get("path"), sft.strict, **builtin)
-            if "task" in source:
-                for example in loaded:
-                    example.task = str(source["task"])
+            loaded, report = load_source(source, sft.strict)
             for reason in report.skipped[:5]:
                 self.echo(f"skipped malformed record: {reason}")
             if report.skipped:
-                self.echo(f"sft.sources[{number}] ({source['format']}): {len(report.skipped)} record(s) skipped")
-            self.echo(f"sft.sources[{number}] ({source['format']}): {report.loaded} examples")
-            if "weight" in source:
+                self.echo(f"sft.sources[{number}] ({source.format}): {len(report.skipped)} record(s) skipped")
+            self.echo(f"sft.sources[{number}] ({source.format}): {report.loaded} examples")
+            if source.weight is not None:
                 for task in {e.task for e in loaded}:
-                    weights[task] = float(source["weight"])
+                    weights[task] = source.weight
             examples.extend(loaded)
         if not examples:
             raise DataError("the SFT sources hold no examples")

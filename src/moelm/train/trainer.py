@@ -37,11 +37,12 @@ from moelm.train.allocator import reuse_freed_memory
 from moelm.train.bias_balancer import BiasBalancer
 from moelm.train.checkpoint import load_latest, save_checkpoint
 from moelm.train.interrupt import StopOnSignal, TrainingInterrupted
+from moelm.train.provenance import RUN_FILE, check_resume, read_run_record, run_record, upgrade_recorded_recipe
 from moelm.train.recipe import Recipe
 from moelm.train.telemetry import CollapseMonitor, routing_metrics
 
 # What a run writes into its output directory; --overwrite clears these (the content-keyed data cache stays).
-RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "recipe.json", "tokenizer.json", "tensorboard")
+RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "run.json", "recipe.json", "tokenizer.json", "tensorboard")
 
 
 class TrainingError(RuntimeError):
@@ -168,7 +169,7 @@ def language_model_loss(
         loss = out.lm_loss * token_weight(out.lm_tokens)
         if out.mtp_terms:
             mtp = sum(term * token_weight(tokens) for term, tokens in out.mtp_terms) / len(out.mtp_terms)
-            loss = loss + model.config.mtp_loss_weight * mtp
+            loss = loss + model.options.mtp_loss_weight * mtp
         if out.balance_loss is not None:
             loss = loss + out.balance_loss
     return loss, _loss_values(out), out.routing
@@ -234,27 +235,31 @@ class Trainer:
         """Restore what `extra_state` saved."""
 
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
+        # No BOS: packing separates documents with EOS and inserts nothing before them, so a model trained here
+        # never sees BOS; the saved config says so, and the empty-context prefix (lm-eval's rule) is EOS.
         config = self.recipe.model.replace(
             vocab_size=tokenizer.get_vocab_size(),
-            bos_token_id=special_id(tokenizer, "<s>"),
+            bos_token_id=None,
             eos_token_id=special_id(tokenizer, EOS),
             pad_token_id=special_id(tokenizer, "<pad>"),
         )
         torch.manual_seed(self.recipe.train.seed)
-        return MoELM(config)
+        return MoELM(config, self.recipe.moe)
 
     # ------------------------------------------------------------------ run
-    def run(self, resume: bool = False, overwrite: bool = False) -> MoELM:
+    def run(self, resume: bool = False, overwrite: bool = False, allow_recipe_change: bool = False) -> MoELM:
         """Train to train.max_steps, save OUT/model, print samples; returns the trained model.
 
-        A non-empty output directory needs `resume` (continue it) or `overwrite` (start over). The first SIGINT
-        or SIGTERM ends the current step, saves a checkpoint and raises TrainingInterrupted.
+        A non-empty output directory needs `resume` (continue it) or `overwrite` (start over). A resume whose
+        recipe differs from the checkpoint's in more than cadence, length, device or layout is refused unless
+        `allow_recipe_change` (then the change is recorded in run.json). The first SIGINT or SIGTERM ends the
+        current step, saves a checkpoint and raises TrainingInterrupted.
         """
         claim_output_dir(self.out_dir, resume, overwrite)
         fresh = not resume and not (self.out_dir.is_dir() and any(self.out_dir.iterdir()))
         with StopOnSignal() as stop:
             try:
-                self.setup(resume)
+                self.setup(resume, allow_recipe_change)
             except BaseException:
                 if fresh:  # a run that never started leaves nothing that would block the corrected rerun
                     remove_run_files(self.out_dir, (*RUN_ENTRIES, "cache"))
@@ -274,10 +279,12 @@ class Trainer:
                     progress(self.state.step, record)
             return self.finish()
 
-    def setup(self, resume: bool = False) -> None:
+    def setup(self, resume: bool = False, allow_recipe_change: bool = False) -> None:
         """Tokenizer, batches, model, optimizer, balancer and state: fresh, or restored from the newest intact
-        checkpoint when `resume`."""
+        checkpoint when `resume` (after checking the recipe against the one the checkpoint records)."""
         recipe, train, parallel = self.recipe, self.recipe.train, self.recipe.parallel
+        latest = load_latest(self.out_dir, warn=_warn) if resume else None
+        self.recipe_changes = self._check_recipe(latest, allow_recipe_change)
         if train.reuse_freed_memory:
             reuse_freed_memory()
         self.context = init_parallel(
@@ -299,10 +306,10 @@ class Trainer:
                 f"train.batch_size={train.batch_size} must be a multiple of the world size {self.context.world_size}"
                 " (each rank reads an equal share of the global batch)"
             )
-        latest = load_latest(self.out_dir, warn=_warn) if resume else None
         self.model = self.build_model(self.tokenizer).train()
         if latest is not None:
-            self.model.load_state_dict(MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32).state_dict())
+            saved = MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32, options=self.recipe.moe)
+            self.model.load_state_dict(saved.state_dict())
         self.model.to(self.context.device)
         if self.context.device.type != "cpu":  # batch sources build CPU tensors: they follow the model
             self.model.register_forward_pre_hook(_inputs_to(self.context.device), with_kwargs=True)
@@ -316,20 +323,49 @@ class Trainer:
             fused=None if self.context.distributed else True,  # sharded parameters take the foreach path
         )
         self.balancer = None
-        if self.model.config.bias_update_rate > 0:
-            config = self.model.config
-            self.balancer = BiasBalancer(self.model, config.bias_update_rate, config.bias_update_centered)
+        if recipe.moe.bias_update_rate > 0:
+            self.balancer = BiasBalancer(self.model, recipe.moe.bias_update_rate, recipe.moe.bias_update_centered)
             self.balancer.register(self.optimizer)
         self.state = TrainState()
         self.saved_step: int | None = None
         if resume:
             self._resume(latest)
         if self.context.is_main:
-            atomic_write_text(self.out_dir / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
+            atomic_write_text(self.out_dir / RUN_FILE, self.run_json())
         self.peak_flops = measured_peak_flops()
         self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
         self.monitor = CollapseMonitor()
         self.forward = torch.compile(self.model) if train.compile else self.model
+
+    def _check_recipe(self, latest: tuple[Path, dict[str, Any]] | None, allow_change: bool) -> list[dict[str, Any]]:
+        """The recipe-change history to carry on: the checkpoint's, plus this resume's accepted changes."""
+        if latest is None:
+            return []
+        record = read_run_record(latest[0])
+        legacy = self.out_dir / "recipe.json"
+        if record is None and not legacy.is_file():
+            self.echo(f"note: {latest[0]} records no recipe (written by an older moelm); resuming unchecked")
+            return []
+        source = latest[0] / RUN_FILE if record is not None else legacy
+        recorded = record["recipe"] if record is not None else json.loads(legacy.read_text())
+        current = self.recipe.to_dict()
+        differences = check_resume(upgrade_recorded_recipe(recorded), current, allow_change, str(source))
+        step = int(latest[1]["step"])
+        for key, old, new in differences:
+            self.echo(f"resume: {key} {old!r} -> {new!r} (from step {step})")
+        history = list(record.get("recipe_changes", [])) if record is not None else []
+        return history + [{"step": step, "key": k, "recorded": o, "now": n} for k, o, n in differences]
+
+    def run_json(self) -> str:
+        """This run's run.json: the resolved recipe, versions, world layout, seeds and recipe changes."""
+        context = self.context
+        world = {
+            "world_size": context.world_size,
+            "expert_degree": context.expert_degree,
+            "fsdp": context.fsdp,
+            "device": str(context.device),
+        }
+        return json.dumps(run_record(self.recipe.to_dict(), world, self.recipe_changes), indent=2)
 
     def _resume(self, latest: tuple[Path, dict[str, Any]] | None) -> None:
         """Optimizer, RNG and trainer state of the checkpoint whose weights setup() loaded."""
@@ -510,8 +546,11 @@ class Trainer:
         saved = self._full_model() if self.context.distributed else model
         if self.context.is_main:
             saved.save_pretrained(self.out_dir / "model")
+            atomic_write_text(self.out_dir / "model" / RUN_FILE, self.run_json())
             save_tokenizer_file(self.tokenizer, self.out_dir / "model" / "tokenizer.json")
-            save_chat_template(self.out_dir / "model", self.chat_template())
+            bos = saved.config.bos_token_id
+            bos_token = self.tokenizer.id_to_token(bos) if bos is not None else None
+            save_chat_template(self.out_dir / "model", self.chat_template(), bos_token)
             self._print_samples(saved, self.tokenizer)
         return saved if self.context.is_main else model
 
@@ -521,7 +560,7 @@ class Trainer:
 
         state = full_model_state(self.model, self.context)
         with torch.device("meta"):
-            full = MoELM(self.model.config)
+            full = MoELM(self.model.config, self.model.options)
         full.load_state_dict(state, assign=True)
         if full.config.tie_word_embeddings:
             full.lm_head.weight = full.embed_tokens.weight
@@ -594,7 +633,13 @@ class Trainer:
         }
         if self.context.is_main:
             save_checkpoint(
-                self.out_dir, self.state.step, model, state, self.tokenizer_file, self.recipe.train.keep_last
+                self.out_dir,
+                self.state.step,
+                model,
+                state,
+                self.tokenizer_file,
+                self.recipe.train.keep_last,
+                {RUN_FILE: self.run_json()},
             )
         if self.context.distributed:
             import torch.distributed as dist
