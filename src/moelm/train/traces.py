@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from moelm.data.source_specs import BuiltinSource, JsonlSource
 from moelm.data.sources import DataError, jsonl_records
 from moelm.eval.metrics import gsm8k_gold
 from moelm.infer.text import THINK_CLOSE, THINK_OPEN, TextGenerator
@@ -25,7 +26,7 @@ KEEP = ("correct", "best", "all")
 def trace_prompts(source: str, data_dir: Path | None, limit: int, seed: int) -> list[Prompt]:
     """Prompts with gold answers (or tests) from builtin, gsm8k (train split), mbpp (train ids) or a JSONL path."""
     if source == "builtin":
-        spec = {"format": "builtin", "num_records": limit, "seed": seed, "domains": ["math", "logic", "code"]}
+        spec = BuiltinSource(num_records=limit, seed=seed, domains=["math", "logic", "code"])
         return load_prompts([spec])[:limit]
     if source in ("gsm8k", "mbpp"):
         if data_dir is None:
@@ -38,7 +39,7 @@ def trace_prompts(source: str, data_dir: Path | None, limit: int, seed: int) -> 
     path = Path(source)
     if not path.is_file():
         raise DataError(f"--source {source!r}: expected builtin, gsm8k, mbpp or a JSONL file of prompts")
-    return load_prompts([{"format": "jsonl", "path": str(path)}])[:limit]
+    return load_prompts([JsonlSource(path=str(path))])[:limit]
 
 
 def _mbpp_prompt(row: dict[str, Any]) -> str:
