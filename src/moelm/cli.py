@@ -113,13 +113,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     with torch.no_grad():
         out = model(tokens, labels=tokens)
     elapsed = time.perf_counter() - start
-    loads = {layer: r.tokens_per_expert_E.tolist() for layer, r in out.routing.items()}
     mtp = f", MTP loss {out.mtp_loss.item():.4f}" if out.mtp_loss is not None else ""
     print(
         f"forward {args.batch_size}x{args.seq_len}: logits {tuple(out.logits.shape)}, "
         f"LM loss {out.lm_loss.item():.4f}{mtp} (random init: ln(vocab) = {math.log(config.vocab_size):.4f})"
     )
-    print(f"  {args.batch_size * args.seq_len / elapsed:,.0f} tokens/s; tokens per expert by layer: {loads}")
+    print(f"  {args.batch_size * args.seq_len / elapsed:,.0f} tokens/s; tokens per expert (max/mean load):")
+    for layer, routing in out.routing.items():
+        counts = routing.tokens_per_expert_E
+        shown = " ".join(str(int(c)) for c in counts.tolist())
+        print(f"  layer {layer}: {shown}  ({(counts.max() / counts.mean()).item():.2f})")
     if args.save:
         model.save_pretrained(args.save)
         print(f"saved HF DeepseekV3 directory to {args.save}")
@@ -180,6 +183,13 @@ def use_colour(stream: object = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
 
 
+NO_TEMPLATE_NOTE = (
+    "note: {model} has no chat template (it was never chat-tuned); moelm's default template is used, so replies "
+    "may be empty or off-format: fine-tune it with `moelm sft` first"
+)
+EMPTY_ANSWER_NOTE = "[empty answer: the model ended its turn without text]"
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     """Interactive chat: role template, <think> shown dimmed (or hidden), tokens/s after each answer."""
     from moelm.infer.generate import GenerationStats
@@ -191,6 +201,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    if not generator.chat_tuned:
+        print(NO_TEMPLATE_NOTE.format(model=args.model), file=sys.stderr)
     print("moelm chat: empty line or Ctrl-D to leave", file=sys.stderr)
     first_answer = True
     while True:
@@ -212,6 +224,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - start
         note = ", includes compiling" if args.compile and first_answer else ""  # its shape compiled meanwhile
         first_answer = False
+        if not "".join(answer).split("</think>")[-1].strip():
+            print(EMPTY_ANSWER_NOTE, file=sys.stderr)
         print(f"\n[{stats.new_tokens / max(elapsed, 1e-9):.1f} tokens/s{note}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": "".join(answer).split("</think>")[-1].strip()})
 
@@ -428,6 +442,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         generator = _load_generator(args)
         bar = _progress_bar("requests")
         model = EvalModel(generator, args.batch_size, bar.update if bar is not None else None)
+        if bar is not None:
+            model.expect = lambda count: _grow_total(bar, count)
         document = run_tasks(model, str(args.model), tasks, args.data_dir, settings)
         if bar is not None:
             bar.close()
@@ -454,6 +470,12 @@ def cmd_lm_eval(args: argparse.Namespace) -> None:
 
 class EvalTaskError(RuntimeError):
     """Some tasks of an evaluation failed after others finished (their results are kept)."""
+
+
+def _grow_total(bar, count: int) -> None:  # noqa: ANN001 - tqdm
+    """Tasks build their requests one after another: the bar's total grows as each announces its count."""
+    bar.total = (bar.total or 0) + count
+    bar.refresh()
 
 
 def _progress_bar(unit: str):  # noqa: ANN202 - tqdm or None

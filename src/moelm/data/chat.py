@@ -123,6 +123,15 @@ def save_chat_template(
     atomic_write_text(path, json.dumps(config, indent=2))
 
 
+def has_chat_template(directory: str | Path) -> bool:
+    """Whether the directory states a chat template (a chat-tuned model) or would fall back to moelm's default."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    template = json.loads(path.read_text()).get("chat_template")
+    return isinstance(template, str) and bool(template)
+
+
 def load_chat_template(directory: str | Path) -> str:
     """The directory's chat template, or the default when the directory has none (a pre-trained base model)."""
     path = Path(directory) / CONFIG_FILE

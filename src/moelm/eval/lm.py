@@ -38,6 +38,8 @@ class EvalModel:
     generator: TextGenerator
     batch_size: int = 8
     progress: Callable[[int], None] | None = None
+    # Told how many requests a call is about to run, so a progress bar can show a total before they finish.
+    expect: Callable[[int], None] | None = None
 
     @property
     def max_length(self) -> int:
@@ -92,6 +94,8 @@ class EvalModel:
         budget = self.max_length - max_new_tokens
         encoded = [self.encode(p)[-budget:] or [self.prefix_token_id] for p in prompts]
         params = SamplingParams(temperature=temperature, top_p=top_p)
+        if self.expect is not None:
+            self.expect(len(encoded))
         if self.generator.compiled is not None:
             rows = self._generate_static(encoded, max_new_tokens, stop, params, seed)
         else:
@@ -226,6 +230,8 @@ class EvalModel:
         for index, (ids, _) in enumerate(pieces):
             sharing.setdefault(tuple(ids[:-1]), []).append(index)
         inputs = sorted((key for key in sharing if key), key=len)
+        if self.expect is not None:
+            self.expect(sum(len(sharing[key]) for key in inputs))
         results = [(0.0, True)] * len(requests)  # an empty input means an empty continuation: log-likelihood 0
         model = self.generator.model
         device = self.generator.device

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, load_chat_template, render_chat
+from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, has_chat_template, load_chat_template, render_chat
 from moelm.data.tokenizer import load_tokenizer_file
 from moelm.infer.compiled import CompiledDecode, compile_decode
 from moelm.infer.generate import GenerationStats, generate, left_pad, stream
@@ -32,6 +32,7 @@ class TextGenerator:
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     skip_special_tokens: bool = True  # False keeps <think>/</think> in the text (chat, reasoning evaluation)
     compiled: CompiledDecode | None = None  # set by compile(): decode steps run through a compiled graph
+    chat_tuned: bool = True  # False: the directory states no chat template (a base model; replies may be empty)
 
     @classmethod
     def from_pretrained(
@@ -41,7 +42,8 @@ class TextGenerator:
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs it to take text prompts")
-        return cls(model, load_tokenizer_file(tokenizer_file), load_chat_template(model_dir))
+        template, tuned = load_chat_template(model_dir), has_chat_template(model_dir)
+        return cls(model, load_tokenizer_file(tokenizer_file), template, chat_tuned=tuned)
 
     @property
     def device(self) -> torch.device:

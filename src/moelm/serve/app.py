@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -48,6 +49,9 @@ from moelm.serve.protocol import (
 )
 from moelm.serve.text_stream import Parts, TextStream
 
+LOG = logging.getLogger("moelm.serve")
+EMPTY_REPLY_NOTE = "empty reply: the model ended its turn without text"
+NO_TEMPLATE = " (the model has no chat template: it was never chat-tuned)"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_BODY_BYTES = 8 * 2**20
 DISCONNECT_POLL_SECONDS = 0.25
@@ -97,6 +101,8 @@ class Server:
         )
         self.metrics = ServerMetrics(self.engine.expert_counts, config.model_name)
         self.created = int(time.time())
+        if not generator.chat_tuned:
+            LOG.warning("the model has no chat template (never chat-tuned): chat replies may be empty")
 
     # ------------------------------------------------------------------ checks
     def authorize(self, request: Request) -> None:
@@ -400,6 +406,10 @@ def _full_choice(server: Server, choice: Choice, request: GenerationRequest, cha
     if request.logprobs is not None:
         logprobs = server.chat_logprobs(choice.logprobs) if chat else server.completion_logprobs(choice.logprobs)
     out: dict[str, Any] = {"index": choice.index, "logprobs": logprobs, "finish_reason": _finish_reason(choice)}
+    if chat and not parts.content and not parts.reasoning:
+        # finish_reason stays OpenAI's "stop" (clients type it as an enum); the emptiness is stated beside it.
+        out["moelm_note"] = EMPTY_REPLY_NOTE + ("" if server.generator.chat_tuned else NO_TEMPLATE)
+        LOG.warning("%s (%d token(s))", out["moelm_note"], len(choice.tokens))
     if chat:
         message: dict[str, Any] = {"role": "assistant", "content": parts.content}
         if parts.reasoning:
