@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import save_tiny_model_with_tokenizer
 
-from moelm.cli import EMPTY_ANSWER_NOTE, main
+from moelm.cli import main
+from moelm.cli.generation import EMPTY_ANSWER_NOTE
 from moelm.eval.lm import EvalModel
 from moelm.infer.text import TextGenerator
 from moelm.model.transformer import MoELM

@@ -261,7 +261,7 @@ def test_a_second_sigint_stops_at_once():
 # ---------------------------------------------------------------------------------------------- 6. eval
 def test_eval_checks_every_task_before_the_model_runs(tmp_path, capsys, monkeypatch):
     save_tiny_model_with_tokenizer(tmp_path)
-    monkeypatch.setattr("moelm.cli._load_generator", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("moelm.cli.common.load_generator", lambda args: pytest.fail("the model was loaded"))
     assert main(["eval", "--model", str(tmp_path), "--tasks", "builtin,gsm8k"]) == 2
     assert "task gsm8k reads local benchmark files: pass --data-dir" in capsys.readouterr().err
     (tmp_path / "data").mkdir()
@@ -359,7 +359,7 @@ def test_saved_files_get_the_umask_mode(tmp_path):
 def test_chat_colours_only_a_terminal(monkeypatch):
     import io
 
-    from moelm.cli import use_colour
+    from moelm.cli.generation import use_colour
     from moelm.infer.text import render_thinking
 
     class Terminal(io.StringIO):

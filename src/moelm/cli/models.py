@@ -1,0 +1,170 @@
+"""`moelm info`, `demo` and `export`: what a model is, one forward pass of a preset, a checkpoint as a directory."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moelm.cli import common
+from moelm.config import load_config, preset_names
+
+if TYPE_CHECKING:
+    from moelm.config import ModelConfig
+    from moelm.model.transformer import MoELM
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float8": 1}
+
+
+def model_summary(model: MoELM) -> dict[str, float]:
+    """Parameter counts (total, active per token, MTP) and weight memory per dtype, for reports."""
+    total = model.num_parameters()
+    summary: dict[str, float] = {
+        "total_parameters": total,
+        "active_parameters": model.num_active_parameters(),
+        "mtp_parameters": model.num_parameters(include_mtp=True) - total,
+    }
+    for dtype, nbytes in DTYPE_BYTES.items():
+        summary[f"weights_gib_{dtype}"] = model.num_parameters(include_mtp=True) * nbytes / 1024**3
+    return summary
+
+
+def _format_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def _print_summary(config: ModelConfig, model: MoELM) -> None:
+    summary = model_summary(model)
+    layers = config.num_hidden_layers
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    print(
+        f"layers: {layers} ({moe_layers} MoE, {layers - moe_layers} dense)  attention: {config.attention}  "
+        f"experts: {config.n_routed_experts} routed (top-{config.num_experts_per_tok}, "
+        f"{config.n_group} groups keep {config.topk_group}) + {config.n_shared_experts} shared, "
+        f"scoring: {config.scoring_func}  MTP depths: {config.num_nextn_predict_layers}"
+    )
+    print(f"total parameters:  {_format_count(summary['total_parameters'])}  (excluding MTP)")
+    print(f"active per token:  {_format_count(summary['active_parameters'])}")
+    print(f"MTP parameters:    {_format_count(summary['mtp_parameters'])}")
+    for dtype in DTYPE_BYTES:
+        print(f"weights in {dtype:<9} {summary[f'weights_gib_{dtype}']:.3f} GiB")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print configuration, parameter counts and weight memory of a preset, YAML, config.json or model dir."""
+    import torch
+
+    from moelm.model.transformer import MoELM
+
+    config = load_config(args.model)
+    for key, value in config.to_dict().items():
+        print(f"  {key}: {value}")
+    with torch.device("meta"):
+        model = MoELM(config)
+    _print_summary(config, model)
+    if Path(args.model).is_dir():
+        _print_directory(Path(args.model))
+
+
+def _print_directory(path: Path) -> None:
+    """Architecture, quantisation and files of a model directory, read from its metadata only."""
+    import json
+
+    from moelm.model.fp8 import block_size
+
+    raw = json.loads((path / "config.json").read_text())
+    block = block_size(raw)
+    files = sorted(path.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    quantised = f"FP8 e4m3, {block[0]}x{block[1]} block scales" if block else "none"
+    print(f"architecture:      {raw.get('model_type', 'unknown')} ({', '.join(raw.get('architectures') or [])})")
+    print(f"quantisation:      {quantised}  stored dtype: {raw.get('torch_dtype', 'unknown')}")
+    print(f"weight files:      {len(files)} ({size / 1024**3:.3f} GiB on disk)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Build a model from a preset, report its size and run one forward pass with a loss."""
+    import torch
+
+    from moelm.model.transformer import MoELM
+
+    config = load_config(args.preset)
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {config.max_position_embeddings} positions")
+    torch.manual_seed(args.seed)
+    model = MoELM(config).eval()
+    _print_summary(config, model)
+    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model(tokens, labels=tokens)
+    elapsed = time.perf_counter() - start
+    mtp = f", MTP loss {out.mtp_loss.item():.4f}" if out.mtp_loss is not None else ""
+    print(
+        f"forward {args.batch_size}x{args.seq_len}: logits {tuple(out.logits.shape)}, "
+        f"LM loss {out.lm_loss.item():.4f}{mtp} (random init: ln(vocab) = {math.log(config.vocab_size):.4f})"
+    )
+    print(f"  {args.batch_size * args.seq_len / elapsed:,.0f} tokens/s; tokens per expert (max/mean load):")
+    for layer, routing in out.routing.items():
+        counts = routing.tokens_per_expert_E
+        shown = " ".join(str(int(c)) for c in counts.tolist())
+        print(f"  layer {layer}: {shown}  ({(counts.max() / counts.mean()).item():.2f})")
+    if args.save:
+        model.save_pretrained(args.save)
+        print(f"saved HF DeepseekV3 directory to {args.save}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a training checkpoint (verified against its manifest) as an HF model directory."""
+    import shutil
+
+    from moelm.files import DamagedFileError, verify_manifest
+    from moelm.model.transformer import MoELM
+
+    checkpoint = args.checkpoint
+    if not (checkpoint / "model" / "config.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: not a moelm checkpoint (expected {checkpoint}/model/config.json)")
+    if (checkpoint / "manifest.json").is_file():
+        try:
+            verify_manifest(checkpoint)
+        except DamagedFileError as error:
+            raise ValueError(f"--checkpoint {checkpoint}: {error}") from None
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace the model files in it")
+    model = MoELM.from_pretrained(checkpoint / "model", dtype=common.dtype(args.dtype))
+    model.save_pretrained(args.out, max_shard_bytes=args.max_shard_size, quantization=args.quantization)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (checkpoint / "model" / name).is_file():
+            shutil.copyfile(checkpoint / "model" / name, args.out / name)
+    if (checkpoint / "run.json").is_file():  # provenance: the recipe and versions that produced these weights
+        shutil.copyfile(checkpoint / "run.json", args.out / "run.json")
+    print(f"exported {checkpoint} to {args.out}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """The info, demo and export subcommands."""
+    info = sub.add_parser("info", help="configuration, parameter counts and memory of a model")
+    info.add_argument("model", help=f"preset ({', '.join(preset_names())}), YAML, config.json or model dir")
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="build a preset model, print its size and run a forward pass")
+    demo.add_argument("--preset", default="tiny", help="preset name or YAML file")
+    demo.add_argument("--batch-size", type=common.POSITIVE_INT, default=2)
+    demo.add_argument("--seq-len", type=common.POSITIVE_INT, default=64)
+    demo.add_argument("--seed", type=common.SEED, default=0)
+    demo.add_argument("--save", type=Path, default=None, help="also write the model as an HF directory")
+    demo.set_defaults(func=cmd_demo)
+
+    export = sub.add_parser("export", help="write a training checkpoint as an HF model directory")
+    export.add_argument("--checkpoint", required=True, type=Path, help="OUT/checkpoints/step-N")
+    export.add_argument("--out", required=True, type=Path, help="the HF directory to write")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
+    export.add_argument("--dtype", choices=common.DTYPES, default=None, help="store the weights in this dtype")
+    export.add_argument("--max-shard-size", default="5GB", help="split into shards of at most this size")
+    export.add_argument("--quantization", choices=("fp8",), default=None, help="DeepSeek's block-scaled FP8")
+    export.set_defaults(func=cmd_export)
