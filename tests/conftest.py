@@ -132,3 +132,36 @@ def assert_resume_is_exact(trainer_cls, recipe, tmp_path, base_model, last_step:
     for name, tensor in straight.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     return interrupted
+
+
+def addition_task(directory):
+    """A model over a 15-token vocabulary (digits, +, =, specials) and one-digit additions a + b < 10."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from moelm import MoELM
+
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "<pad>", *"0123456789", "+", "="])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    MoELM(config).save_pretrained(directory / "base")
+    tokenizer.save(str(directory / "base" / "tokenizer.json"))
+    rows = [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(10) for b in range(10 - a)]
+    (directory / "add.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [
+        f"grpo.sources=[{{format: jsonl, path: {directory / 'add.jsonl'}}}]",
+        "grpo.chat_template=false",
+        "grpo.max_completion_tokens=1",
+        "grpo.num_generations=8",
+        "grpo.rewards={accuracy: 1.0}",
+        "grpo.eval_prompts=10",
+        "train.batch_size=8",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "log.progress=false",
+        "data.seq_len=16",
+    ]

@@ -11,6 +11,7 @@ stay on: aux losses the config asks for join the loss, aux-free bias updates and
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from moelm.data.sources import DataError, jsonl_records
 from moelm.infer.generate import left_pad, stream
 from moelm.infer.sampling import SamplingParams
 from moelm.model.transformer import MoELM
-from moelm.train.grpo_loss import clip_fractions, group_advantages, grpo_loss, k3_kl
+from moelm.train.grpo_loss import clip_fractions, group_advantages, grpo_loss, k3_kl, nan_mean_std
 from moelm.train.rewards import REWARDS, combine, overlong_penalty
 from moelm.train.sft import SFTTrainer
+from moelm.train.trainer import MicroBatch
 
 
 @dataclass
@@ -107,13 +109,15 @@ class RolloutBatches:
         rollout_seconds = time.perf_counter() - start
         rewards, per_function = self.trainer.score(chosen, sample, grpo.num_generations)
         advantages = group_advantages(rewards, grpo.num_generations, grpo.scale_rewards)
-        grouped = rewards.view(-1, grpo.num_generations)
+        judged = rewards[torch.isfinite(rewards)]
+        group_std = nan_mean_std(rewards.view(-1, grpo.num_generations), dim=1)[1]
         lengths = sample["completion_mask"].sum(1).float()
         metrics: dict[str, float] = {
             "tokens": float(lengths.sum()),
-            "reward": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            "frac_reward_zero_std": float((grouped.std(dim=1) == 0).float().mean()),
+            "reward": float(judged.mean()) if len(judged) else 0.0,
+            "reward_std": float(judged.std()) if len(judged) > 1 else 0.0,
+            "frac_reward_zero_std": float((~(group_std > 0)).float().mean()),  # NaN std (< 2 judged) counts
+            "frac_unjudged": float(1 - len(judged) / len(rewards)),
             "completion_length": float(lengths.mean()),
             "completion_length_min": float(lengths.min()),
             "completion_length_max": float(lengths.max()),
@@ -148,7 +152,7 @@ class RolloutBatches:
             return {}
         sample = self.trainer.sample(self.val_prompts, 1, 0.0, 1.0, None)
         rewards, per_function = self.trainer.score(self.val_prompts, sample, 1)
-        metrics = {"eval_reward": float(rewards.mean())}
+        metrics = {"eval_reward": float(rewards.nan_to_num(0.0).mean())}  # unjudged completions count as 0
         for name, values in per_function.items():
             judged = [v for v in values if v is not None]
             if judged:
@@ -295,17 +299,38 @@ class GRPOTrainer(SFTTrainer):
             beta=grpo.beta,
             aggregation=grpo.aggregation,
             max_completion_length=grpo.max_completion_tokens,
+            importance_sampling_level=grpo.importance_sampling_level,
+            delta=grpo.delta,
+            bias_correction_kl=grpo.use_bias_correction_kl,
+            num_items_in_batch=self.step_completion_tokens,
+            num_processes=self.context.world_size,
         )
+        if grpo.aggregation == "dapo":  # normalised by the whole batch already: undo the trainer's 1 / micro-batches
+            loss = loss * self.step_micro_batches
         metrics = {"policy_loss": loss.item()}
         if out.balance_loss is not None:  # the router's aux losses keep experts balanced under RL too
             loss = loss + out.balance_loss
             metrics["balance_loss"] = out.balance_loss.item()
         real = mask.bool()
-        low, high = clip_fractions(logprobs.detach(), old, advantages, mask, grpo.epsilon_low, grpo.epsilon_high)
+        low, high = clip_fractions(
+            logprobs.detach(),
+            old,
+            advantages,
+            mask,
+            grpo.epsilon_low,
+            grpo.epsilon_high,
+            grpo.importance_sampling_level,
+        )
         metrics.update(loss=loss.item(), entropy=float(entropy.detach()[real].mean()), clip_low=low, clip_high=high)
         if ref is not None:
             metrics["kl"] = float(k3_kl(logprobs.detach(), ref)[real].mean())
         return loss, metrics, out.routing
+
+    def begin_step(self, micro_batches: Sequence[MicroBatch]) -> None:
+        """The generation batch's completion tokens (every micro-batch; every rank holds the whole batch before
+        sharding it), the normaliser of the dapo aggregation."""
+        self.step_micro_batches = len(micro_batches)
+        self.step_completion_tokens = float(sum(inputs["completion_mask"].sum() for inputs, _ in micro_batches))
 
     # ------------------------------------------------------------------ exact resume with reused rollouts
     def extra_state(self) -> dict[str, Any]:

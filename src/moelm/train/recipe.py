@@ -27,6 +27,7 @@ from moelm.schema import (
     Constraint,
     Rule,
     Violation,
+    above,
     at_least,
     build,
     check,
@@ -38,7 +39,7 @@ from moelm.schema import (
     to_plain,
 )
 from moelm.train.curriculum import PACINGS
-from moelm.train.grpo_loss import ADVANTAGE_SCALES, AGGREGATIONS
+from moelm.train.grpo_loss import ADVANTAGE_SCALES, AGGREGATIONS, IMPORTANCE_LEVELS
 
 REWARD_NAMES = ("accuracy", "format", "tag_count", "code")
 UNIT = interval(0, 1)
@@ -168,9 +169,12 @@ class GRPOSection:
     rewards: dict[str, float] = setting(factory=lambda: {"accuracy": 1.0, "format": 0.1}, check=REWARDS)
     overlong_cache_tokens: int = setting(0, check=NON_NEGATIVE_INT)  # DAPO soft overlong penalty window
     scale_rewards: str = setting("group", check=one_of(*ADVANTAGE_SCALES))  # none = Dr. GRPO
-    aggregation: str = setting("grpo", check=one_of(*AGGREGATIONS))
+    aggregation: str = setting("grpo", check=one_of(*AGGREGATIONS))  # TRL's loss_type
+    importance_sampling_level: str = setting("token", check=one_of(*IMPORTANCE_LEVELS))  # sequence = GSPO
     epsilon_low: float = setting(0.2, check=UNIT_OPEN_HIGH)
     epsilon_high: float = setting(0.28, check=NON_NEGATIVE)
+    delta: float | None = setting(None, check=above(1, "null (off) or a number > 1 (TRL suggests > 1 + epsilon_high)"))
+    use_bias_correction_kl: bool = True  # TRL's default: the k3 KL term times the importance ratio
     beta: float = setting(0.0, check=NON_NEGATIVE)  # > 0: k3 KL to the frozen base model
     num_iterations: int = setting(1, check=POSITIVE_INT)  # updates per rollout batch (mu)
     mask_truncated: bool = False  # drop completions that hit max_completion_tokens from the loss

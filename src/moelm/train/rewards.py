@@ -8,6 +8,7 @@ test in the hardened sandbox, where only a program that ran to its end passes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,11 +132,14 @@ REWARDS: dict[str, Reward] = {
 
 
 def combine(per_function: dict[str, list[float | None]], weights: dict[str, float]) -> list[float]:
-    """The weighted sum per completion over the functions that could judge it (None entries left out)."""
+    """The weighted sum per completion over the functions that could judge it (None entries left out); NaN where
+    no function could judge it, so the advantages leave that completion out (TRL's rule)."""
     count = len(next(iter(per_function.values()))) if per_function else 0
     total = [0.0] * count
+    judged = [False] * count
     for name, values in per_function.items():
         for index, value in enumerate(values):
             if value is not None:
                 total[index] += weights.get(name, 1.0) * value
-    return total
+                judged[index] = True
+    return [value if seen else math.nan for value, seen in zip(total, judged, strict=True)]

@@ -234,6 +234,10 @@ class Trainer:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` saved."""
 
+    def begin_step(self, micro_batches: Sequence[MicroBatch]) -> None:
+        """Called with a step's whole (unsharded) micro-batches before the first forward: a loss that normalises
+        by the whole batch (GRPO's dapo) reads its totals here."""
+
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
         # No BOS: packing separates documents with EOS and inserts nothing before them, so a model trained here
         # never sees BOS; the saved config says so, and the empty-context prefix (lm-eval's rule) is EOS.
@@ -452,6 +456,7 @@ class Trainer:
             enabled=recipe.train.dtype == "bfloat16",
         )
         routing: dict = {}
+        self.begin_step(micro_batches)
         distributed = self.context.distributed
         if distributed:
             from moelm.dist.sharding import average_gradients, clip_grad_norm, reduce_mean, shard_batch, token_share
