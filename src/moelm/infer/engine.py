@@ -273,6 +273,8 @@ class Engine:
                 event.finish_reason = FINISH_STOP
             elif len(request.new_tokens) >= request.max_new_tokens:
                 event.finish_reason = FINISH_LENGTH
+            if event.finish_reason is not None and self.on_step is not None:
+                self.on_step(self.stats)  # counters are current by the time a client sees its request end
             self._emit(request, event)
             if event.finish_reason is not None:
                 finished.append((row, event.finish_reason))

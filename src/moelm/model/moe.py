@@ -28,6 +28,9 @@ class MoE(nn.Module):
             else None
         )
         self.checkpoint_ffn = options.activation_checkpointing == "moe"
+        # Routing replay (RL): experts chosen by an earlier forward of the same tokens, [B, T, k]; set and cleared
+        # by moelm.model.replay.replay_routing around one forward.
+        self.replay_BTK: torch.Tensor | None = None
 
     def forward(self, x_BTH: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         hidden = x_BTH.shape[-1]
@@ -47,7 +50,10 @@ class MoE(nn.Module):
 
     def _route(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
         """The router's choice, with over-capacity assignments marked when a capacity factor applies."""
-        routing = self.gate(x_TH, token_mask_T)
+        replay = None if self.replay_BTK is None else self.replay_BTK.reshape(-1, self.gate.top_k)
+        if replay is not None and replay.shape[0] != x_TH.shape[0]:
+            raise ValueError(f"routing replay holds {replay.shape[0]} tokens for a forward of {x_TH.shape[0]}")
+        routing = self.gate(x_TH, token_mask_T, replay)
         capacity_factor = self.options.capacity_factor if self.training else self.options.eval_capacity_factor
         if capacity_factor is None:
             return routing

@@ -41,6 +41,7 @@ class Routing:
     token_mask_T: torch.Tensor | None = None  # bool [T], False for padding tokens
     dropped_TK: torch.Tensor | None = None  # bool [T, k], assignments over an expert's capacity
     losses: Mapping[str, torch.Tensor] = field(default_factory=dict)  # balance losses, coefficients applied
+    natural_ids_TK: torch.Tensor | None = None  # under routing replay: the experts the router itself would pick
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "losses", MappingProxyType(dict(self.losses)))
@@ -89,7 +90,11 @@ class Router(nn.Module):
                 setattr(self, name, kept)
         return self
 
-    def forward(self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
+    def forward(
+        self, x_TH: torch.Tensor, token_mask_T: torch.Tensor | None = None, replay_TK: torch.Tensor | None = None
+    ) -> Routing:
+        """Scores, top-k selection and combine weights; `replay_TK` fixes the selected experts (routing replay:
+        the gate weights are still recomputed from this forward's scores, so gradients reach the router)."""
         logits = F.linear(x_TH.float(), self.weight.float())
         losses = {}
         if self.noise_weight is not None and self.training:
@@ -105,12 +110,17 @@ class Router(nn.Module):
             choice = self._mask_to_best_groups(choice)
         # sorted: column 0 holds each token's first choice, which capacity limits serve first
         expert_ids = choice.topk(self.top_k, dim=-1, sorted=True).indices
+        natural_ids = None
+        if replay_TK is not None:
+            natural_ids, expert_ids = expert_ids, replay_TK.to(device=choice.device, dtype=torch.long)
         weights = scores.gather(1, expert_ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         counts = assignment_counts(expert_ids, self.num_experts, token_mask_T)
-        return Routing(expert_ids, weights, logits, scores, counts, token_mask_T, losses=losses)
+        return Routing(
+            expert_ids, weights, logits, scores, counts, token_mask_T, losses=losses, natural_ids_TK=natural_ids
+        )
 
     def _mask_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """Keep the topk_group best groups; experts elsewhere get -inf (0 would lose to a negative bias)."""

@@ -10,154 +10,29 @@ stay on: aux losses the config asks for join the loss, aux-free bias updates and
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moelm.config import ConfigError
-from moelm.data.builtin import builtin_corpus
 from moelm.data.chat import render_chat
-from moelm.data.source_specs import BuiltinSource, JsonlSource, SourceSpec
-from moelm.data.sources import DataError, jsonl_records
+from moelm.data.sources import DataError
 from moelm.infer.generate import left_pad, stream
 from moelm.infer.sampling import SamplingParams
+from moelm.model.replay import drift, moe_layers, replay_routing, routed_experts
 from moelm.model.transformer import MoELM
-from moelm.train.grpo_loss import clip_fractions, group_advantages, grpo_loss, k3_kl, nan_mean_std
+from moelm.train.grpo_loss import clip_fractions, grpo_loss, k3_kl
+from moelm.train.prompts import Prompt, PromptSampler, load_prompts
 from moelm.train.rewards import REWARDS, combine, overlong_penalty
+from moelm.train.rollouts import Rollout, RolloutBatches
 from moelm.train.sft import SFTTrainer
 from moelm.train.trainer import MicroBatch
 
-
-@dataclass
-class Prompt:
-    """One task to reinforce: what the model is asked, and what its answer is checked against."""
-
-    text: str  # the question (rendered through the chat template when grpo.chat_template)
-    answer: str | None
-    domain: str | None
-    tests: list[str] | None = None
-    difficulty: int = 1
-
-
-def load_prompts(sources: list[SourceSpec]) -> list[Prompt]:
-    """Prompts from builtin records (math, logic, code with its asserts) or JSONL {prompt, answer[, tests]}."""
-    prompts: list[Prompt] = []
-    for number, source in enumerate(sources):
-        if isinstance(source, BuiltinSource):
-            hardest = source.max_difficulty or 99
-            records = builtin_corpus(source.num_records, seed=source.seed, domains=tuple(source.domains))
-            for record in (r for r in records if r.difficulty <= hardest):
-                tests = record.text.split("\n\n\n", 1)[1].strip().splitlines() if record.domain == "code" else None
-                prompts.append(Prompt(record.prompt, record.answer, record.domain, tests, record.difficulty))
-        elif isinstance(source, JsonlSource):
-            path = Path(source.path)
-            for line, row in jsonl_records(path):
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise DataError(f"{path}:{line}: expected an object with a string 'prompt'")
-                answer = row.get("answer")
-                tests = row.get("tests")
-                prompts.append(Prompt(row["prompt"], None if answer is None else str(answer), row.get("domain"), tests))
-        else:
-            raise ConfigError(f"grpo.sources[{number}] needs format builtin or jsonl, got {source.format!r}")
-    if not prompts:
-        raise DataError("the GRPO sources hold no prompts")
-    return prompts
-
-
-@dataclass
-class Rollout:
-    """One micro-batch of completions with everything the loss needs (tensors) and what to log (metrics)."""
-
-    inputs: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-
-
-@dataclass
-class RolloutBatches:
-    """Rollouts as a BatchSource: micro-batch `index` samples prompts and completions seeded by its index."""
-
-    trainer: GRPOTrainer
-    train_prompts: list[Prompt]
-    val_prompts: list[Prompt]
-    cache: dict[int, Rollout] = field(default_factory=dict)
-
-    def train_batch(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        grpo = self.trainer.recipe.grpo
-        rollout_index = index // grpo.num_iterations
-        if rollout_index not in self.cache:
-            self.cache = {rollout_index: self._rollout(rollout_index)}  # only the live one is kept
-        rollout = self.cache[rollout_index]
-        return rollout.inputs, dict(rollout.metrics)
-
-    def _rollout(self, rollout_index: int) -> Rollout:
-        trainer, grpo = self.trainer, self.trainer.recipe.grpo
-        seed = trainer.recipe.train.seed
-        rng = np.random.default_rng([seed, rollout_index])
-        chosen = [self.train_prompts[i] for i in rng.choice(len(self.train_prompts), trainer.recipe.train.batch_size)]
-        generators = [
-            torch.Generator().manual_seed(int(seed * 1_000_003 + rollout_index * 4099 + row))
-            for row in range(len(chosen) * grpo.num_generations)
-        ]
-        start = time.perf_counter()
-        sample = self.trainer.sample(chosen, grpo.num_generations, grpo.temperature, grpo.top_p, generators)
-        rollout_seconds = time.perf_counter() - start
-        rewards, per_function = self.trainer.score(chosen, sample, grpo.num_generations)
-        advantages = group_advantages(rewards, grpo.num_generations, grpo.scale_rewards)
-        judged = rewards[torch.isfinite(rewards)]
-        group_std = nan_mean_std(rewards.view(-1, grpo.num_generations), dim=1)[1]
-        lengths = sample["completion_mask"].sum(1).float()
-        metrics: dict[str, float] = {
-            "tokens": float(lengths.sum()),
-            "reward": float(judged.mean()) if len(judged) else 0.0,
-            "reward_std": float(judged.std()) if len(judged) > 1 else 0.0,
-            "frac_reward_zero_std": float((~(group_std > 0)).float().mean()),  # NaN std (< 2 judged) counts
-            "frac_unjudged": float(1 - len(judged) / len(rewards)),
-            "completion_length": float(lengths.mean()),
-            "completion_length_min": float(lengths.min()),
-            "completion_length_max": float(lengths.max()),
-            "terminated_frac": float(1 - sample["truncated"].float().mean()),
-            "truncated_frac": float(sample["truncated"].float().mean()),
-            "rollout_tokens_per_s": float(lengths.sum()) / max(rollout_seconds, 1e-9),
-            "rollout_seconds": rollout_seconds,
-        }
-        for name, values in per_function.items():
-            judged = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
-            if len(judged):
-                metrics[f"reward/{name}"] = float(judged.mean())
-                metrics[f"reward/{name}_std"] = float(judged.std()) if len(judged) > 1 else 0.0
-        mask = sample["completion_mask"].clone()
-        if grpo.mask_truncated:
-            mask[sample["truncated"]] = 0
-        inputs = {
-            "input_ids": sample["input_ids"],
-            "attention_mask": sample["attention_mask"],
-            "completion_mask": mask,
-            "advantages": advantages,
-        }
-        if grpo.num_iterations > 1:  # the policy moves during the reuse: keep the sampling-time log-probs
-            with torch.no_grad():
-                inputs["old_logprobs"] = trainer.completion_logprobs(trainer.model, inputs)[0]
-        return Rollout(inputs, metrics)
-
-    @torch.no_grad()
-    def evaluate(self, model: MoELM) -> dict[str, float]:
-        """Greedy completions of the held-out prompts, scored by the same reward functions."""
-        if not self.val_prompts:
-            return {}
-        sample = self.trainer.sample(self.val_prompts, 1, 0.0, 1.0, None)
-        rewards, per_function = self.trainer.score(self.val_prompts, sample, 1)
-        metrics = {"eval_reward": float(rewards.nan_to_num(0.0).mean())}  # unjudged completions count as 0
-        for name, values in per_function.items():
-            judged = [v for v in values if v is not None]
-            if judged:
-                metrics[f"eval_reward/{name}"] = sum(judged) / len(judged)
-        return metrics
+__all__ = ["GRPOTrainer", "Prompt", "load_prompts"]
 
 
 @dataclass
@@ -174,7 +49,8 @@ class GRPOTrainer(SFTTrainer):
         if not train:
             raise DataError("no GRPO prompts left for training after the held-out split")
         self.echo(f"grpo: {len(train)} training prompts, {len(val)} held out")
-        return RolloutBatches(self, train, val)
+        sampler = PromptSampler(train, grpo.difficulty_sampling, grpo.curriculum, grpo.curriculum_unlock_at)
+        return RolloutBatches(self, sampler, val)
 
     def setup(self, resume: bool = False, allow_recipe_change: bool = False) -> None:
         super().setup(resume, allow_recipe_change)
@@ -263,15 +139,31 @@ class GRPOTrainer(SFTTrainer):
         return torch.tensor(combine(per_function, weights), dtype=torch.float32), per_function
 
     # ------------------------------------------------------------------ objective
+    @torch.no_grad()
+    def rollout_experts(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The experts each token of the rollout goes to under the sampling policy, [B, L, T, k]: the policy's
+        forward over the sampled sequences right after sampling (eval mode, the whole rollout batch), which is what
+        the decode steps computed up to floating-point differences."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        out = self._forward(model, inputs, keep=1)
+        model.train(was_training)
+        return routed_experts(out.routing, inputs["input_ids"].shape[0], sorted(moe_layers(model)))
+
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], keep: int) -> Any:
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # per-sequence positions, as generation had them
+        return model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep)
+
     def completion_logprobs(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Log-probabilities [B, C] of the completion tokens under `model` (logits / temperature), the entropy
         of each position's distribution, and the model output."""
-        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        ids = inputs["input_ids"]
         completion = inputs["completion_mask"].shape[1]
-        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # per-sequence positions, as generation had them
-        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=completion + 1)
+        out = self._forward(model, inputs, keep=completion + 1)
         logits = out.logits[:, :-1].float() / self.recipe.grpo.temperature
         logp_all = F.log_softmax(logits, dim=-1)
         logprobs = logp_all.gather(-1, ids[:, -completion:].unsqueeze(-1)).squeeze(-1)
@@ -281,7 +173,10 @@ class GRPOTrainer(SFTTrainer):
     def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
         grpo = self.recipe.grpo
         mask = inputs["completion_mask"]
-        logprobs, entropy, out = self.completion_logprobs(model, inputs)
+        recorded = inputs.get("rollout_experts")
+        replay = replay_routing(self.model, recorded) if grpo.routing_replay else contextlib.nullcontext()
+        with replay:
+            logprobs, entropy, out = self.completion_logprobs(model, inputs)
         old = inputs.get("old_logprobs", logprobs.detach())
         ref = None
         if self.reference is not None:
@@ -324,7 +219,26 @@ class GRPOTrainer(SFTTrainer):
         metrics.update(loss=loss.item(), entropy=float(entropy.detach()[real].mean()), clip_low=low, clip_high=high)
         if ref is not None:
             metrics["kl"] = float(k3_kl(logprobs.detach(), ref)[real].mean())
+        if recorded is not None:
+            metrics.update(self._drift_metrics(recorded, out.routing, mask))
         return loss, metrics, out.routing
+
+    def _drift_metrics(self, recorded: torch.Tensor, routing: dict, completion_mask: torch.Tensor) -> dict[str, float]:
+        """Per MoE layer, the share of completion tokens whose experts in this training forward differ from the
+        rollout's (under routing replay: the experts the router would have chosen, against the replayed ones)."""
+        layers = sorted(moe_layers(self.model))
+        rows = recorded.shape[0]
+        natural = {
+            i: routing[i].natural_ids_TK if routing[i].natural_ids_TK is not None else routing[i].expert_ids_TK
+            for i in layers
+        }
+        chosen = torch.stack([natural[i].view(rows, -1, natural[i].shape[-1]) for i in layers], dim=1)
+        prompt = recorded.shape[2] - completion_mask.shape[1]
+        token_mask = torch.cat([torch.zeros(rows, prompt, device=completion_mask.device), completion_mask], dim=1)
+        shares = drift(recorded.to(chosen.device).long(), chosen, token_mask)
+        metrics = {f"routing_drift/layer{layer}": float(share) for layer, share in zip(layers, shares, strict=True)}
+        metrics["routing_drift"] = float(shares.mean())
+        return metrics
 
     def begin_step(self, micro_batches: Sequence[MicroBatch]) -> None:
         """The generation batch's completion tokens (every micro-batch; every rank holds the whole batch before
@@ -334,13 +248,17 @@ class GRPOTrainer(SFTTrainer):
 
     # ------------------------------------------------------------------ exact resume with reused rollouts
     def extra_state(self) -> dict[str, Any]:
-        """With num_iterations > 1 the live rollout (drawn by an earlier policy) must survive a restart."""
+        """The prompt sampler's pass rates and level, and with num_iterations > 1 the live rollout (drawn by an
+        earlier policy): what a restart needs to draw and train on what the uninterrupted run would."""
+        state: dict[str, Any] = {"prompt_sampler": self.batches.sampler.state()}
         if self.recipe.grpo.num_iterations == 1 or not self.batches.cache:
-            return {}
+            return state
         ((index, rollout),) = self.batches.cache.items()
-        return {"rollout_index": index, "rollout_inputs": rollout.inputs, "rollout_metrics": rollout.metrics}
+        return {**state, "rollout_index": index, "rollout_inputs": rollout.inputs, "rollout_metrics": rollout.metrics}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "prompt_sampler" in state:
+            self.batches.sampler.load_state(state["prompt_sampler"])
         if "rollout_index" in state:
             rollout = Rollout(dict(state["rollout_inputs"]), dict(state["rollout_metrics"]))
             self.batches.cache = {int(state["rollout_index"]): rollout}

@@ -179,6 +179,17 @@ class GRPOSection:
     num_iterations: int = setting(1, check=POSITIVE_INT)  # updates per rollout batch (mu)
     mask_truncated: bool = False  # drop completions that hit max_completion_tokens from the loss
     eval_prompts: int = setting(32, check=NON_NEGATIVE_INT)  # held-out prompts scored greedily at every evaluation
+    # What makes the gradient non-zero: DAPO's dynamic sampling drops groups whose rewards are all equal and draws
+    # more prompts, at most max_sampling_rounds rounds per micro-batch (then tops up with dropped groups).
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = setting(4, check=POSITIVE_INT)
+    difficulty_sampling: bool = False  # prefer prompts whose observed pass rate lies inside (0, 1)
+    curriculum: bool = False  # draw the easiest difficulty levels first; open the next at curriculum_unlock_at
+    curriculum_unlock_at: float = setting(0.6, check=UNIT_OPEN_LOW)
+    # MoE under RL: log how often the training forward routes a completion token to other experts than the
+    # rollout did (one extra no-grad forward per rollout), and optionally reuse the rollout's experts.
+    routing_drift: bool = True
+    routing_replay: bool = False
 
     SOURCE_FORMATS: ClassVar[tuple[str, ...]] = GRPO_FORMATS
     BUILTIN_DEFAULTS: ClassVar[dict[str, Any]] = {"seed": 2}  # not the SFT draw (seed 0/1) unless asked
