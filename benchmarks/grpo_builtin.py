@@ -1,11 +1,15 @@
-"""GRPO on the built-in arithmetic: held-out greedy exact match before and after, per seed, with the reward curve.
+"""GRPO on the built-in arithmetic: held-out greedy exact match before and after, per seed and variant.
 
-Starts from the SFT model of the README's SFT command, runs `configs/grpo-tiny.yaml` for a fixed number of steps
-per seed, and scores the same held-out problems (built-in seed 1000, never trained on) before and after, greedily
-through the chat template, per difficulty level. Also reports the share of wall time spent in rollouts and the
-rollout engine's tokens/s against plain `generate` of the same batch shape.
+Starts from an SFT model (the README's SFT command, or the quickstart's `runs/quickstart/sft/model`), runs
+`configs/grpo-tiny.yaml` for a fixed number of steps per seed and variant, and scores the same held-out problems
+(built-in seed 1000, never trained on) before and after, greedily through the chat template, per difficulty level.
+Variants: `plain` (the recipe), `dynamic` (+ DAPO dynamic sampling and online prompt difficulty), `replay`
+(dynamic + routing replay). Per run it reports the reward curve (PNG), the share of zero-variance groups drawn
+and kept, the share of wall time spent in rollouts, the routing drift between rollout and training forwards and
+the clip fractions, then the rollout engine's tokens/s against plain `generate` of the same batch shape.
 
-    python benchmarks/grpo_builtin.py --model runs/sft-tiny/model [--steps 60 --seeds 0,1 --problems 200]
+    python benchmarks/grpo_builtin.py --model runs/quickstart/sft/model [--steps 60 --seeds 0,1 --problems 200
+        --variants plain,dynamic,replay --set grpo.num_iterations=2]
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ from moelm.train.grpo import GRPOTrainer
 from moelm.train.recipe import load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "grpo-tiny.yaml"
+VARIANTS = {
+    "plain": [],
+    "dynamic": ["grpo.dynamic_sampling=true", "grpo.difficulty_sampling=true"],
+    "replay": ["grpo.dynamic_sampling=true", "grpo.difficulty_sampling=true", "grpo.routing_replay=true"],
+}
+
+
+def mean(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if key in r]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def held_out_accuracy(generator: TextGenerator, problems: list, max_new_tokens: int) -> dict[str, float]:
@@ -46,6 +60,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="the SFT model (runs/sft-tiny/model)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--variants", default="plain,dynamic,replay", help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--plot", type=Path, default=Path("grpo_reward.png"))
     parser.add_argument("--set", action="append", default=[], help="recipe override, as for moelm grpo")
@@ -58,22 +73,34 @@ def main() -> None:
     before = held_out_accuracy(base, problems, max_new)
     results: dict[str, float] = {f"before_{k}": v for k, v in before.items()}
     curves = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        overrides = [f"train.seed={seed}", f"train.max_steps={args.steps}", "train.log_every=1", "log.progress=false"]
-        overrides += args.set
-        with tempfile.TemporaryDirectory() as out:
-            trainer = GRPOTrainer(load_recipe(RECIPE, overrides), out, echo=lambda _: None, base_model=args.model)
-            wall, model = timed(trainer.run)
-            records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-            tuned = TextGenerator(model.eval(), base.tokenizer, base.chat_template)
-            after = held_out_accuracy(tuned, problems, max_new)
-        curves[seed] = [r["reward"] for r in records]
-        rollout = sum(r["rollout_seconds"] for r in records)
-        results.update({f"seed{seed}_after_{k}": v for k, v in after.items()})
-        results[f"seed{seed}_gain_points"] = 100 * (after["accuracy"] - before["accuracy"])
-        results[f"seed{seed}_rollout_share"] = rollout / wall
-        results[f"seed{seed}_rollout_tok_s"] = sum(r["rollout_tokens_per_s"] for r in records) / len(records)
-        print(f"seed {seed}: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} in {wall:.0f} s", flush=True)
+    for variant in args.variants.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            overrides = [f"train.seed={seed}", f"train.max_steps={args.steps}", "train.log_every=1"]
+            overrides += ["log.progress=false", *VARIANTS[variant], *args.set]
+            with tempfile.TemporaryDirectory() as out:
+                recipe = load_recipe(RECIPE, overrides)
+                trainer = GRPOTrainer(recipe, out, echo=lambda _: None, base_model=args.model)
+                wall, model = timed(trainer.run)
+                records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+                records = [r for r in records if "reward" in r]
+                tuned = TextGenerator(model.eval(), base.tokenizer, base.chat_template)
+                after = held_out_accuracy(tuned, problems, max_new)
+            run = f"{variant}_seed{seed}"
+            curves[run] = [r["reward"] for r in records]
+            results.update({f"{run}_after_{k}": v for k, v in after.items()})
+            results[f"{run}_gain_points"] = 100 * (after["accuracy"] - before["accuracy"])
+            results[f"{run}_rollout_share"] = sum(r["rollout_seconds"] for r in records) / wall
+            results[f"{run}_rollout_tok_s"] = mean(records, "rollout_tokens_per_s")
+            results[f"{run}_zero_std_drawn"] = mean(records, "frac_reward_zero_std_drawn")
+            results[f"{run}_zero_std_kept"] = mean(records, "frac_reward_zero_std")
+            results[f"{run}_sampling_rounds"] = mean(records, "sampling_rounds")
+            results[f"{run}_routing_drift"] = mean(records, "routing_drift")
+            results[f"{run}_clip_low"] = mean(records, "clip_low")
+            results[f"{run}_clip_high"] = mean(records, "clip_high")
+            results[f"{run}_reward_first10"] = sum(curves[run][:10]) / max(len(curves[run][:10]), 1)
+            results[f"{run}_reward_last10"] = sum(curves[run][-10:]) / max(len(curves[run][-10:]), 1)
+            results[f"{run}_seconds"] = wall
+            print(f"{run}: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} in {wall:.0f} s", flush=True)
     # the engine alone on the rollout shape: 8 prompts x 8 samples, sampled at temperature 1
     prompts = [base.chat_prompt([{"role": "user", "content": r.prompt}]) for r in problems[:8] for _ in range(8)]
     seconds, texts = timed(lambda: base.generate(prompts, max_new, temperature=1.0, seed=0))
@@ -85,8 +112,8 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        for seed, curve in curves.items():
-            plt.plot(range(1, len(curve) + 1), curve, label=f"seed {seed}")
+        for run, curve in curves.items():
+            plt.plot(range(1, len(curve) + 1), curve, label=run)
         plt.xlabel("step")
         plt.ylabel("mean reward of the rollouts")
         plt.legend()
