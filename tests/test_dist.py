@@ -246,3 +246,62 @@ def test_export_writes_a_checkpoint_as_a_model_directory(single, tmp_path):
     assert all(torch.equal(exported[k], saved[k]) for k in saved)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 2  # not empty
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- SFT and GRPO
+def _stage(command: str, base, out, overrides: list[str], ranks: int) -> list[dict]:
+    args = ["-m", "moelm", command, "--model", str(base), "--out", str(out)]
+    for item in overrides:
+        args += ["--set", item]
+    completed = run([*TORCHRUN, *args] if ranks > 1 else [sys.executable, *args])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_on_two_ranks_equals_one_process(tmp_path):
+    from moelm.data.builtin import builtin_corpus
+    from moelm.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([r.text for r in builtin_corpus(400, seed=3)], vocab_size=700)
+    base = tmp_path / "base"
+    MoELM(tiny_config(vocab_size=tokenizer.get_vocab_size(), eos_token_id=1, pad_token_id=2)).save_pretrained(base)
+    tokenizer.save(str(base / "tokenizer.json"))
+    overrides = [
+        "sft.sources=[{format: builtin, num_records: 300, domains: [math, logic]}]",
+        "sft.val_examples=8",
+        "sft.eval_exact_match=false",
+        "data.seq_len=64",
+        "train.max_steps=3",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.log_every=1",
+        "train.eval_every=100",
+        "log.progress=false",
+        "log.sample_tokens=0",
+    ]
+    one = _stage("sft", base, tmp_path / "one", overrides, ranks=1)
+    two = _stage("sft", base, tmp_path / "two", overrides, ranks=2)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert_same_model(tmp_path / "one" / "model", tmp_path / "two" / "model")
+
+
+def test_grpo_on_two_ranks_samples_its_share_and_equals_one_process(tmp_path):
+    """Each rank samples half of the prompts' groups; rewards travel with their groups, so both ranks train on
+    the batch one process draws and reach its losses and weights."""
+    from conftest import addition_task
+
+    overrides = [
+        *addition_task(tmp_path),
+        "grpo.aggregation=dapo",
+        "grpo.dynamic_sampling=true",
+        "grpo.difficulty_sampling=true",
+        "train.max_steps=3",
+        "train.log_every=1",
+        "train.eval_every=100",
+        "log.sample_tokens=0",
+    ]
+    one = _stage("grpo", tmp_path / "base", tmp_path / "one", overrides, ranks=1)
+    two = _stage("grpo", tmp_path / "base", tmp_path / "two", overrides, ranks=2)
+    for key in ("loss", "reward", "frac_reward_zero_std_drawn", "sampling_rounds"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
+    assert_same_model(tmp_path / "one" / "model", tmp_path / "two" / "model")

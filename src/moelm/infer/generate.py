@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from moelm.infer.compiled import CompiledDecode
 from moelm.infer.sampling import SamplingParams, draw, sample, token_distribution
@@ -70,8 +72,20 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
     return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
 
 
-@torch.inference_mode()
-def stream(
+def stream(model: MoELM, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Iterator[StepOutput]:
+    """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced (see
+    `_stream` for the arguments).
+
+    Decoding runs in inference mode, except for a model whose parameters are sharded over processes (FSDP2):
+    inference mode there would leave the gathered-parameter buffers as inference tensors that the next training
+    forward cannot refill, so such a model decodes under no_grad.
+    """
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    grad_free = torch.no_grad() if sharded else torch.inference_mode()
+    return grad_free(_stream)(model, input_ids, *args, **kwargs)
+
+
+def _stream(
     model: MoELM,
     input_ids: torch.Tensor,
     max_new_tokens: int = 32,
@@ -85,11 +99,14 @@ def stream(
     speculative: bool = False,
     stats: GenerationStats | None = None,
     compiled: CompiledDecode | None = None,
+    run_to_end: bool = False,
 ) -> Iterator[StepOutput]:
     """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced.
 
     `compiled` (from `compile_decode(model)`) runs every decode step through its compiled graph; prefill and
-    speculative decoding stay eager.
+    speculative decoding stay eager. `run_to_end` decodes all max_new_tokens steps even when every row has
+    stopped: processes that generate different rows of a sharded model must take part in every step's
+    collectives.
     """
     params = params or SamplingParams()
     if compiled is not None and compiled.model is not model:
@@ -139,7 +156,7 @@ def stream(
         finished = torch.tensor(done, device=device)
         stats.steps += 1
         yield StepOutput(token.unsqueeze(1), finished)
-        if all(done) or index == max_new_tokens - 1 or cache.length >= cache.capacity:
+        if (all(done) and not run_to_end) or index == max_new_tokens - 1 or cache.length >= cache.capacity:
             return  # no decode step for a token nobody will sample
         if step_fn is not None:
             logits = model.decode_step(token.unsqueeze(1), cache, step_fn)

@@ -93,6 +93,7 @@ class GRPOTrainer(SFTTrainer):
             attention_mask=mask,
             eos_token_id=eos,
             generators=generators,
+            run_to_end=self.context.distributed,  # ranks sample different rows: every rank takes every step
         )
         new = torch.cat([step.tokens_BN for step in steps], dim=1)
         model.train(was_training)

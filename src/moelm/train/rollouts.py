@@ -103,6 +103,15 @@ def merge_groups(groups: list[Group], pad_id: int) -> dict[str, Any]:
     }
 
 
+def gather_groups(groups: list[Group]) -> list[Group]:
+    """Every rank's groups, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    gathered: list[list[Group] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, groups)
+    return [group for part in gathered for group in part or []]
+
+
 def passed(group: Group) -> list[bool]:
     """Per completion: a correctness function gave it full marks (or, without one, its reward is positive)."""
     judges = [group.per_function[name] for name in CORRECTNESS if name in group.per_function]
@@ -156,18 +165,23 @@ class RolloutBatches:
         spare: list[Group] = []
         rounds, drawn, seconds = 0, 0, 0.0
         limit = grpo.max_sampling_rounds if grpo.dynamic_sampling else 1
+        context = trainer.context
         while len(kept) < want and rounds < limit:
-            indices = self.sampler.draw(rng, want)
-            chosen = [self.sampler.prompts[i] for i in indices]
-            generators = [  # round 0 keeps the seeds runs without dynamic sampling always had
+            indices = self.sampler.draw(rng, want)  # every rank draws the same prompts
+            share = slice(context.rank * want // context.world_size, (context.rank + 1) * want // context.world_size)
+            chosen = [self.sampler.prompts[i] for i in indices[share]]  # and samples its own share of them
+            first_row = share.start * grpo.num_generations
+            generators = [  # per global row: the rows a rank samples are those one process would sample
                 torch.Generator().manual_seed(int(seed * 1_000_003 + rollout_index * 4099 + row + rounds * 7_919_191))
-                for row in range(len(chosen) * grpo.num_generations)
+                for row in range(first_row, first_row + len(chosen) * grpo.num_generations)
             ]
             start = time.perf_counter()
             sample = trainer.sample(chosen, grpo.num_generations, grpo.temperature, grpo.top_p, generators)
             seconds += time.perf_counter() - start
             rewards, per_function = trainer.score(chosen, sample, grpo.num_generations)
             groups = split_groups(sample, rewards, per_function, grpo.num_generations)
+            if context.distributed:  # rewards travel with their groups: every rank holds the whole batch
+                groups = gather_groups(groups)
             self.sampler.observe(indices, [passed(g) for g in groups])
             for group in groups:
                 (kept if group.informative or not grpo.dynamic_sampling else spare).append(group)

@@ -164,15 +164,19 @@ def language_model_loss(
     the rank's mean that term's share of the global mean; each term (LM, each MTP depth) is weighted by its own.
     """
     out = model(**inputs)
-    loss = out.loss
+    loss, values = out.loss, _loss_values(out)
     if token_weight is not None and out.lm_loss is not None:
-        loss = out.lm_loss * token_weight(out.lm_tokens)
+        lm_loss = out.lm_loss * token_weight(out.lm_tokens)
+        loss = lm_loss
         if out.mtp_terms:
             mtp = sum(term * token_weight(tokens) for term, tokens in out.mtp_terms) / len(out.mtp_terms)
             loss = loss + model.options.mtp_loss_weight * mtp
+            values["mtp_loss"] = mtp.item()
         if out.balance_loss is not None:
             loss = loss + out.balance_loss
-    return loss, _loss_values(out), out.routing
+        # Logged as their share of the global mean: averaged over ranks they are the one-process values.
+        values.update(loss=loss.item(), lm_loss=lm_loss.item())
+    return loss, values, out.routing
 
 
 @dataclass
