@@ -13,7 +13,7 @@ from moelm.quickstart import budget
 
 def test_budgets_scale_with_minutes_and_keep_floors():
     steps, problems = budget(15)
-    assert steps == {"pretrain": 300, "sft": 200, "grpo": 40} and problems == 200
+    assert steps == {"pretrain": 300, "sft": 200, "grpo": 150} and problems == 200
     small, few = budget(0.1)
     assert all(value == 2 for value in small.values()) and few == 20
 
@@ -34,6 +34,10 @@ def test_quickstart_runs_every_stage_and_writes_a_report(quick, capsys):
         assert (quick / target).is_file(), target
     report = json.loads((quick / "report.json").read_text())
     assert set(report["evaluations"]) == {"pretrain", "sft", "grpo"}
+    for stage in ("sft", "grpo"):  # sampled math accuracy of the chat-format stages: pass@8 covers pass@1
+        sampled = report["evaluations"][stage]
+        assert 0 <= sampled["math_pass@1"] <= sampled["math_pass@8"] <= 1
+    assert "math_pass@1" not in report["evaluations"]["pretrain"] and "math pass@8" in page
     assert {"mi_bits", "mi_shuffled_bits", "load_max_over_mean"} <= set(report["analysis"])
 
 

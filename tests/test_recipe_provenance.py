@@ -175,6 +175,8 @@ def test_resume_refuses_a_changed_recipe_unchanged_files_and_records_an_allowed_
     assert record["recipe"]["optim"]["lr"] == 3e-3 and record["seeds"] == {"train.seed": 0}
     assert record["torch_version"] == torch.__version__ and record["world"]["world_size"] == 1
     assert json.loads((out / "model" / "run.json").read_text())["recipe"] == record["recipe"]
+    recorded = recipe_from_dict(record["recipe"])  # the recipe round-trips through the checkpoint's run.json
+    assert recorded == load_recipe(None, [*TINY_RUN, "train.save_every=2", "log.sample_tokens=0", "train.max_steps=2"])
     before = _tree_digest(out)
     capsys.readouterr()
     assert _pretrain(out, "train.max_steps=4", "optim.lr=1e-3", resume=True) == 2
