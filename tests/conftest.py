@@ -165,3 +165,21 @@ def addition_task(directory):
         "log.progress=false",
         "data.seq_len=16",
     ]
+
+
+def capture_gradients(trainer) -> dict:  # noqa: ANN001 - a set-up Trainer
+    """A dict that each optimizer step of `trainer` fills with the full (unsharded) gradients it applies."""
+    from moelm.dist.sharding import _full
+
+    grads: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for name, param in trainer.model.named_parameters():
+            if param.grad is not None:
+                grad = _full(param.grad, name, trainer.context) if trainer.context.distributed else param.grad
+                grads[name] = grad.detach().clone()
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    return grads

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, capture_gradients
 
-from moelm.dist.sharding import _full
 from moelm.train.recipe import load_recipe
 from moelm.train.trainer import Trainer
 
@@ -18,16 +17,7 @@ def main(out: str, result: str, *overrides: str) -> None:
     recipe = load_recipe(None, [*TINY_RUN, "train.max_steps=1", "log.sample_tokens=0", *overrides])
     trainer = Trainer(recipe, Path(out), echo=lambda line: None)
     trainer.setup()
-    grads: dict[str, torch.Tensor] = {}
-    step = trainer.optimizer.step
-
-    def capture(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        for name, param in trainer.model.named_parameters():
-            if param.grad is not None:
-                grads[name] = _full(param.grad, name, trainer.context) if trainer.context.distributed else param.grad
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = capture
+    grads = capture_gradients(trainer)
     trainer.evaluate(trainer.model, trainer.batches)  # a forward outside training first, as runs do
     batch = [trainer.batches.train_batch(i) for i in range(recipe.train.grad_accum)]
     record = trainer.train_step(batch, trainer.loss)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import capture_gradients
 
-from moelm.dist.sharding import _full
 from moelm.train.grpo import GRPOTrainer
 from moelm.train.recipe import load_recipe
 
@@ -54,17 +54,7 @@ def step_gradients(base: Path, out: Path, overrides: list[str]) -> tuple[GRPOTra
     """Set up a GRPOTrainer and run one train_step on the fixed micro-batches; the full gradients it applied."""
     trainer = GRPOTrainer(load_recipe(None, overrides), out, echo=lambda _: None, base_model=base)
     trainer.setup()
-    grads: dict[str, torch.Tensor] = {}
-    step = trainer.optimizer.step
-
-    def capture(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        for name, param in trainer.model.named_parameters():
-            if param.grad is not None:
-                grad = _full(param.grad, name, trainer.context) if trainer.context.distributed else param.grad
-                grads[name] = grad.detach().clone()
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = capture
+    grads = capture_gradients(trainer)
     trainer.train_step(fixed_micro_batches(trainer.model.config.vocab_size), trainer.loss)
     return trainer, grads
 
