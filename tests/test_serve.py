@@ -375,3 +375,19 @@ def test_reasoning_is_split_from_the_answer_whole_and_streamed_in_any_chunking()
     assert inside.full(tokenizer.encode("plan\n</think>\nanswer").ids).reasoning == "plan"
     stopped = TextStream(generator, stop=["answer"], split_reasoning=True)
     assert stopped.full(tokens).content == "the " and stopped.stopped(tokens)
+
+
+def test_repetition_penalty_reaches_the_engine_and_equals_generate(generator):
+    """The server used to accept repetition_penalty and ignore it: now a request with it equals moelm's own
+    penalised greedy decoding token for token, and differs from the unpenalised text."""
+    from moelm.infer.sampling import SamplingParams
+
+    app = create_app(generator, ServerConfig("tiny"))
+    changed = 0
+    with TestClient(app) as http:
+        for prompt in PROMPTS:
+            expected = "".join(generator.stream(prompt, 24, SamplingParams(repetition_penalty=3.0)))
+            changed += expected != greedy(generator, prompt, 24)
+            body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "repetition_penalty": 3.0}
+            assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+    assert changed  # the penalty changes some continuation, so equality above is not the unpenalised text

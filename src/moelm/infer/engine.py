@@ -257,7 +257,10 @@ class Engine:
         for i, row in enumerate(rows):
             request = self.running[row]
             generator = [request.generator] if request.generator is not None else None
-            token = int(sample(logits_BV[i : i + 1], request.params, generator)[0])
+            history = None
+            if request.params.repetition_penalty != 1.0:  # HF's rule: prompt and completion tokens so far
+                history = torch.tensor([request.prompt_ids + request.new_tokens], device=logits_BV.device)
+            token = int(sample(logits_BV[i : i + 1], request.params, generator, history)[0])
             request.new_tokens.append(token)
             self.pending_tokens[row] = token
             self.stats.generation_tokens += 1

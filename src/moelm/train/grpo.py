@@ -82,6 +82,8 @@ class GRPOTrainer(SFTTrainer):
         once = [self.tokenizer.encode(self.prompt_text(p)).ids for p in prompts]  # rendered and encoded once
         encoded = [ids for ids in once for _ in range(per_prompt)]
         ids, mask = left_pad(encoded, model.config.pad_token_id or 0)
+        device = self.context.device  # prompts and the cache on the model's device; results come back to the CPU
+        ids, mask = ids.to(device), mask.to(device)
         was_training = model.training
         model.eval()
         eos = model.config.eos_token_id
@@ -95,7 +97,8 @@ class GRPOTrainer(SFTTrainer):
             generators=generators,
             run_to_end=self.context.distributed,  # ranks sample different rows: every rank takes every step
         )
-        new = torch.cat([step.tokens_BN for step in steps], dim=1)
+        new = torch.cat([step.tokens_BN for step in steps], dim=1).cpu()
+        ids, mask = ids.cpu(), mask.cpu()
         model.train(was_training)
         is_eos = new == eos
         ended = is_eos.any(dim=1)

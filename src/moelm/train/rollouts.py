@@ -172,7 +172,9 @@ class RolloutBatches:
             chosen = [self.sampler.prompts[i] for i in indices[share]]  # and samples its own share of them
             first_row = share.start * grpo.num_generations
             generators = [  # per global row: the rows a rank samples are those one process would sample
-                torch.Generator().manual_seed(int(seed * 1_000_003 + rollout_index * 4099 + row + rounds * 7_919_191))
+                torch.Generator(device=context.device).manual_seed(
+                    int(seed * 1_000_003 + rollout_index * 4099 + row + rounds * 7_919_191)
+                )
                 for row in range(first_row, first_row + len(chosen) * grpo.num_generations)
             ]
             start = time.perf_counter()
