@@ -204,3 +204,92 @@ def test_two_gloo_ranks_reach_the_one_process_gradients(task, tmp_path):
         ranks = 2 if aggregation == "bnpo" else 1
         expected = expected_step_gradient(task, tmp_path / aggregation, aggregation, ranks=ranks)
         assert_same_gradients(two_ranks[aggregation], expected)
+
+
+# ---------------------------------------------------------------------------------------------- TRL's own code
+class _Accelerator:
+    """What TRL's loss reads from accelerate in one process."""
+
+    num_processes = 1
+    sync_gradients = False
+
+    def gather(self, x):  # noqa: ANN001, ANN201
+        return x.reshape(-1) if x.dim() == 0 else x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction: str = "sum"):  # noqa: ANN001, ANN201
+        return x
+
+
+def trl_loss(logp, old, ref, adv, mask, *, loss_type, level, delta, beta, bias_kl, max_len, items, accumulation):
+    """trl 1.16's GRPOTrainer._compute_loss on these tensors: its own code, with the model forward replaced by
+    the given log-probabilities (everything else it reads is set as GRPOConfig would set it)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.grpo_trainer import GRPOTrainer as TRLTrainer
+
+    fake = SimpleNamespace(
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        max_completion_length=max_len,
+        current_gradient_accumulation_steps=accumulation,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        _entropy_bonus_enabled=False,
+        accelerator=_Accelerator(),
+        model=SimpleNamespace(training=True),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        args=SimpleNamespace(use_bias_correction_kl=bias_kl, delta=delta, steps_per_generation=accumulation),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+    )
+    rows, width = logp.shape
+    inputs = {
+        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, width, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "num_items_in_batch": torch.tensor(items),
+    }
+    if beta:
+        inputs["ref_per_token_logps"] = ref
+    return TRLTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize(("delta", "beta", "bias_kl"), [(None, 0.0, True), (1.1, 0.04, True), (None, 0.04, False)])
+def test_micro_batch_loss_and_gradient_equal_trl_s_own_code(aggregation, level, delta, beta, bias_kl):
+    """Same tensors through trl 1.16's _compute_loss and moelm's grpo_loss: the loss of one micro-batch of an
+    accumulation window of 3 and its gradient. TRL divides by the window itself; moelm's trainer divides every
+    micro-batch loss by it and undoes that for dapo, so moelm's value / 3 (dapo: as is) is TRL's."""
+    pytest.importorskip("trl", minversion="1.16")
+    torch.manual_seed(1)
+    logp = (torch.randn(4, 7, dtype=torch.float64) * 0.5 - 2).requires_grad_()
+    old = logp.detach() + torch.randn(4, 7, dtype=torch.float64) * 0.5
+    ref = logp.detach() + torch.randn(4, 7, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.5, -0.7, 0.3, -2.0], dtype=torch.float64)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[3, 2:] = 0
+    options = dict(level=level, delta=delta, beta=beta, bias_kl=bias_kl, max_len=9, items=57.0, accumulation=3)
+    theirs = trl_loss(logp, old, ref, adv, mask, loss_type=aggregation, **options)
+    (their_grad,) = torch.autograd.grad(theirs, logp)
+    ours = grpo_loss(
+        logp, old, ref if beta else None, adv, mask, epsilon_low=0.2, epsilon_high=0.28, beta=beta,
+        aggregation=aggregation, max_completion_length=9, importance_sampling_level=level, delta=delta,
+        bias_correction_kl=bias_kl, num_items_in_batch=57.0, num_processes=1,
+    )  # fmt: skip
+    ours = ours if aggregation == "dapo" else ours / 3
+    (our_grad,) = torch.autograd.grad(ours, logp)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-12, atol=1e-15)
