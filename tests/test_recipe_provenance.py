@@ -20,12 +20,12 @@ from moelm.cli import main
 from moelm.config import ModelConfig, load_config
 from moelm.data.source_specs import BuiltinSource, JsonlSource
 from moelm.data.sources import DataError, jsonl_records
+from moelm.files import write_manifest
 from moelm.schema import constraints, field_hints
 from moelm.train.recipe import SECTIONS, Recipe, load_recipe, recipe_from_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
-LEGACY_RUN = FIXTURES / "legacy-run"
-# The legacy fixture's recipe, as the command line that made it (with an older moelm) gave it.
+# The recipe of the legacy fixtures (config.json and recipe.json written by moelm at 32d6d62), as its command line.
 LEGACY_ARGS = [
     "model.hidden_size=16",
     "model.num_hidden_layers=2",
@@ -196,22 +196,39 @@ def test_resume_refuses_a_changed_recipe_unchanged_files_and_records_an_allowed_
     assert json.loads((exported / "run.json").read_text())["recipe_changes"] == changes
 
 
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def legacy_run(out: Path) -> Path:
+    """A 4-step run as moelm at 32d6d62 left it. Weights, optimizer state and data come from today's code (their
+    formats did not change); the files whose format did are put back as that version wrote them for this recipe
+    (kept as text fixtures): config.json with the run settings under 'moelm', recipe.json with them in the model
+    section, and no run.json. Returns the checkpoint directory."""
+    assert main(["pretrain", "--out", str(out), *_sets([*LEGACY_ARGS, "train.max_steps=4"])]) == 0
+    checkpoint = out / "checkpoints" / "step-4"
+    for newer in (checkpoint / "run.json", out / "run.json"):
+        newer.unlink()
+    shutil.rmtree(out / "model")
+    shutil.copyfile(FIXTURES / "legacy-config.json", checkpoint / "model" / "config.json")
+    shutil.copyfile(FIXTURES / "legacy-recipe.json", out / "recipe.json")
+    write_manifest(checkpoint)
+    return checkpoint
+
+
 def test_a_checkpoint_and_config_json_from_an_older_moelm_still_load_and_resume(tmp_path, capsys):
-    model = MoELM.from_pretrained(LEGACY_RUN / "checkpoints" / "step-4" / "model")
+    out = tmp_path / "legacy"
+    checkpoint = legacy_run(out)
+    capsys.readouterr()
+    model = MoELM.from_pretrained(checkpoint / "model")
     assert model.options.bias_update_rate == 0.01  # the legacy run setting is applied
     assert "carries run settings from an older moelm" in capsys.readouterr().err
-    assert MoELM.from_pretrained(LEGACY_RUN / "checkpoints" / "step-4" / "model", options=MoEOptions()).options == (
-        MoEOptions()
-    )
-    out = tmp_path / "legacy"
-    shutil.copytree(LEGACY_RUN, out)
+    assert MoELM.from_pretrained(checkpoint / "model", options=MoEOptions()).options == MoEOptions()
     args = ["pretrain", "--out", str(out), "--resume"]
     # The legacy recipe.json recorded model.bias_update_rate; today's moe.bias_update_rate compares equal to it.
-    changed = [*LEGACY_ARGS, "train.max_steps=5", "optim.lr=0.01"]
-    assert main([*args, *sum((["--set", item] for item in changed), [])]) == 2
+    assert main([*args, *_sets([*LEGACY_ARGS, "train.max_steps=5", "optim.lr=0.01"])]) == 2
     assert "optim.lr: 0.003 recorded, 0.01 now" in capsys.readouterr().err
-    same = [*LEGACY_ARGS, "train.max_steps=5"]
-    assert main([*args, *sum((["--set", item] for item in same), [])]) == 0
+    assert main([*args, *_sets([*LEGACY_ARGS, "train.max_steps=5"])]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert (out / "checkpoints" / "step-5" / "run.json").is_file()
 
