@@ -29,10 +29,11 @@ from moelm.train.grpo import GRPOTrainer
 from moelm.train.recipe import load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "grpo-tiny.yaml"
+DRIFT = "grpo.routing_drift=true"
 VARIANTS = {
-    "plain": [],
-    "dynamic": ["grpo.dynamic_sampling=true", "grpo.difficulty_sampling=true"],
-    "replay": ["grpo.dynamic_sampling=true", "grpo.difficulty_sampling=true", "grpo.routing_replay=true"],
+    "plain": [DRIFT],
+    "dynamic": [DRIFT, "grpo.dynamic_sampling=true", "grpo.difficulty_sampling=true"],
+    "replay": [DRIFT, "grpo.dynamic_sampling=true", "grpo.difficulty_sampling=true", "grpo.routing_replay=true"],
 }
 
 

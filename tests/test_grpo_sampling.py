@@ -117,7 +117,10 @@ def test_routing_drift_is_logged_and_replay_reuses_the_rollout_s_experts(task, t
             records.append(trainer.train_step([trainer.batches.train_batch(cursor)], trainer.loss))
         return records
 
-    first, second = two_iterations(_trainer(task, tmp_path / "drift", "grpo.num_iterations=2", "optim.lr=0.05"))
+    quiet = _trainer(task, tmp_path / "off", "grpo.num_iterations=2")
+    assert "rollout_experts" not in quiet.batches.train_batch(0)[0]  # off by default: no extra forward
+    drifting = _trainer(task, tmp_path / "drift", "grpo.num_iterations=2", "optim.lr=0.05", "grpo.routing_drift=true")
+    first, second = two_iterations(drifting)
     assert first["routing_drift"] == 0 and "routing_drift/layer1" in first  # same policy, same routing
     assert 0 < second["routing_drift"] <= 1  # one update later the same tokens go elsewhere
     replay = _trainer(task, tmp_path / "replay", "grpo.num_iterations=2", "optim.lr=0.05", "grpo.routing_replay=true")
@@ -158,3 +161,36 @@ def test_resume_is_exact_with_dynamic_sampling_difficulty_and_curriculum(task, t
     ]
     recipe = load_recipe(None, [*overrides, *extra])
     assert_resume_is_exact(GRPOTrainer, recipe, tmp_path, directory / "base", last_step=4, saved_step=2)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "grpo.importance_sampling_level=sequence",
+        "grpo.delta=1.01",
+        "grpo.use_bias_correction_kl=false",
+        "grpo.epsilon_high=0.01",
+    ],
+)
+def test_each_objective_setting_changes_the_trainer_s_loss(task, tmp_path, setting):
+    """Off-policy (second use of a rollout, after an update) every objective option changes the loss the trainer
+    optimises; KL is on so that the bias correction has a term to act on."""
+    common = ["grpo.num_iterations=2", "optim.lr=0.05", "grpo.beta=0.04", "grpo.aggregation=bnpo"]
+    common += ["grpo.max_completion_tokens=3", "grpo.overlong_cache_tokens=2"]  # multi-token; lengths vary rewards
+
+    def second_loss(name: str, *extra: str) -> float:
+        trainer = _trainer(task, tmp_path / name, *common, *extra)
+        trainer.train_step([trainer.batches.train_batch(0)], trainer.loss)
+        return trainer.train_step([trainer.batches.train_batch(1)], trainer.loss)["policy_loss"]
+
+    changed, base = second_loss("changed", setting), second_loss("base")
+    assert abs(changed - base) > 1e-4 * abs(base) > 0
+
+
+def test_difficulty_and_curriculum_settings_reach_the_prompt_sampler(task, tmp_path):
+    trainer = _trainer(task, tmp_path / "levels", "grpo.difficulty_sampling=true", "grpo.curriculum=true",
+                       "grpo.curriculum_unlock_at=0.9")  # fmt: skip
+    sampler = trainer.batches.sampler
+    assert (sampler.weighted, sampler.curriculum, sampler.unlock_at) == (True, True, 0.9)
+    plain = _trainer(task, tmp_path / "plain").batches.sampler
+    assert not plain.weighted and not plain.curriculum

@@ -170,6 +170,9 @@ def _pretrain(out: Path, *extra: str, resume: bool = False, allow: bool = False)
 
 def test_resume_refuses_a_changed_recipe_unchanged_files_and_records_an_allowed_change(tmp_path, capsys):
     out = tmp_path / "run"
+    assert _pretrain(tmp_path / "new", "train.max_steps=2", allow=True) == 2  # a new run has nothing to change
+    assert "--allow-recipe-change applies to --resume only" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     assert _pretrain(out, "train.max_steps=2") == 0
     record = json.loads((out / "checkpoints" / "step-2" / "run.json").read_text())
     assert record["recipe"]["optim"]["lr"] == 3e-3 and record["seeds"] == {"train.seed": 0}

@@ -10,6 +10,7 @@ a stage whose model exists is not run again, a stage with checkpoints continues 
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import time
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from moelm.files import atomic_write_text
 
 if TYPE_CHECKING:
+    from moelm.infer.text import TextGenerator
     from moelm.train.recipe import Recipe
 
 STAGES = ("pretrain", "sft", "grpo")
@@ -133,17 +135,25 @@ def _check_run_settings(out: Path, settings: dict[str, float]) -> None:
     atomic_write_text(path, json.dumps(settings))
 
 
+@functools.lru_cache(maxsize=1)
+def _stage_generator(model_dir: Path) -> TextGenerator:
+    """The stage's model, loaded once for its greedy and its sampled evaluation."""
+    from moelm.infer.text import TextGenerator
+
+    generator = TextGenerator.from_pretrained(model_dir)
+    generator.skip_special_tokens = False  # </think> must reach the answer extraction
+    return generator
+
+
 def evaluate_stage(model_dir: Path, out: Path, problems: int) -> dict[str, float]:
     """Greedy accuracy on the held-out built-in problems, per domain and level (cached in OUT/eval-STAGE.json)."""
     from moelm.eval import builtin
     from moelm.eval.common import EvalSettings
     from moelm.eval.lm import EvalModel
-    from moelm.infer.text import TextGenerator
 
     if out.is_file():
         return json.loads(out.read_text())
-    generator = TextGenerator.from_pretrained(model_dir)
-    generator.skip_special_tokens = False
+    generator = _stage_generator(model_dir)
     chat = (model_dir / "tokenizer_config.json").is_file() and model_dir.parent.name != "pretrain"
     settings = EvalSettings(limit=problems, max_new_tokens=64, apply_chat_template=chat)
     result = builtin.evaluate(EvalModel(generator, batch_size=16), None, settings)
@@ -162,12 +172,11 @@ def math_pass_at_k(model_dir: Path, out: Path, problems: int, k: int = PASS_AT) 
     from moelm.eval.builtin import DOMAINS, HELD_OUT_SEED
     from moelm.eval.exact_match import final_answer, normalise
     from moelm.eval.lm import EvalModel
-    from moelm.infer.text import TextGenerator
 
     if out.is_file():
         return json.loads(out.read_text())
     records = [r for r in builtin_corpus(problems, seed=HELD_OUT_SEED, domains=DOMAINS) if r.domain == "math"]
-    generator = TextGenerator.from_pretrained(model_dir)
+    generator = _stage_generator(model_dir)
     model = EvalModel(generator, batch_size=16)
     prompts = [generator.chat_prompt([{"role": "user", "content": r.prompt}]) for r in records for _ in range(k)]
     completions = model.generate(prompts, 64, ["<|user|>"], temperature=1.0, seed=0, skip_special=False)

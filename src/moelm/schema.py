@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -64,8 +65,6 @@ def one_of(*choices: Any) -> Constraint:
 
 
 def matches(pattern: str, allowed: str) -> Constraint:
-    import re
-
     compiled = re.compile(pattern)
     return Constraint(allowed, lambda v: compiled.fullmatch(v) is not None)
 
@@ -220,8 +219,6 @@ def coerce_value(key: str, value: Any, hint: Any) -> Any:
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """An instance of the dataclass `cls` from a mapping, naming unknown keys and checking every value."""
-    if hasattr(cls, "from_mapping"):
-        return cls.from_mapping(values, prefix)
     allowed = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(allowed))
     if unknown:

@@ -80,7 +80,7 @@ def stream(model: MoELM, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> 
     inference mode there would leave the gathered-parameter buffers as inference tensors that the next training
     forward cannot refill, so such a model decodes under no_grad.
     """
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    sharded = isinstance(next(model.parameters()), DTensor)  # FSDP2 shards every parameter or none
     grad_free = torch.no_grad() if sharded else torch.inference_mode()
     return grad_free(_stream)(model, input_ids, *args, **kwargs)
 

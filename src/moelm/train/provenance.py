@@ -11,6 +11,7 @@ naming each key with both values, unless the caller allows it, in which case it 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import platform
 import subprocess
@@ -34,6 +35,7 @@ RESUMABLE_KEYS = (
 )
 
 
+@functools.cache
 def git_commit(start: Path | None = None) -> str | None:
     """The commit of the checkout moelm runs from (None for an installed wheel or without git)."""
     start = start or Path(__file__).resolve().parent

@@ -187,8 +187,8 @@ class GRPOSection:
     curriculum: bool = False  # draw the easiest difficulty levels first; open the next at curriculum_unlock_at
     curriculum_unlock_at: float = setting(0.6, check=UNIT_OPEN_LOW)
     # MoE under RL: log how often the training forward routes a completion token to other experts than the
-    # rollout did (one extra no-grad forward per rollout), and optionally reuse the rollout's experts.
-    routing_drift: bool = True
+    # rollout did (costs one no-grad forward per rollout), and optionally reuse the rollout's experts.
+    routing_drift: bool = False
     routing_replay: bool = False
 
     SOURCE_FORMATS: ClassVar[tuple[str, ...]] = GRPO_FORMATS

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from moelm.model.replay import moe_layers
 from moelm.train.grpo_loss import group_advantages, nan_mean_std
 from moelm.train.prompts import Prompt, PromptSampler
 
@@ -236,7 +237,7 @@ class RolloutBatches:
             "completion_mask": mask,
             "advantages": advantages,
         }
-        if grpo.routing_drift or grpo.routing_replay:
+        if (grpo.routing_drift or grpo.routing_replay) and moe_layers(trainer.model):  # a dense model routes nothing
             inputs["rollout_experts"] = trainer.rollout_experts(inputs)
         if grpo.num_iterations > 1:  # the policy moves during the reuse: keep the sampling-time log-probs
             with torch.no_grad():

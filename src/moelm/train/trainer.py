@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moelm.config import ConfigError
 from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
 from moelm.data.pretraining import CorpusSpec, packed_batches
 from moelm.data.sources import iter_documents
@@ -263,6 +264,8 @@ class Trainer:
         `allow_recipe_change` (then the change is recorded in run.json). The first SIGINT or SIGTERM ends the
         current step, saves a checkpoint and raises TrainingInterrupted.
         """
+        if allow_recipe_change and not resume:
+            raise ConfigError("--allow-recipe-change applies to --resume only (a new run has no recorded recipe)")
         claim_output_dir(self.out_dir, resume, overwrite)
         fresh = not resume and not (self.out_dir.is_dir() and any(self.out_dir.iterdir()))
         with StopOnSignal() as stop:
@@ -355,7 +358,10 @@ class Trainer:
             self.echo(f"note: {latest[0]} records no recipe (written by an older moelm); resuming unchecked")
             return []
         source = latest[0] / RUN_FILE if record is not None else legacy
-        recorded = record["recipe"] if record is not None else json.loads(legacy.read_text())
+        try:
+            recorded = record["recipe"] if record is not None else json.loads(legacy.read_text())
+        except ValueError as error:
+            raise ConfigError(f"{legacy}: not valid JSON ({error}); cannot check the recipe to resume") from None
         current = self.recipe.to_dict()
         differences = check_resume(upgrade_recorded_recipe(recorded), current, allow_change, str(source))
         step = int(latest[1]["step"])
