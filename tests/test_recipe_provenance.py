@@ -268,3 +268,17 @@ def test_a_jsonl_line_that_is_not_utf8_names_the_file_and_line(tmp_path):
     skipped: list[str] = []
     assert [n for n, _ in jsonl_records(path, skipped.append)] == [1]
     assert "data.jsonl:2: not UTF-8" in skipped[0]
+
+
+def test_a_source_s_task_and_weight_reach_the_sft_mixture(tmp_path):
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.train.sft import SFTTrainer
+
+    save_tiny_model_with_tokenizer(tmp_path / "base")
+    sources = "[{format: builtin, num_records: 40, domains: [math], task: arith, weight: 3}, {format: builtin, num_records: 40, domains: [logic]}]"  # noqa: E501
+    recipe = load_recipe(None, [f"sft.sources={sources}"])
+    trainer = SFTTrainer(recipe, tmp_path / "out", echo=lambda _: None, base_model=tmp_path / "base")
+    examples, weights = trainer.load_examples()
+    assert weights == {"arith": 3.0}
+    assert {e.task for e in examples[:40]} == {"arith"} and "arith" not in {e.task for e in examples[40:]}
