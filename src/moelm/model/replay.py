@@ -27,12 +27,16 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
     return {i: block.mlp for i, block in enumerate(layers) if isinstance(block.mlp, MoE)}
 
 
-def routed_experts(routing: Mapping[int, Routing], batch: int, layers: list[int]) -> torch.Tensor:
+def routed_experts(
+    routing: Mapping[int, Routing], batch: int, layers: list[int], natural: bool = False
+) -> torch.Tensor:
     """Each token's selected experts as [B, L, T, k] (int16), layers in the given order, from a forward's
-    `out.routing` over a [B, T] batch; sorted along k so that equal sets compare equal."""
+    `out.routing` over a [B, T] batch; sorted along k so that equal sets compare equal. `natural`: under routing
+    replay, the experts each router would have chosen instead of the replayed ones."""
     stacked = []
     for layer in layers:
-        ids = routing[layer].expert_ids_TK.sort(dim=-1).values
+        chosen = routing[layer].natural_ids_TK if natural else None
+        ids = (routing[layer].expert_ids_TK if chosen is None else chosen).sort(dim=-1).values
         stacked.append(ids.view(batch, -1, ids.shape[-1]))
     return torch.stack(stacked, dim=1).to(torch.int16)
 

@@ -232,14 +232,10 @@ class GRPOTrainer(SFTTrainer):
         rollout's (under routing replay: the experts the router would have chosen, against the replayed ones)."""
         layers = sorted(moe_layers(self.model))
         rows = recorded.shape[0]
-        natural = {
-            i: routing[i].natural_ids_TK if routing[i].natural_ids_TK is not None else routing[i].expert_ids_TK
-            for i in layers
-        }
-        chosen = torch.stack([natural[i].view(rows, -1, natural[i].shape[-1]) for i in layers], dim=1)
+        chosen = routed_experts(routing, rows, layers, natural=True).to(recorded.device)
         prompt = recorded.shape[2] - completion_mask.shape[1]
         token_mask = torch.cat([torch.zeros(rows, prompt, device=completion_mask.device), completion_mask], dim=1)
-        shares = drift(recorded.to(chosen.device).long(), chosen, token_mask)
+        shares = drift(recorded, chosen, token_mask.to(recorded.device))
         metrics = {f"routing_drift/layer{layer}": float(share) for layer, share in zip(layers, shares, strict=True)}
         metrics["routing_drift"] = float(shares.mean())
         return metrics
