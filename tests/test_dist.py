@@ -205,6 +205,25 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> No
         time.sleep(0.05)
 
 
+PROBE_EXIT = """
+import atexit, sys
+import torch.distributed as dist
+from moelm.dist.runtime import init_parallel
+# registered before init_parallel's handler, so it runs after it (atexit is last in, first out)
+atexit.register(lambda: open(sys.argv[1] + str(int(dist.is_initialized())), "w"))
+init_parallel("cpu")
+"""
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_ends(tmp_path):
+    """A gloo group left alive into interpreter finalisation can abort a finished rank (SIGABRT)."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE_EXIT)
+    completed = run([*TORCHRUN, str(script), str(tmp_path / "initialized-at-exit-")])
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("initialized-at-exit-*")) == ["initialized-at-exit-0"]
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
 def test_a_rank_that_dies_mid_run_stops_the_others_instead_of_hanging(tmp_path):
     process = _start(tmp_path / "run", 400)

@@ -10,6 +10,7 @@ all-to-all group on neighbouring ranks, which on GPUs means inside one node.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def init_parallel(
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_destroy_at_exit)
     dense_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     expert_mesh = init_device_mesh(
         device.type, (world // expert_degree, expert_degree), mesh_dim_names=("expert_replica", "ep")
@@ -124,6 +126,9 @@ def init_parallel(
     )
 
 
-def shutdown(context: ParallelContext) -> None:
-    if context.distributed and dist.is_initialized():
+def _destroy_at_exit() -> None:
+    """Tear the process group down while the interpreter is still whole: gloo's worker threads left alive into
+    interpreter finalisation can abort the process (SIGABRT, "terminate called without an active exception")
+    after a run that otherwise succeeded."""
+    if dist.is_initialized():
         dist.destroy_process_group()
