@@ -10,7 +10,8 @@ from moelm import MoELM
 from moelm.infer import GenerationStats, SamplingParams, left_pad, sample, stream
 from moelm.infer.aot import AotDecodeStep, package_cache_dir, package_key
 from moelm.infer.compiled import compile_decode
-from moelm.infer.generate import compiled_capacity, generate
+from moelm.infer.engine import slot_bucket
+from moelm.infer.generate import generate
 from moelm.infer.sampling import apply_repetition_penalty, filter_logits
 from moelm.model.cache import CacheCapacityError, KVCache
 
@@ -157,7 +158,7 @@ def test_compiled_decode_is_rebuilt_when_dtype_or_mode_change():
 
 
 def test_compiled_capacity_rounds_up_to_shared_buckets():
-    assert [compiled_capacity(n) for n in (1, 64, 65, 192, 257)] == [64, 64, 128, 256, 512]
+    assert [slot_bucket(n) for n in (1, 64, 65, 192, 257)] == [64, 64, 128, 256, 512]
 
 
 def test_absorbed_and_expanded_mla_agree_over_the_latent_cache():
@@ -401,6 +402,8 @@ def test_generation_runs_one_forward_per_sampled_token_and_none_after_the_last(m
     monkeypatch.setattr(
         MoELM, "forward", lambda self, ids, **kw: calls.append(ids.shape[1]) or forward(self, ids, **kw)
     )
+    step = MoELM.decode_step
+    monkeypatch.setattr(MoELM, "decode_step", lambda self, ids, *a: calls.append(ids.shape[1]) or step(self, ids, *a))
     out = generate(model, torch.tensor([[5, 6, 7]]), 4)
     assert out.shape == (1, 7)
     assert calls == [3, 1, 1, 1]  # prefill, then a decode step for each of tokens 2..4

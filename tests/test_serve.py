@@ -301,16 +301,27 @@ def test_a_dead_engine_answers_503(generator):
 
 
 # ---------------------------------------------------------------------------------------------- engine and text
-def test_engine_joins_and_retires_rows_through_compaction_token_exactly():
+def naive_greedy(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """The reference: a full forward over the whole sequence for every token (no cache, no engine)."""
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([prompt + tokens])).logits[0, -1].argmax())
+            tokens.append(token)
+            if token == eos:
+                break
+    return tokens
+
+
+def test_engine_joins_and_retires_rows_through_compaction_token_exactly(monkeypatch):
     """3 rows, a cache of 2 x 30 slots and 16 requests queued at once, so rows never empty and the shared slot
-    count outgrows the cache: compaction and row moves happen, and every request's tokens equal its own greedy
-    generation."""
+    count outgrows the cache: compaction and row moves happen, and every request's tokens equal greedy decoding
+    by full forwards."""
+    import moelm.infer.rows
+
     model = MoELM(tiny_config(initializer_range=0.2)).eval()
     prompts = [torch.randint(2, 90, (n,)).tolist() for n in (3, 7, 5, 12, 4, 9, 6, 2, 15, 8, 1, 11, 6, 3, 9, 4)]
-    expected = []
-    for prompt in prompts:
-        row = generate(model, torch.tensor([prompt]), 15, eos_token_id=[1])[0, len(prompt) :].tolist()
-        expected.append(row[: row.index(1) + 1] if 1 in row else row)
+    expected = [naive_greedy(model, prompt, 15, 1) for prompt in prompts]
     engine = Engine(model, [1], max_batch=3, max_model_len=30).start()
     results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     finished = threading.Semaphore(0)
@@ -325,14 +336,14 @@ def test_engine_joins_and_retires_rows_through_compaction_token_exactly():
         return on_event
 
     compactions = 0
-    original = engine.cache.compact
+    original = moelm.infer.rows.compact
 
-    def counting_compact(rows: int) -> None:
+    def counting_compact(cache, rows: int) -> None:  # noqa: ANN001
         nonlocal compactions
         compactions += 1
-        original(rows)
+        original(cache, rows)
 
-    engine.cache.compact = counting_compact
+    monkeypatch.setattr(moelm.infer.rows, "compact", counting_compact)
     for i, prompt in enumerate(prompts):
         engine.submit(EngineRequest(prompt, 15, sink(i)))
     for _ in prompts:

@@ -21,7 +21,7 @@ from common import interleaved_medians  # noqa: E402
 
 from moelm import MoELM, load_config
 from moelm.infer.compiled import compile_decode
-from moelm.infer.generate import compiled_capacity
+from moelm.infer.engine import slot_bucket
 from moelm.model.cache import KVCache
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = MoELM(config).eval()
     ids = torch.randint(3, config.vocab_size, (args.batch, args.prompt))
-    cache = KVCache(config, args.batch, compiled_capacity(args.prompt + 1))
+    cache = KVCache(config, args.batch, slot_bucket(args.prompt + 1))
     token = ids[:, -1:]
     steps, logits = {}, {}
     with torch.inference_mode():

@@ -102,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     generator = TextGenerator.from_pretrained(
         args.model, dtype=common.dtype(args.dtype), device=common.device(args.device)
     )
+    if args.compile:
+        generator.compile()
     config = ServerConfig(
         model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key or None,
@@ -143,5 +145,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--max-batch", type=common.POSITIVE_INT, default=16, help="requests decoded together")
     server.add_argument("--max-model-len", type=common.POSITIVE_INT, default=None, help="prompt + completion tokens")
     server.add_argument("--max-waiting", type=common.POSITIVE_INT, default=256, help="queued requests before 429")
+    server.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through compiled graphs, one per bucket of rows and cache slots, each built on first use "
+        "and kept on disk (see README: faster per step, minutes to build the first time)",
+    )
     server.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     server.set_defaults(func=cmd_serve)

@@ -2,7 +2,7 @@
 
 - generate-until: prompts cut from the left to leave room for the new tokens (the harness's rule: the question
   at the end survives, the oldest few-shot examples go), run through the continuous-batching engine (a row that
-  stops early is replaced at once) or, when the generator is compiled, through static batches of similar length.
+  stops early is replaced at once; decode steps compiled when the generator is).
 - log-likelihood of a continuation: trailing spaces of the context move to the continuation, context +
   continuation are encoded together and split where the context's own encoding ends, an empty context is
   replaced by the prefix token (BOS, else EOS), and the input is cut to the model's last positions; requests that
@@ -16,7 +16,6 @@ through `moelm eval`, `lm_eval --model moelm` and `lm_eval --model hf`.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from moelm.infer.engine import Engine, EngineRequest, TokenEvent
-from moelm.infer.generate import left_pad, stream
 from moelm.infer.sampling import SamplingParams
 from moelm.infer.text import TextGenerator, cut_at_stop
 
@@ -96,10 +94,7 @@ class EvalModel:
         params = SamplingParams(temperature=temperature, top_p=top_p)
         if self.expect is not None:
             self.expect(len(encoded))
-        if self.generator.compiled is not None:
-            rows = self._generate_static(encoded, max_new_tokens, stop, params, seed)
-        else:
-            rows = self._generate_continuous(encoded, max_new_tokens, stop, params, seed)
+        rows = self._generate_continuous(encoded, max_new_tokens, stop, params, seed)
         return [cut_at_stop(self.generator.detokenize(row, skip_special_tokens=skip_special), stop) for row in rows]
 
     def _stop_check(self, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
@@ -115,6 +110,8 @@ class EvalModel:
     def _generate_continuous(
         self, encoded: list[list[int]], max_new_tokens: int, stop: Sequence[str], params: SamplingParams, seed: int
     ) -> list[list[int]]:
+        """Every prompt through one engine, stepped here: a row that stops early is replaced at once, and decode
+        steps run through the generator's compiled graph when it has one."""
         model = self.generator.model
         engine = Engine(
             model,
@@ -122,64 +119,29 @@ class EvalModel:
             max_batch=self.batch_size,
             max_waiting=len(encoded) + 1,
             pad_token_id=model.config.pad_token_id or 0,
-        ).start()
-        done = threading.Semaphore(0)
+            compiled=self.generator.compiled,
+        )
         errors: list[str] = []
 
         def on_event(event: TokenEvent) -> None:
             if event.error is not None:
                 errors.append(event.error)
-            if event.finish_reason is not None:
-                if self.progress is not None:
-                    self.progress(1)
-                done.release()
+            if event.finish_reason is not None and self.progress is not None:
+                self.progress(1)
 
         hit = self._stop_check(stop)
         requests = [
             EngineRequest(ids, max_new_tokens, on_event, params, seed=seed + i, stop=hit)
             for i, ids in enumerate(encoded)
         ]
-        try:
-            for request in requests:
-                engine.submit(request)
-            for _ in requests:
-                while not done.acquire(timeout=1.0):
-                    if not engine.alive:
-                        raise RuntimeError(f"the generation engine stopped: {engine.error!r}")
-        finally:
-            engine.stop()
+        for request in requests:
+            engine.add(request)
+        with torch.inference_mode():
+            while engine.busy:
+                engine.step()
         if errors:
             raise RuntimeError(errors[0])
         return [request.new_tokens for request in requests]
-
-    def _generate_static(
-        self, encoded: list[list[int]], max_new_tokens: int, stop: Sequence[str], params: SamplingParams, seed: int
-    ) -> list[list[int]]:
-        """Batches of similar prompt length through the compiled decode step (shapes the graph was built for)."""
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        outputs: list[list[int]] = [[] for _ in encoded]
-        model = self.generator.model
-        hit = self._stop_check(stop)
-        for first in range(0, len(order), self.batch_size):
-            rows = order[first : first + self.batch_size]
-            ids, mask = left_pad([encoded[i] for i in rows], model.config.pad_token_id or 0)
-            steps = stream(
-                model,
-                ids.to(self.generator.device),
-                max_new_tokens,
-                params,
-                attention_mask=mask.to(self.generator.device),
-                eos_token_id=self.generator.eos_ids(),
-                stop=(lambda _row, tokens: hit(tokens)) if hit else None,
-                generators=[torch.Generator().manual_seed(seed + i) for i in rows],
-                compiled=self.generator.compiled,
-            )
-            new = torch.cat([step.tokens_BN for step in steps], dim=1)
-            for i, row in zip(rows, new.tolist(), strict=True):
-                outputs[i] = row
-            if self.progress is not None:
-                self.progress(len(rows))
-        return outputs
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:

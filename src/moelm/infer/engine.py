@@ -1,11 +1,19 @@
-"""Continuous batching: requests join the running decode batch between steps and leave it when they finish.
+"""The one decode loop: continuous batching, eager or compiled, with every row sampled on the device at once.
 
-One engine thread owns the model and one preallocated cache of `max_batch` rows. Each loop iteration admits
-waiting requests (one batched prefill, its rows copied into free cache rows), then runs one decode step over
-every running row, samples each row with its own parameters and generator, and reports each new token through
-the request's callback. Rows share slot indices (as in `generate`), so a joining prompt is placed to end at the
-shared length; finished rows are freed by moving the last running row into their place, and when the slots run
-out the cache is compacted (each row's real tokens shifted together). Nothing here knows about text or HTTP.
+Requests join the running batch between steps and leave it when they finish. Each step runs one decode step
+over every running row, then admits waiting requests (one batched prefill, its rows placed in free cache rows,
+see `moelm.infer.rows`); it samples all rows with their own settings and seeds in one batched call
+(`moelm.infer.row_sampling`), and reports each new token through the request's callback. Nothing here knows
+about text or HTTP.
+
+`step()` is the loop's body and can be driven by the caller (`generate`, `stream`, eval, GRPO rollouts: the
+caller's thread, so a sharded model's collectives run where the caller expects them), or by the engine's own
+thread (`start()` / `submit()`, the server).
+
+With `compiled`, decode steps run through a compiled graph of fixed shape: the cache is a contiguous tensor of
+a bucketed size (rows a power of two up to max_batch, slots a power of two from 64), idle rows are computed
+and ignored, and a batch that outgrows its bucket moves to the next one; a continuous batch thus reuses a few
+graphs, and AOT packages are kept on disk between processes (moelm.infer.aot).
 """
 
 from __future__ import annotations
@@ -18,14 +26,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from moelm.infer.generate import left_pad
-from moelm.infer.sampling import SamplingParams, sample
-from moelm.model.cache import KVCache
+from moelm.infer import rows as cache_rows
+from moelm.infer.compiled import CompiledDecode
+from moelm.infer.row_sampling import RowSettings
+from moelm.infer.sampling import SamplingParams
+from moelm.model.cache import CacheCapacityError, KVCache
 from moelm.model.router import Router
 from moelm.model.transformer import MoELM
 
 FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_ERROR = "stop", "length", "abort", "error"
+MIN_COMPILED_SLOTS = 64
 
 
 class EngineOverloadedError(RuntimeError):
@@ -49,20 +61,24 @@ class TokenEvent:
 
 @dataclass
 class EngineRequest:
-    """What the engine needs to run one completion; `on_event` is called on the engine thread."""
+    """What the engine needs to run one completion; `on_event` is called on the thread that steps the engine."""
 
     prompt_ids: list[int]
     max_new_tokens: int
     on_event: Callable[[TokenEvent], None]
     params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
+    seed: int | None = None  # None: a seed drawn from torch's global generator when the request is added
     stop: Callable[[list[int]], bool] | None = None  # new tokens so far -> stop here?
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's and the top k
     ignore_eos: bool = False  # run to max_new_tokens (load tests with fixed output lengths)
+    # keep decoding to max_new_tokens after finishing (tokens unreported): processes that each generate rows
+    # of one sharded model must all take the same number of steps, since every step runs collectives
+    hold_row: bool = False
     request_id: int = field(default_factory=itertools.count().__next__)
     # engine-side state
     new_tokens: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    steps: int = 0  # tokens sampled for this request, reported or (after finishing, when held) not
+    finish_reason: str | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
 
@@ -80,8 +96,18 @@ class EngineStats:
     steps: int = 0
 
 
+def row_bucket(rows: int, max_batch: int) -> int:
+    """The compiled batch size serving `rows` running rows: the next power of two, at most max_batch."""
+    return min(max_batch, 1 << max(rows - 1, 0).bit_length())
+
+
+def slot_bucket(slots: int) -> int:
+    """The compiled cache capacity serving `slots` slots: the next power of two, at least 64."""
+    return max(MIN_COMPILED_SLOTS, 1 << (slots - 1).bit_length())
+
+
 class Engine:
-    """The continuous-batching loop around one model (see the module docstring)."""
+    """The decode loop around one model (see the module docstring)."""
 
     def __init__(
         self,
@@ -93,8 +119,12 @@ class Engine:
         pad_token_id: int = 0,
         on_finish: Callable[[EngineRequest, str], None] | None = None,
         on_step: Callable[[EngineStats], None] | None = None,
+        compiled: CompiledDecode | None = None,
+        count_experts: bool = False,
     ) -> None:
-        self.model = model.eval()
+        if compiled is not None and compiled.model is not model:
+            raise ValueError("the compiled decode step belongs to another model")
+        self.model = model
         self.config = model.config
         self.eos = frozenset(eos_token_ids)
         self.max_batch = max_batch
@@ -104,16 +134,25 @@ class Engine:
         self.pad = pad_token_id
         self.on_finish = on_finish
         self.on_step = on_step
-        device = next(model.parameters()).device
-        dtype = model.embed_tokens.weight.dtype
-        # Two model lengths of slots: compaction is needed at most once per max_model_len steps.
-        self.cache = KVCache(self.config, max_batch, 2 * self.max_model_len, dtype=dtype, device=device)
-        self.device = device
+        self.compiled = compiled
+        self.device = device = next(model.parameters()).device
+        self.dtype = model.embed_tokens.weight.dtype
+        # FSDP2 shards every parameter or none; a sharded model's blocks gather their weights only in forward
+        self.sharded = isinstance(next(model.parameters()), DTensor)
+        if compiled is None:
+            # Two model lengths of slots: compaction is needed at most once per max_model_len steps.
+            self.cache = KVCache(self.config, max_batch, 2 * self.max_model_len, dtype=self.dtype, device=device)
+        else:
+            self.cache = KVCache(self.config, 1, MIN_COMPILED_SLOTS, dtype=self.dtype, device=device)
+        self.settings = RowSettings(max_batch, device)
+        self.seen: torch.Tensor | None = None  # [max_batch, V] tokens each row has seen (repetition penalty)
+        self.pending = torch.full((max_batch,), pad_token_id, dtype=torch.long, device=device)
         self.waiting: queue.Queue[EngineRequest] = queue.Queue(maxsize=max_waiting)
         self.running: list[EngineRequest] = []  # running[i] owns cache row i
-        self.pending_tokens: list[int] = []  # the sampled token of each running row, not yet in the cache
         self.stats = EngineStats(cache_slots_total=max_batch * self.max_model_len)
-        self.expert_counts = self._count_expert_tokens()
+        self._counting = count_experts
+        self._hooks: list = []
+        self.expert_counts = self._count_expert_tokens() if count_experts else {}
         self._wake = threading.Event()
         self._stopping = False
         self.error: BaseException | None = None
@@ -127,63 +166,88 @@ class Engine:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.close()
+
+    def close(self) -> None:
+        """Remove the routing hooks this engine put on the model."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     @property
     def alive(self) -> bool:
         return self.thread.is_alive() and not self._stopping
 
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request; EngineOverloadedError when the waiting queue is full, EngineDeadError after a crash."""
+        """Queue a request for the engine thread; EngineOverloadedError when the waiting queue is full,
+        EngineDeadError after a crash."""
         if not self.alive:
             reason = f" ({self.error!r})" if self.error else ""
             raise EngineDeadError(f"the engine has stopped{reason}")
+        self.add(request)
+        self._wake.set()
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request for the next `step()` (a ValueError names what does not fit)."""
+        if not request.prompt_ids:
+            raise ValueError("every prompt needs at least one token")
         if len(request.prompt_ids) + request.max_new_tokens > self.max_model_len:
-            raise ValueError(
+            raise CacheCapacityError(
                 f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds "
-                f"the model length {self.max_model_len}"
+                f"the model length {self.max_model_len}{self._length_source()}"
             )
-        if request.seed is not None:
-            request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        if request.seed is None:
+            request.seed = int(torch.randint(0, 2**62, ()).item())
         try:
             self.waiting.put_nowait(request)
         except queue.Full:
             raise EngineOverloadedError(f"{self.waiting.maxsize} requests are already waiting") from None
-        self._wake.set()
+
+    def _length_source(self) -> str:
+        limit = self.config.max_position_embeddings
+        return f" (max_position_embeddings={limit})" if self.max_model_len == limit else ""
 
     def cancel(self, request: EngineRequest) -> None:
         """Stop a request at the next step boundary (client gone); its row is freed by the engine thread."""
         request.cancelled = True
         self._wake.set()
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.running) or not self.waiting.empty()
+
+    def step(self) -> None:
+        """Decode one token for every running row, then admit what fits and prefill it (its first token): each
+        request gets exactly one token per step. Every event is reported before this returns."""
+        self._drop_cancelled()
+        if self.running:
+            self._decode()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        self.stats.running, self.stats.waiting = len(self.running), self.waiting.qsize()
+        self.stats.cache_slots_used = int(self.cache.valid[: len(self.running)].sum()) if self.running else 0
+        if self.on_step is not None:
+            self.on_step(self.stats)
+
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                if not self.running and self.waiting.empty():
+                if not self.busy:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
                 with torch.inference_mode():
-                    self._iteration()
+                    self.step()
         except BaseException as error:  # noqa: BLE001 - reported to every request, then the engine is dead
             self.error = error
             for request in self.running + self._drain_waiting():
                 self._emit(request, TokenEvent(None, FINISH_ERROR, error=f"engine failure: {error}"))
             self.running = []
             raise
-
-    def _iteration(self) -> None:
-        self._drop_cancelled()
-        admitted = self._admit()
-        if admitted:
-            self._prefill(admitted)
-        if self.running:
-            self._decode()
-        self.stats.running, self.stats.waiting = len(self.running), self.waiting.qsize()
-        self.stats.cache_slots_used = int(self.cache.valid[: len(self.running)].sum()) if self.running else 0
-        if self.on_step is not None:
-            self.on_step(self.stats)
 
     def _drain_waiting(self) -> list[EngineRequest]:
         drained = []
@@ -214,10 +278,10 @@ class Engine:
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
         """One batched forward over the new prompts, their cache rows placed after the running ones."""
-        ids, mask = left_pad([r.prompt_ids for r in requests], self.pad)
+        ids, mask = cache_rows.left_pad([r.prompt_ids for r in requests], self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         width = ids.shape[1]
-        scratch = KVCache(self.config, len(requests), width, dtype=self.cache.latent_or_keys.dtype, device=self.device)
+        scratch = KVCache(self.config, len(requests), width, dtype=self.dtype, device=self.device)
         try:
             logits = self.model(ids, attention_mask=mask, cache=scratch, logits_to_keep=1).logits[:, -1]
         except Exception as error:  # noqa: BLE001 - this batch fails, the engine carries on
@@ -225,66 +289,126 @@ class Engine:
                 self._emit(request, TokenEvent(None, FINISH_ERROR, error=f"prefill failed: {error}"))
                 self._report_finish(request, FINISH_ERROR)
             return
+        self._make_room(len(self.running) + len(requests), width)
         end = max(self.cache.length, width)
-        if end + 1 > self.cache.capacity:
-            self.cache.compact(len(self.running))
-            end = max(self.cache.length, width)
         rows = list(range(len(self.running), len(self.running) + len(requests)))
-        self.cache.place_rows(scratch, rows, end)
-        for request in requests:
+        cache_rows.place_rows(self.cache, scratch, rows, end)
+        for row, request in zip(rows, requests, strict=True):
             self.stats.prompt_tokens += len(request.prompt_ids)
             self.running.append(request)
-            self.pending_tokens.append(self.pad)
-        self._sample_and_emit(logits, rows)
+            self.settings.assign(row, request.params, request.seed)
+            if request.params.repetition_penalty != 1.0:  # HF's rule: prompt and completion tokens so far
+                self._seen()[row] = False
+                self._seen()[row, torch.tensor(request.prompt_ids, device=self.device)] = True
+        self._sample_and_emit(logits, len(rows), first=rows[0])
+
+    def _seen(self) -> torch.Tensor:
+        if self.seen is None:
+            self.seen = torch.zeros(self.max_batch, self.config.vocab_size, dtype=torch.bool, device=self.device)
+        return self.seen
+
+    def _make_room(self, rows: int, width: int = 0) -> None:
+        """Room for `rows` running rows and one more slot after the longest (or a `width`-slot prompt): compact
+        when the slots run out; compiled, move to the bucket that holds them (a growing batch never compacts
+        more than once per bucket: it grows when compaction leaves the bucket more than three quarters full)."""
+        needed = max(self.cache.length, width) + 1
+        compacted = needed > self.cache.capacity
+        if compacted:
+            cache_rows.compact(self.cache, len(self.running))
+            needed = max(self.cache.length, width) + 1
+        if self.compiled is None:
+            return
+        capacity = self.cache.capacity
+        if needed > capacity or (compacted and needed > 0.75 * capacity):
+            capacity = slot_bucket(needed)
+            if needed > 0.75 * capacity:
+                capacity *= 2
+        batch = row_bucket(rows, self.max_batch)
+        if batch < self.cache.batch_size and 4 * rows > self.cache.batch_size:
+            batch = self.cache.batch_size  # shrink only when a quarter or less of the rows are in use
+        if (batch, capacity) != (self.cache.batch_size, self.cache.capacity):
+            self.cache = cache_rows.resized(self.cache, batch, capacity)
 
     def _decode(self) -> None:
         """One token for every running row: feed each row's pending token, sample the next."""
-        if self.cache.length + 1 > self.cache.capacity:
-            self.cache.compact(len(self.running))
         rows = len(self.running)
-        view = self.cache.view(rows, self.cache.length + 1)
-        tokens = torch.tensor(self.pending_tokens, device=self.device).unsqueeze(1)
-        logits = self.model.decode_step(tokens, view)
-        self.cache.length = view.length
+        self._make_room(rows)
+        if self.compiled is not None:
+            self.cache.next_position[rows:] = 0  # idle rows of the bucket stay at a valid position
+            self.cache.max_next_position = int(self.cache.next_position[:rows].max())
+            tokens = self.pending[: self.cache.batch_size].unsqueeze(1)
+            counting, self._counting = self._counting, False  # the graph runs no Python hooks
+            try:
+                logits = self.model.decode_step(tokens, self.cache, self.compiled.step())[:rows]
+            finally:
+                self._counting = counting
+        else:
+            view = cache_rows.view(self.cache, rows, self.cache.length + 1)
+            tokens = self.pending[:rows].unsqueeze(1)
+            if self.sharded:  # forward, where FSDP gathers each block's weights
+                logits = self.model(tokens, cache=view).logits[:, -1]
+            else:
+                logits = self.model.decode_step(tokens, view)
+            self.cache.length = view.length
         self.stats.steps += 1
-        self._sample_and_emit(logits, list(range(rows)))
+        self._sample_and_emit(logits, rows)
 
-    def _sample_and_emit(self, logits_BV: torch.Tensor, rows: list[int]) -> None:
-        """Sample each listed row with its own parameters, report the token, retire the finished rows."""
+    def _sample_and_emit(self, logits_BV: torch.Tensor, count: int, first: int = 0) -> None:
+        """Sample rows first..first+count-1 at once, report each token, retire the finished rows."""
+        rows = range(first, first + count)
+        requests = [self.running[row] for row in rows]
+        seen = None if self.seen is None else self.seen[first : first + count]
+        tokens = self.settings.sample(logits_BV, seen, first)
+        self.pending[first : first + count] = tokens
+        if self.seen is not None:
+            self.seen[torch.arange(first, first + count, device=self.device), tokens] = True
+        wanted = [r.logprobs for r in requests if r.logprobs is not None]
+        logprobs, top = self._logprobs(logits_BV, tokens, max(wanted)) if wanted else (None, None)
         finished = []
-        wanted = [self.running[row].logprobs for row in rows]
-        logprobs_BV = logits_BV.float().log_softmax(-1) if any(w is not None for w in wanted) else None
-        for i, row in enumerate(rows):
-            request = self.running[row]
-            generator = [request.generator] if request.generator is not None else None
-            history = None
-            if request.params.repetition_penalty != 1.0:  # HF's rule: prompt and completion tokens so far
-                history = torch.tensor([request.prompt_ids + request.new_tokens], device=logits_BV.device)
-            token = int(sample(logits_BV[i : i + 1], request.params, generator, history)[0])
+        for i, (row, request, token) in enumerate(zip(rows, requests, tokens.tolist(), strict=True)):
+            request.steps += 1
+            if request.finish_reason is not None:  # held after finishing: decoded, not reported
+                if request.steps >= request.max_new_tokens:
+                    finished.append(row)
+                continue
             request.new_tokens.append(token)
-            self.pending_tokens[row] = token
             self.stats.generation_tokens += 1
             event = TokenEvent(token)
-            if request.logprobs is not None and logprobs_BV is not None:
-                event.logprob = float(logprobs_BV[i, token])
-                if request.logprobs:
-                    top = logprobs_BV[i].topk(request.logprobs)
-                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            if request.logprobs is not None and logprobs is not None:
+                event.logprob = logprobs[i]
+                event.top_logprobs = top[i][: request.logprobs]
             if (token in self.eos and not request.ignore_eos) or (
                 request.stop is not None and request.stop(request.new_tokens)
             ):
                 event.finish_reason = FINISH_STOP
-            elif len(request.new_tokens) >= request.max_new_tokens:
+            elif request.steps >= request.max_new_tokens:
                 event.finish_reason = FINISH_LENGTH
-            if event.finish_reason is not None and self.on_step is not None:
-                self.on_step(self.stats)  # counters are current by the time a client sees its request end
-            self._emit(request, event)
             if event.finish_reason is not None:
-                finished.append((row, event.finish_reason))
-        for row, reason in sorted(finished, reverse=True):  # descending: a moved row is never a finished one
+                request.finish_reason = event.finish_reason
+                if self.on_step is not None:
+                    self.on_step(self.stats)  # counters are current by the time a client sees its request end
+            self._emit(request, event)
+            if event.finish_reason is not None and not (request.hold_row and request.steps < request.max_new_tokens):
+                finished.append(row)
+        for row in sorted(finished, reverse=True):  # descending: a moved row is never a finished one
             request = self.running[row]
             self._release(row)
-            self._report_finish(request, reason)
+            self._report_finish(request, request.finish_reason)
+
+    @staticmethod
+    def _logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list[float], list[list]]:
+        """The sampled tokens' log-probabilities and each row's top k (of the model's own distribution), read
+        back once for the whole batch."""
+        logprobs_BV = logits_BV.float().log_softmax(-1)
+        chosen = logprobs_BV.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        if k == 0:
+            return chosen, [[] for _ in chosen]
+        top = logprobs_BV.topk(k, dim=-1)
+        pairs = [
+            list(zip(ids, values, strict=True))
+            for ids, values in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        ]
+        return chosen, pairs
 
     def _emit(self, request: EngineRequest, event: TokenEvent) -> None:
         try:
@@ -302,12 +426,14 @@ class Engine:
         """Free a row: the last running row moves into it so running rows stay a prefix of the cache."""
         last = len(self.running) - 1
         if row != last:
-            self.cache.move_row(last, row)
+            cache_rows.move_row(self.cache, last, row)
             self.running[row] = self.running[last]
-            self.pending_tokens[row] = self.pending_tokens[last]
+            self.pending[row] = self.pending[last]
+            self.settings.move(last, row)
+            if self.seen is not None:
+                self.seen[row] = self.seen[last]
         self.running.pop()
-        self.pending_tokens.pop()
-        self.cache.valid[last] = False
+        cache_rows.clear_row(self.cache, last)
         if not self.running:
             self.cache.length = 0
 
@@ -316,8 +442,8 @@ class Engine:
             self.on_finish(request, reason)
 
     def _count_expert_tokens(self) -> dict[int, torch.Tensor]:
-        """Tokens routed to each expert, per MoE layer, summed over every prefill and decode step (hooks on the
-        routers; padding is excluded by the router's token mask)."""
+        """Tokens routed to each expert, per MoE layer, summed over every prefill and eager decode step (hooks
+        on the routers; padding is excluded by the router's token mask; a compiled step runs no hooks)."""
         counts: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.model.layers):
             router = getattr(block.mlp, "gate", None)
@@ -326,7 +452,8 @@ class Engine:
             counts[index] = torch.zeros(router.num_experts, dtype=torch.long, device=self.device)
 
             def hook(_module, _inputs, routing, index=index) -> None:  # noqa: ANN001 - nn.Module hook signature
-                counts[index] += routing.tokens_per_expert_E.to(torch.long)
+                if self._counting:
+                    counts[index] += routing.tokens_per_expert_E.to(torch.long)
 
-            router.register_forward_hook(hook)
+            self._hooks.append(router.register_forward_hook(hook))
         return counts

@@ -1,9 +1,10 @@
-"""Batched generation over a preallocated KV cache: prefill, then one decode step per token.
+"""Batched generation in the shape transformers' generate has: a left-padded batch in, tokens out.
 
-Prompts of different lengths are left-padded into one batch; per-sequence positions and a slot-validity mask
-keep padding invisible. Each sequence stops on its own (EOS ids, a stop callback, max_new_tokens); finished
-sequences emit `pad_token_id` while the others continue. `stream` yields tokens as they are produced;
-`generate` collects them into prompt + new tokens, as transformers' generate returns.
+Both run the rows through the one decode loop, `moelm.infer.engine.Engine`, stepped in the caller's thread.
+Each sequence stops on its own (EOS ids, a stop callback, max_new_tokens); finished sequences emit
+`pad_token_id` while the others continue. `stream` yields tokens as they are produced; `generate` collects
+them into prompt + new tokens. MTP speculation (one unpadded sequence) keeps its own loop here: a draft and
+its verification change the step's shape.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from moelm.infer.compiled import CompiledDecode
-from moelm.infer.sampling import SamplingParams, draw, sample, token_distribution
+from moelm.infer.engine import Engine, EngineRequest, TokenEvent
+from moelm.infer.rows import left_pad
+from moelm.infer.sampling import SamplingParams, draw, token_distribution
 from moelm.model.cache import KVCache
 from moelm.model.transformer import MoELM
+
+__all__ = ["GenerationStats", "StepOutput", "generate", "left_pad", "stream"]
 
 StopCheck = Callable[[int, list[int]], bool]  # (sequence index, its new tokens so far) -> stop?
 
@@ -44,25 +49,6 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
-
-
-def compiled_capacity(slots: int) -> int:
-    """Cache capacity for a compiled decode: the next power of two (at least 64), so requests of similar
-    length share one captured graph instead of compiling one per exact length."""
-    return max(64, 1 << (slots - 1).bit_length())
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists of different lengths -> left-padded ids [B, T] and attention mask [B, T]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
 
 
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
@@ -95,73 +81,104 @@ def _stream(
     pad_token_id: int | None = None,
     stop: StopCheck | None = None,
     seed: int | None = None,
-    generators: list[torch.Generator] | None = None,
+    seeds: Sequence[int] | None = None,
     speculative: bool = False,
     stats: GenerationStats | None = None,
     compiled: CompiledDecode | None = None,
     run_to_end: bool = False,
 ) -> Iterator[StepOutput]:
-    """Yield each step's new tokens until every sequence has stopped or max_new_tokens were produced.
+    """Yield each engine step's new tokens until every sequence has stopped or max_new_tokens were produced.
 
-    `compiled` (from `compile_decode(model)`) runs every decode step through its compiled graph; prefill and
-    speculative decoding stay eager. `run_to_end` decodes all max_new_tokens steps even when every row has
+    The rows run through `Engine` (one prefill, then decode steps), driven here in the caller's thread.
+    `seeds` (one per row) or `seed` (row i gets seed + i) make sampling reproducible; a row's tokens depend on
+    its own seed only, not on the batch around it. `compiled` (from `compile_decode(model)`) runs every decode
+    step through its compiled graph. `run_to_end` decodes all max_new_tokens steps even when every row has
     stopped: processes that generate different rows of a sharded model must take part in every step's
     collectives.
     """
     params = params or SamplingParams()
-    if compiled is not None and compiled.model is not model:
-        raise ValueError("the compiled decode step belongs to another model")
-    step_fn = None if speculative or compiled is None else compiled.step()
     stats = stats if stats is not None else GenerationStats()
-    device = input_ids.device
-    batch, prompt_len = input_ids.shape
+    batch = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if speculative and (batch != 1 or not len(model.mtp) or not bool(attention_mask.all())):
-        raise ValueError("speculative decoding needs a model with MTP modules and one unpadded sequence")
-    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
-    eos_ids = _eos_set(eos_token_id)
-    if generators is None and seed is not None:
-        generators = [torch.Generator(device=device).manual_seed(seed + row) for row in range(batch)]
-    dtype = model.embed_tokens.weight.dtype
-    capacity = prompt_len + max_new_tokens + (1 if speculative else 0)
-    if step_fn is not None:
-        capacity = compiled_capacity(capacity)
-    cache = KVCache(model.config, batch, capacity, dtype=dtype, device=device)
-    history = input_ids.masked_fill(attention_mask == 0, -1)
-    new_tokens: list[list[int]] = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    stats.prompt_tokens += int(attention_mask.sum())
-
-    out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
-    logits = out.logits[:, -1]
     if speculative:
-        yield from _speculative_loop(
-            model, cache, out, input_ids, max_new_tokens, params, eos_ids, stop, generators, stats
+        yield from _speculative(
+            model, input_ids, attention_mask, max_new_tokens, params, eos_token_id, stop, seed, seeds, stats
         )
         return
-    track_history = params.repetition_penalty != 1.0  # only the penalty reads earlier tokens
-    done = [False] * batch  # host-side: every token is read back once per step anyway
-    for index in range(max_new_tokens):
-        token = sample(logits, params, generators, history if track_history else None)
-        if any(done):
-            token = token.masked_fill(finished, pad)
-        if track_history:
-            history = torch.cat((history, token.unsqueeze(1)), dim=1)
-        for row, value in enumerate(token.tolist()):
-            if not done[row]:
-                new_tokens[row].append(value)
+    if seeds is None and seed is not None:
+        seeds = [seed + row for row in range(batch)]
+    pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
+    engine = Engine(
+        model, list(_eos_set(eos_token_id)), max_batch=batch, max_waiting=batch, pad_token_id=pad, compiled=compiled
+    )
+    arrived: list[list[int]] = [[] for _ in range(batch)]
+    finished = [False] * batch
+
+    def listener(row: int):  # noqa: ANN202 - the request's callback
+        def on_event(event: TokenEvent) -> None:
+            if event.error is not None:
+                raise RuntimeError(event.error)
+            if event.token is not None:
+                arrived[row].append(event.token)
                 stats.new_tokens += 1
-                done[row] = value in eos_ids or (stop is not None and stop(row, new_tokens[row]))
-        finished = torch.tensor(done, device=device)
+            finished[row] = finished[row] or event.finish_reason is not None
+
+        return on_event
+
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        stats.prompt_tokens += len(prompt)
+        row_stop = None if stop is None else (lambda tokens, row=row: stop(row, tokens))
+        engine.add(
+            EngineRequest(
+                prompt,
+                max_new_tokens,
+                listener(row),
+                params,
+                seed=None if seeds is None else seeds[row],
+                stop=row_stop,
+                hold_row=run_to_end,
+            )
+        )
+    while engine.busy:
+        engine.step()
         stats.steps += 1
-        yield StepOutput(token.unsqueeze(1), finished)
-        if (all(done) and not run_to_end) or index == max_new_tokens - 1 or cache.length >= cache.capacity:
-            return  # no decode step for a token nobody will sample
-        if step_fn is not None:
-            logits = model.decode_step(token.unsqueeze(1), cache, step_fn)
-        else:
-            logits = model(token.unsqueeze(1), cache=cache).logits[:, -1]
+        width = max(1, *(len(tokens) for tokens in arrived))  # held rows after every stop: a step of pads
+        step = torch.full((batch, width), pad, dtype=torch.long, device=input_ids.device)
+        for row, tokens in enumerate(arrived):
+            if tokens:
+                step[row, : len(tokens)] = torch.tensor(tokens)
+                tokens.clear()
+        yield StepOutput(step, torch.tensor(finished, device=input_ids.device))
+
+
+def _speculative(
+    model: MoELM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_token_id: int | Sequence[int] | None,
+    stop: StopCheck | None,
+    seed: int | None,
+    seeds: Sequence[int] | None,
+    stats: GenerationStats,
+) -> Iterator[StepOutput]:
+    """MTP speculation for one unpadded sequence (a draft and its verification change the step's shape)."""
+    if input_ids.shape[0] != 1 or not len(model.mtp) or not bool(attention_mask.all()):
+        raise ValueError("speculative decoding needs a model with MTP modules and one unpadded sequence")
+    first_seed = seeds[0] if seeds is not None else seed
+    generators = None if first_seed is None else [torch.Generator(device=input_ids.device).manual_seed(first_seed)]
+    capacity = input_ids.shape[1] + max_new_tokens + 1
+    cache = KVCache(model.config, 1, capacity, dtype=model.embed_tokens.weight.dtype, device=input_ids.device)
+    stats.prompt_tokens += input_ids.shape[1]
+    out = model(input_ids, cache=cache, logits_to_keep=1)
+    yield from _speculative_loop(
+        model, cache, out, input_ids, max_new_tokens, params, _eos_set(eos_token_id), stop, generators, stats
+    )
 
 
 def _speculative_loop(

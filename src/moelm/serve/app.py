@@ -98,6 +98,8 @@ class Server:
             max_waiting=config.max_waiting,
             on_finish=lambda request, reason: self.metrics.finished_request(reason),
             on_step=lambda stats: self.metrics.engine_step(stats),
+            compiled=generator.compiled,
+            count_experts=True,
         )
         self.metrics = ServerMetrics(self.engine.expert_counts, config.model_name)
         self.created = int(time.time())

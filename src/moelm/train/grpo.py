@@ -75,7 +75,7 @@ class GRPOTrainer(SFTTrainer):
         per_prompt: int,
         temperature: float,
         top_p: float,
-        generators: list[torch.Generator] | None,
+        seeds: list[int] | None,
     ) -> dict[str, Any]:
         """`per_prompt` completions of each prompt in one left-padded batch, with masks for the loss."""
         grpo, model = self.recipe.grpo, self.model
@@ -94,7 +94,7 @@ class GRPOTrainer(SFTTrainer):
             SamplingParams(temperature=temperature, top_p=top_p),
             attention_mask=mask,
             eos_token_id=eos,
-            generators=generators,
+            seeds=seeds,
             run_to_end=self.context.distributed,  # ranks sample different rows: every rank takes every step
         )
         new = torch.cat([step.tokens_BN for step in steps], dim=1).cpu()

@@ -172,14 +172,12 @@ class RolloutBatches:
             share = slice(context.rank * want // context.world_size, (context.rank + 1) * want // context.world_size)
             chosen = [self.sampler.prompts[i] for i in indices[share]]  # and samples its own share of them
             first_row = share.start * grpo.num_generations
-            generators = [  # per global row: the rows a rank samples are those one process would sample
-                torch.Generator(device=context.device).manual_seed(
-                    int(seed * 1_000_003 + rollout_index * 4099 + row + rounds * 7_919_191)
-                )
+            seeds = [  # per global row: the rows a rank samples are those one process would sample
+                int(seed * 1_000_003 + rollout_index * 4099 + row + rounds * 7_919_191)
                 for row in range(first_row, first_row + len(chosen) * grpo.num_generations)
             ]
             start = time.perf_counter()
-            sample = trainer.sample(chosen, grpo.num_generations, grpo.temperature, grpo.top_p, generators)
+            sample = trainer.sample(chosen, grpo.num_generations, grpo.temperature, grpo.top_p, seeds)
             seconds += time.perf_counter() - start
             rewards, per_function = trainer.score(chosen, sample, grpo.num_generations)
             groups = split_groups(sample, rewards, per_function, grpo.num_generations)
