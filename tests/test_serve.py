@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from moelm import MoELM  # noqa: E402
 from moelm.cli import main  # noqa: E402
 from moelm.data.tokenizer import train_tokenizer  # noqa: E402
-from moelm.infer import generate  # noqa: E402
 from moelm.infer.engine import Engine, EngineOverloadedError, EngineRequest  # noqa: E402
 from moelm.infer.text import TextGenerator  # noqa: E402
 from moelm.serve.app import ServerConfig, create_app  # noqa: E402

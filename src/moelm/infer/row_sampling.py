@@ -6,7 +6,8 @@ a row draws for its n-th token is a pure function of (the row's seed, n) compute
 device (a counter-based generator, the idea behind Philox): no generator object per row, no host round trip,
 and a seeded request draws the same numbers alone or in any batch, in any row. A draw picks the token by
 inverse CDF over the filtered distribution, in sorted order for a row that filters by rank (top-k, top-p) and
-in vocabulary order for any other, whatever its neighbours do, which has exactly the distribution `sampling.token_distribution` describes.
+in vocabulary order for any other, whatever its neighbours do; the distribution is exactly the one
+`sampling.token_distribution` describes.
 """
 
 from __future__ import annotations
