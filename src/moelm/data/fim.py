@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 
-FIM_BEGIN, FIM_HOLE, FIM_END = "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"
+from moelm.data.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE
 
 
 def to_fim(text: str, rng: random.Random) -> str:

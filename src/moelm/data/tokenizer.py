@@ -14,6 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moelm.files import atomic_path
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # R1-style reasoning: <think> reasoning </think> answer
+FIM_BEGIN, FIM_HOLE, FIM_END = "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"  # fill-in-the-middle (moelm.data.fim)
 SPECIAL_TOKENS = (
     BOS,
     EOS,
@@ -21,11 +23,11 @@ SPECIAL_TOKENS = (
     "<|system|>",
     "<|user|>",
     "<|assistant|>",
-    "<think>",
-    "</think>",
-    "<|fim_begin|>",
-    "<|fim_hole|>",
-    "<|fim_end|>",
+    THINK_OPEN,
+    THINK_CLOSE,
+    FIM_BEGIN,
+    FIM_HOLE,
+    FIM_END,
 )
 
 

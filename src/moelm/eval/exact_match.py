@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from moelm.infer.text import THINK_CLOSE
+from moelm.data.tokenizer import THINK_CLOSE
 
 
 def final_answer(reply: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from moelm.data.tokenizer import THINK_CLOSE
 from moelm.eval.common import EvalSettings, TaskResult, harness_record, limited, read_jsonl, require
 from moelm.eval.gsm8k_cot_exemplars import EXEMPLARS
 from moelm.eval.lm import EvalModel
@@ -35,7 +36,6 @@ from moelm.eval.metrics import (
     normalise_number,
     regex_filter,
 )
-from moelm.infer.text import THINK_CLOSE
 
 VARIANTS = {"gsm8k": 5, "gsm8k_cot": 8, "gsm8k_reasoning": 0}
 VERSION = "2"

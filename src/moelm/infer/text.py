@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 
 from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, has_chat_template, load_chat_template, render_chat
-from moelm.data.tokenizer import load_tokenizer_file
+from moelm.data.tokenizer import THINK_CLOSE, THINK_OPEN, load_tokenizer_file
 from moelm.infer.compiled import CompiledDecode, compile_decode
 from moelm.infer.generate import GenerationStats, generate, left_pad, stream
 from moelm.infer.sampling import SamplingParams
 from moelm.model.transformer import MoELM
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass
@@ -88,16 +86,17 @@ class TextGenerator:
         stats: GenerationStats | None = None,
         speculative: bool = False,
     ) -> Iterator[str]:
-        """Yield decoded text pieces of one completion as they are produced."""
+        """Yield decoded text pieces of one completion as they are produced (they add up to the whole text,
+        cut before the first stop string)."""
         ids = self.tokenizer.encode(prompt).ids
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
-        new: list[int] = []
-        emitted = ""
+        text = IncrementalDetokenizer(self.tokenizer, self.skip_special_tokens, self.eos_ids())
+        stops = StopFinder(stop_strings)
 
-        def hit_stop(_row: int, tokens: list[int]) -> bool:
-            text = self.detokenize(tokens)
-            return any(s in text for s in stop_strings)
+        def read(_row: int, tokens: list[int]) -> bool:  # each new token, in order, on this thread
+            text.push(tokens[-1])
+            return stops.search(text.text) is not None
 
         steps = stream(
             self.model,
@@ -105,21 +104,22 @@ class TextGenerator:
             max_new_tokens,
             params,
             eos_token_id=self.eos_ids(),
-            stop=hit_stop if stop_strings else None,
+            stop=read,
             seed=seed,
             speculative=speculative,
             stats=stats,
             compiled=self.compiled,
         )
-        for step in steps:
-            new.extend(step.tokens_BN[0].tolist())
-            text = cut_at_stop(self.detokenize(new), stop_strings)
-            if text.startswith(emitted) and not text.endswith("\ufffd"):
-                yield text[len(emitted) :]
-                emitted = text
-        text = cut_at_stop(self.detokenize(new), stop_strings)
-        if text != emitted and text.startswith(emitted):  # whatever was held back for a partial character
-            yield text[len(emitted) :]
+        emitted = 0
+        for _ in steps:
+            visible = text.text[: stops.cut] if stops.cut is not None else text.text
+            if len(visible) > emitted:
+                yield visible[emitted:]
+                emitted = len(visible)
+        text.finish()  # whatever was held back for a partial character
+        final = text.text[: stops.search(text.text)] if stops.search(text.text) is not None else text.text
+        if len(final) > emitted:
+            yield final[emitted:]
 
     def generate(
         self,
@@ -135,6 +135,76 @@ class TextGenerator:
         kwargs.setdefault("compiled", self.compiled)
         out = generate(self.model, ids, max_new_tokens, attention_mask=mask, eos_token_id=self.eos_ids(), **kwargs)
         return [self.detokenize(row, skip_special_tokens) for row in out[:, ids.shape[1] :].tolist()]
+
+
+class IncrementalDetokenizer:
+    """The text of a growing list of tokens, each new token costing O(1) decoding.
+
+    Decoding the whole list after every token is O(n) per token. Here each push decodes only the tokens since
+    the last emitted piece plus the ones before it (the window byte-level BPE needs: a character's bytes can
+    span tokens), as `prefix + new` minus `prefix`; a piece ending in a partial character (U+FFFD) waits for
+    the next token. The pieces add up to `decode(all tokens)`; `finish()` releases what is still held back.
+    Decoding stops for good at the first of `stop_ids` (EOS), which is not part of the text.
+    """
+
+    def __init__(self, tokenizer: object, skip_special_tokens: bool = True, stop_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop_ids = frozenset(stop_ids)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.offsets: list[int] = []  # where each pushed token's text starts in `text` (after it is released)
+        self.ended = False
+        self._prefix_start = 0  # window start: tokens before it never change the text again
+        self._read = 0  # tokens whose text is already in `text`
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token: int) -> str:
+        """Add one token; returns the text that became certain (possibly empty)."""
+        if self.ended or token in self.stop_ids:
+            self.ended = True
+            return ""
+        self.tokens.append(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Release text held back for a partial character (the decoding of the tokens as they are)."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self._read == len(self.tokens):
+            return ""
+        prefix = self._decode(self.tokens[self._prefix_start : self._read])
+        whole = self._decode(self.tokens[self._prefix_start :])
+        if not final and (len(whole) <= len(prefix) or whole.endswith("\ufffd")):
+            return ""
+        piece = whole[len(prefix) :]
+        start = len(self.text)
+        self.offsets.extend([start] * (len(self.tokens) - self._read))
+        self.text += piece
+        self._prefix_start, self._read = self._read, len(self.tokens)
+        return piece
+
+
+class StopFinder:
+    """Where the first stop string occurs in a growing text, searching only what is new (plus the length of the
+    longest stop string, for one that straddles the old end)."""
+
+    def __init__(self, stop_strings: Sequence[str]) -> None:
+        self.stops = [s for s in stop_strings if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.cut: int | None = None  # the first stop string's start, once found
+        self._searched = 0
+
+    def search(self, text: str) -> int | None:
+        if self.cut is None and self.stops:
+            start = max(0, self._searched - self.longest + 1)
+            found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+            self.cut = min(found) if found else None
+            self._searched = len(text)
+        return self.cut
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

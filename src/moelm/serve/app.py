@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moelm.data.chat import ChatFormatError
+from moelm.data.tokenizer import THINK_OPEN
 from moelm.infer.engine import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -35,7 +36,7 @@ from moelm.infer.engine import (
     EngineRequest,
     TokenEvent,
 )
-from moelm.infer.text import THINK_OPEN, TextGenerator
+from moelm.infer.text import TextGenerator
 from moelm.serve.metrics import ServerMetrics
 from moelm.serve.protocol import (
     APIError,
@@ -220,14 +221,10 @@ class Server:
     def token_text(self, token: int) -> str:
         return self.generator.tokenizer.decode([token], skip_special_tokens=False)
 
-    def completion_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
-        tokens = [self.token_text(e.token) for e in events]
-        offsets, at = [], 0
-        for text in tokens:
-            offsets.append(at)
-            at += len(text)
+    def completion_logprobs(self, events: list[TokenEvent], offsets: list[int]) -> dict[str, Any]:
+        """OpenAI's completion logprobs; `offsets`: where each token's text starts in the returned text."""
         return {
-            "tokens": tokens,
+            "tokens": [self.token_text(e.token) for e in events],
             "token_logprobs": [e.logprob for e in events],
             "top_logprobs": [{self.token_text(t): lp for t, lp in e.top_logprobs} for e in events],
             "text_offset": offsets,
@@ -406,7 +403,11 @@ def _full_choice(server: Server, choice: Choice, request: GenerationRequest, cha
     parts = choice.text.full(choice.tokens)
     logprobs = None
     if request.logprobs is not None:
-        logprobs = server.chat_logprobs(choice.logprobs) if chat else server.completion_logprobs(choice.logprobs)
+        if chat:
+            logprobs = server.chat_logprobs(choice.logprobs)
+        else:
+            offsets = choice.text.content_offsets(choice.tokens)[: len(choice.logprobs)]
+            logprobs = server.completion_logprobs(choice.logprobs, offsets)
     out: dict[str, Any] = {"index": choice.index, "logprobs": logprobs, "finish_reason": _finish_reason(choice)}
     if chat and not parts.content and not parts.reasoning:
         # finish_reason stays OpenAI's "stop" (clients type it as an enum); the emptiness is stated beside it.
@@ -440,11 +441,18 @@ async def _stream_events(
     }
     usage_field = {"usage": None} if request.include_usage else {}
 
-    def chunk(choice: Choice, parts: Parts | None, events: list[TokenEvent], finish: str | None, role: bool = False):
+    def chunk(
+        choice: Choice,
+        parts: Parts | None,
+        events: list[TokenEvent],
+        finish: str | None,
+        role: bool = False,
+        at: int = 0,
+    ):
         entry: dict[str, Any] = {"index": choice.index}
         logprobs = None
         if request.logprobs is not None and events:
-            logprobs = server.chat_logprobs(events) if chat else server.completion_logprobs(events)
+            logprobs = server.chat_logprobs(events) if chat else server.completion_logprobs(events, [at] * len(events))
         if chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if parts is not None and parts.content:
@@ -474,10 +482,11 @@ async def _stream_events(
                 open_choices -= 1
                 continue
             final = event.finish_reason is not None
+            sent = len(choice.text.sent.content)  # where this chunk's text starts in the whole text
             parts = choice.text.delta(choice.tokens, final=final)
             events = [event] if event.logprob is not None else []
             if parts.content or parts.reasoning or events:
-                yield _sse(chunk(choice, parts, events, None))
+                yield _sse(chunk(choice, parts, events, None, at=sent))
             if final:
                 open_choices -= 1
                 yield _sse(chunk(choice, None, [], _finish_reason(choice)))

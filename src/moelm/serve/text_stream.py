@@ -2,10 +2,12 @@
 
 A reasoning model writes `<think>\\n...\\n</think>\\n answer`. As DeepSeek's API does, chat responses return the
 part inside the tags as `reasoning_content` and the rest as `content`; the split is made on the tag tokens
-(special tokens of moelm's tokenizer), so each part is decoded on its own. Stop strings end the answer (the
-stop string itself is not returned). Streaming emits only text that can no longer change: a trailing partial
-character, the start of a stop string, or newlines that may turn out to precede `</think>` are held back until
-the next token decides them, so the streamed pieces always add up to the full response.
+(special tokens of moelm's tokenizer), so each part is decoded on its own, incrementally (each token decoded
+once, `moelm.infer.text.IncrementalDetokenizer`). Stop strings end the answer (the stop string itself is not
+returned). Streaming emits only text that can no longer change: a partial character, the start of a stop
+string, or newlines that may turn out to precede `</think>` are held back until the next token decides them,
+so the streamed pieces always add up to the full response. A completion's text is returned as decoded; a
+chat's parts drop the newlines around the tags.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moelm.infer.text import THINK_CLOSE, THINK_OPEN, TextGenerator, cut_at_stop
+from moelm.data.tokenizer import THINK_CLOSE, THINK_OPEN
+from moelm.infer.text import IncrementalDetokenizer, StopFinder, TextGenerator, cut_at_stop
 
 
 @dataclass
@@ -24,8 +27,46 @@ class Parts:
     content: str
 
 
+class _Reader:
+    """One consumer's incremental view of a completion's tokens: the reasoning and the content text, each
+    decoded incrementally (the engine thread's stop checks and the event loop's deltas each own one)."""
+
+    def __init__(self, stream: TextStream) -> None:
+        self.stream = stream
+        tokenizer, eos = stream.generator.tokenizer, stream.generator.eos_ids()
+        self.reasoning = IncrementalDetokenizer(tokenizer, True, eos)
+        self.content = IncrementalDetokenizer(tokenizer, True, eos)
+        self.inside = stream.starts_in_reasoning  # inside <think> ... </think>
+        self.closed = stream.close_id is None  # the reasoning part has ended (or there is none)
+        self.consumed = 0
+        self.content_tokens: set[int] = set()  # positions of the tokens decoded into the content
+        self.ended = False
+
+    def read(self, tokens: Sequence[int], final: bool = False) -> None:
+        stream = self.stream
+        for token in tokens[self.consumed :]:
+            if self.ended or token in self.content.stop_ids:
+                self.ended = True
+                continue
+            if self.consumed == 0 and not self.inside and stream.open_id is not None and token == stream.open_id:
+                self.inside, self.closed = True, False
+            elif self.inside and token == stream.close_id:
+                self.inside, self.closed = False, True
+            elif self.inside:
+                self.reasoning.push(token)
+            else:
+                self.content.push(token)
+                self.content_tokens.add(self.consumed)
+            self.consumed += 1
+        self.consumed = len(tokens)
+        if final:
+            self.reasoning.finish()
+            self.content.finish()
+
+
 class TextStream:
-    """Turns one completion's tokens into (reasoning, content) text, whole or as deltas."""
+    """Turns one completion's tokens into (reasoning, content) text, whole or as deltas, decoding each token
+    once."""
 
     def __init__(
         self,
@@ -37,37 +78,27 @@ class TextStream:
         self.generator = generator
         self.stop = list(stop)
         tokenizer = generator.tokenizer
+        self.split_reasoning = split_reasoning
         self.open_id = tokenizer.token_to_id(THINK_OPEN) if split_reasoning else None
         self.close_id = tokenizer.token_to_id(THINK_CLOSE) if split_reasoning else None
         self.starts_in_reasoning = starts_in_reasoning and self.close_id is not None
         self.sent = Parts("", "")
-
-    def _split_tokens(self, tokens: Sequence[int]) -> tuple[list[int], list[int], bool]:
-        """(reasoning tokens, content tokens, reasoning closed?) at the tag tokens."""
-        if self.close_id is None:
-            return [], list(tokens), True
-        tokens = list(tokens)
-        inside = self.starts_in_reasoning
-        if not inside and tokens and tokens[0] == self.open_id:
-            inside, tokens = True, tokens[1:]
-        if not inside:
-            return [], tokens, True
-        if self.close_id in tokens:
-            cut = tokens.index(self.close_id)
-            return tokens[:cut], tokens[cut + 1 :], True
-        return tokens, [], False
+        self._deltas = _Reader(self)  # the event loop's
+        self._stop_reader: _Reader | None = None  # the engine thread's
+        self._stop_finder = StopFinder(self.stop)
 
     def full(self, tokens: Sequence[int]) -> Parts:
         """The whole visible text (what a non-streamed response carries)."""
         return self._visible(tokens, final=True)
 
     def stopped(self, tokens: Sequence[int]) -> bool:
-        """Did the answer reach a stop string?"""
+        """Did the answer reach a stop string? (Called with every new token, on the engine thread.)"""
         if not self.stop:
             return False
-        _, content, _ = self._split_tokens(tokens)
-        text = self.generator.detokenize(content, skip_special_tokens=True)
-        return any(s in text for s in self.stop)
+        if self._stop_reader is None:
+            self._stop_reader = _Reader(self)
+        self._stop_reader.read(tokens)
+        return self._stop_finder.search(self._stop_reader.content.text) is not None
 
     def delta(self, tokens: Sequence[int], final: bool = False) -> Parts:
         """Text that became certain since the last call (final=True releases everything held back)."""
@@ -78,19 +109,34 @@ class TextStream:
             return out
         return Parts("", "")  # cannot happen with the hold-backs below; never send text that would contradict
 
+    def content_offsets(self, tokens: Sequence[int]) -> list[int]:
+        """Where each token's text starts in the returned content, as OpenAI's `text_offset`: a token whose text
+        is not part of it (</think>, a reasoning token, one after a stop string or EOS) sits at the offset
+        reached so far, so the offsets never pass the end of the text."""
+        reader = _Reader(self)
+        reader.read(tokens, final=True)
+        returned = self.full(tokens).content
+        decoded = reader.content.text
+        lead = len(decoded) - len(decoded.lstrip("\n")) if self.split_reasoning else 0  # newlines a chat drops
+        starts = iter(reader.content.offsets)
+        offsets, reached = [], 0
+        for position in range(len(tokens)):
+            if position in reader.content_tokens:
+                reached = max(reached, min(max(next(starts) - lead, 0), len(returned)))
+            offsets.append(reached)
+        return offsets
+
     def _visible(self, tokens: Sequence[int], final: bool) -> Parts:
-        reasoning_ids, content_ids, closed = self._split_tokens(tokens)
-        detokenize = self.generator.detokenize
-        reasoning = detokenize(reasoning_ids, skip_special_tokens=True).lstrip("\n") if reasoning_ids else ""
-        content = detokenize(content_ids, skip_special_tokens=True).lstrip("\n") if content_ids else ""
-        if closed or final:
-            reasoning = reasoning.rstrip("\n")
-        else:
-            reasoning = _hold_back(reasoning.rstrip("\n"), final)
+        reader = self._deltas
+        reader.read(tokens, final)
+        # the newlines around the tags belong to the format, not to the text (trailing ones of the reasoning
+        # are held back until </think> or the end decides them)
+        reasoning = reader.reasoning.text.strip("\n")
+        content = reader.content.text.lstrip("\n") if self.split_reasoning else reader.content.text
         stopped = cut_at_stop(content, self.stop)
         if final or len(stopped) < len(content):
             return Parts(reasoning, stopped)
-        return Parts(reasoning, _hold_back(_without_stop_prefix(content, self.stop), final))
+        return Parts(reasoning, _without_stop_prefix(content, self.stop))
 
 
 def _hold_back(text: str, final: bool) -> str:

@@ -13,10 +13,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from moelm.data.tokenizer import THINK_CLOSE, THINK_OPEN
 from moelm.eval.exact_match import normalise
 from moelm.eval.metrics import INVALID, gsm8k_flexible, gsm8k_strict
 from moelm.eval.sandbox import SandboxLimits, run_programs
-from moelm.infer.text import THINK_CLOSE, THINK_OPEN
 
 Reward = Callable[..., list[float | None]]
 R1_FORMAT = re.compile(r"^\s*<think>(?:(?!<think>|</think>).)*</think>\s*(?:(?!<think>|</think>)\S)", re.DOTALL)

@@ -15,8 +15,9 @@ from typing import Any
 
 from moelm.data.source_specs import BuiltinSource, JsonlSource
 from moelm.data.sources import DataError, jsonl_records
+from moelm.data.tokenizer import THINK_CLOSE, THINK_OPEN
 from moelm.eval.metrics import gsm8k_gold
-from moelm.infer.text import THINK_CLOSE, THINK_OPEN, TextGenerator
+from moelm.infer.text import TextGenerator
 from moelm.train.prompts import Prompt, load_prompts
 from moelm.train.rewards import accuracy_reward, answer_part, code_reward
 
