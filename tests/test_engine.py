@@ -10,6 +10,7 @@ from moelm import MoELM
 from moelm.infer.compiled import compile_decode
 from moelm.infer.engine import Engine, EngineRequest, row_bucket
 from moelm.infer.generate import generate, stream
+from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.row_sampling import RowSettings, counter_uniform, sample_rows
 from moelm.infer.rows import left_pad
 from moelm.infer.sampling import SamplingParams, token_distribution
@@ -153,3 +154,76 @@ def test_a_compiled_continuous_batch_moves_through_buckets_token_exactly(tmp_pat
             shapes.add((engine.cache.batch_size, engine.cache.capacity))
     assert results == expected
     assert {rows for rows, _ in shapes} >= {4} and max(slots for _, slots in shapes) > 64
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_prefix_cached_generation_equals_uncached_token_for_token(attention):
+    """Shared, partly shared and repeated prompts, submitted across several engine steps so later ones find
+    blocks stored by earlier ones: greedy tokens equal the uncached engine's, and blocks were really reused."""
+    model = MoELM(tiny_config(initializer_range=0.2, attention=attention)).eval()
+    torch.manual_seed(1)
+    shared = torch.randint(3, 90, (37,)).tolist()
+    prompts = [
+        shared + [5, 6],
+        shared + [7],
+        shared[:20] + [8, 9, 10],  # shares one 16-token block
+        shared + [5, 6],  # the same prompt again
+        [11, 12, 13],  # nothing shared
+        shared + [5, 6],
+    ]
+
+    def run(prefix_cache: PrefixCache | None) -> list[list[int]]:
+        engine = Engine(model, [], max_batch=3, prefix_cache=prefix_cache)
+        results: list[list[int]] = [[] for _ in prompts]
+        with torch.inference_mode():
+            for i, prompt in enumerate(prompts):
+                on_event = lambda e, i=i: e.token is not None and results[i].append(e.token)  # noqa: E731
+                engine.add(EngineRequest(prompt, 6, on_event))
+                if i % 2:
+                    engine.step()
+            while engine.busy:
+                engine.step()
+        return results
+
+    prefix = PrefixCache(block_size=16)
+    assert run(prefix) == run(None)
+    # the first two arrive together (nothing stored yet); then the partly shared prompt finds one block and the
+    # two later copies of `shared` both of its blocks
+    assert prefix.stats.hit_tokens == 16 + 32 + 32
+
+
+def test_evicted_prefix_blocks_are_never_read():
+    """A store that holds one block: every lookup after an eviction misses, and tokens stay exact."""
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    first, second = torch.randint(3, 90, (40,)).tolist(), torch.randint(3, 90, (40,)).tolist()
+    probe = PrefixCache(block_size=16)
+    reference = generate(model, torch.tensor([first]), 5)[0, 40:].tolist()
+    list(stream(model, torch.tensor([first]), 1, prefix_cache=probe))
+    block_bytes = probe.bytes // len(probe.blocks)
+    small = PrefixCache(block_size=16, max_bytes=block_bytes)
+    for prompt in (first, second, first):
+        out = generate_with(model, prompt, small)
+        if prompt is first:
+            assert out == reference
+    assert small.stats.evicted_blocks > 0 and len(small.blocks) == 1
+    assert small.stats.hit_tokens == 0  # `first` was evicted by `second` before it came back
+
+
+def generate_with(model, prompt: list[int], prefix_cache: PrefixCache) -> list[int]:  # noqa: ANN001
+    steps = stream(model, torch.tensor([prompt]), 5, prefix_cache=prefix_cache)
+    return torch.cat([s.tokens_BN for s in steps], dim=1)[0].tolist()
+
+
+def test_identical_prompts_in_one_batch_are_prefilled_once(monkeypatch):
+    """GRPO's G completions of a prompt: one prefill row for the group, and the same tokens as without."""
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    ids = torch.randint(3, 90, (1, 9)).expand(4, -1)
+    rows = []
+    forward = MoELM.forward
+    monkeypatch.setattr(MoELM, "forward", lambda self, x, **kw: rows.append(x.shape[0]) or forward(self, x, **kw))
+    plain = generate(model, ids, 4, temperature=1.0, seed=3)
+    shared = torch.cat(
+        [s.tokens_BN for s in stream(model, ids, 4, SamplingParams(1.0), seed=3, prefix_cache=PrefixCache())], 1
+    )
+    assert torch.equal(plain[:, 9:], shared)
+    assert rows == [4, 1]

@@ -290,6 +290,23 @@ def test_expert_token_metrics_count_every_routed_token(generator):
     )
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_text(generator):
+    """The second request with a long prompt reuses its stored blocks (counted in /metrics) and answers the same
+    text as a server without prefix caching."""
+    prompt = " ".join(PROMPTS) * 2
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    answers, hits = {}, {}
+    for caching in (True, False):
+        with TestClient(create_app(generator, ServerConfig("tiny", prefix_caching=caching))) as http:
+            answers[caching] = [http.post("/v1/completions", json=body).json()["choices"][0]["text"] for _ in "ab"]
+            text = http.get("/metrics").text
+        found = re.search(r'moelm_prefix_cache_hits_total\{model_name="tiny"\} ([\d.]+)', text)
+        hits[caching] = float(found.group(1)) if found else 0.0
+    prompt_tokens = len(generator.tokenizer.encode(prompt).ids)
+    assert answers[True] == answers[False] and answers[True][0] == answers[True][1]
+    assert hits[True] == (prompt_tokens - 1) // 16 * 16 and hits[False] == 0
+
+
 def test_a_dead_engine_answers_503(generator):
     app = create_app(generator, ServerConfig("tiny"))
     with TestClient(app) as http:

@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
+        prefix_caching=not args.no_prefix_caching,
     )
     print(f"moelm: serving {args.model} as '{config.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(generator, config, args.host, args.port, args.log_level)
@@ -150,6 +151,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="decode through compiled graphs, one per bucket of rows and cache slots, each built on first use "
         "and kept on disk (see README: faster per step, minutes to build the first time)",
+    )
+    server.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="prefill every prompt in full (default: blocks of 16 prompt tokens seen before are reused)",
     )
     server.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     server.set_defaults(func=cmd_serve)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moelm.infer.engine import Engine, EngineRequest, TokenEvent
+from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.sampling import SamplingParams
 from moelm.infer.text import TextGenerator, cut_at_stop
 
@@ -120,6 +121,7 @@ class EvalModel:
             max_waiting=len(encoded) + 1,
             pad_token_id=model.config.pad_token_id or 0,
             compiled=self.generator.compiled,
+            prefix_cache=PrefixCache(),  # few-shot prompts share their examples: prefilled once
         )
         errors: list[str] = []
 

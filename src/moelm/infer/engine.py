@@ -10,6 +10,9 @@ about text or HTTP.
 caller's thread, so a sharded model's collectives run where the caller expects them), or by the engine's own
 thread (`start()` / `submit()`, the server).
 
+With a `prefix_cache`, identical prompts in one admission are prefilled once and each prompt's leading blocks
+found in the store are copied in rather than computed (moelm.infer.prefix_cache).
+
 With `compiled`, decode steps run through a compiled graph of fixed shape: the cache is a contiguous tensor of
 a bucketed size (rows a power of two up to max_batch, slots a power of two from 64), idle rows are computed
 and ignored, and a batch that outgrows its bucket moves to the next one; a continuous batch thus reuses a few
@@ -30,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from moelm.infer import rows as cache_rows
 from moelm.infer.compiled import CompiledDecode
+from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.row_sampling import RowSettings
 from moelm.infer.sampling import SamplingParams
 from moelm.model.cache import CacheCapacityError, KVCache
@@ -94,6 +98,8 @@ class EngineStats:
     cache_slots_used: int = 0
     cache_slots_total: int = 0
     steps: int = 0
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which found there
 
 
 def row_bucket(rows: int, max_batch: int) -> int:
@@ -121,6 +127,7 @@ class Engine:
         on_step: Callable[[EngineStats], None] | None = None,
         compiled: CompiledDecode | None = None,
         count_experts: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if compiled is not None and compiled.model is not model:
             raise ValueError("the compiled decode step belongs to another model")
@@ -135,6 +142,7 @@ class Engine:
         self.on_finish = on_finish
         self.on_step = on_step
         self.compiled = compiled
+        self.prefix_cache = prefix_cache
         self.device = device = next(model.parameters()).device
         self.dtype = model.embed_tokens.weight.dtype
         # FSDP2 shards every parameter or none; a sharded model's blocks gather their weights only in forward
@@ -229,6 +237,9 @@ class Engine:
             self._prefill(admitted)
         self.stats.running, self.stats.waiting = len(self.running), self.waiting.qsize()
         self.stats.cache_slots_used = int(self.cache.valid[: len(self.running)].sum()) if self.running else 0
+        if self.prefix_cache is not None:
+            self.stats.prefix_queried_tokens = self.prefix_cache.stats.queried_tokens
+            self.stats.prefix_hit_tokens = self.prefix_cache.stats.hit_tokens
         if self.on_step is not None:
             self.on_step(self.stats)
 
@@ -277,11 +288,28 @@ class Engine:
         return admitted
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
-        """One batched forward over the new prompts, their cache rows placed after the running ones."""
-        ids, mask = cache_rows.left_pad([r.prompt_ids for r in requests], self.pad)
+        """One batched forward over the new prompts, their cache rows placed after the running ones.
+
+        With a prefix cache, identical prompts are computed once, and each prompt's stored leading blocks are
+        copied in instead of computed: the forward covers only the rest."""
+        prompts = [r.prompt_ids for r in requests]
+        source_rows = list(range(len(requests)))
+        if self.prefix_cache is not None:
+            unique: dict[tuple[int, ...], int] = {}
+            source_rows = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+            prompts = [list(p) for p in unique]
+        found = [self.prefix_cache.lookup(p) for p in prompts] if self.prefix_cache is not None else []
+        cached = [len(blocks) * self.prefix_cache.block_size for blocks in found] or [0] * len(prompts)
+        ids, mask = cache_rows.left_pad([p[n:] for p, n in zip(prompts, cached, strict=True)], self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        width = ids.shape[1]
-        scratch = KVCache(self.config, len(requests), width, dtype=self.dtype, device=self.device)
+        longest_prefix = max(cached)
+        scratch = KVCache(
+            self.config, len(prompts), longest_prefix + ids.shape[1], dtype=self.dtype, device=self.device
+        )
+        for row, blocks in enumerate(found):
+            cache_rows.fill_prefix(scratch, row, blocks, longest_prefix)
+        scratch.length = longest_prefix
+        scratch.max_next_position = max(cached)
         try:
             logits = self.model(ids, attention_mask=mask, cache=scratch, logits_to_keep=1).logits[:, -1]
         except Exception as error:  # noqa: BLE001 - this batch fails, the engine carries on
@@ -289,10 +317,14 @@ class Engine:
                 self._emit(request, TokenEvent(None, FINISH_ERROR, error=f"prefill failed: {error}"))
                 self._report_finish(request, FINISH_ERROR)
             return
+        if self.prefix_cache is not None:
+            for row, prompt in enumerate(prompts):
+                self.prefix_cache.store(prompt, scratch, row)
+        width = scratch.length
         self._make_room(len(self.running) + len(requests), width)
         end = max(self.cache.length, width)
         rows = list(range(len(self.running), len(self.running) + len(requests)))
-        cache_rows.place_rows(self.cache, scratch, rows, end)
+        cache_rows.place_rows(self.cache, scratch, rows, end, source_rows)
         for row, request in zip(rows, requests, strict=True):
             self.stats.prompt_tokens += len(request.prompt_ids)
             self.running.append(request)
@@ -300,7 +332,7 @@ class Engine:
             if request.params.repetition_penalty != 1.0:  # HF's rule: prompt and completion tokens so far
                 self._seen()[row] = False
                 self._seen()[row, torch.tensor(request.prompt_ids, device=self.device)] = True
-        self._sample_and_emit(logits, len(rows), first=rows[0])
+        self._sample_and_emit(logits[source_rows], len(rows), first=rows[0])
 
     def _seen(self) -> torch.Tensor:
         if self.seen is None:

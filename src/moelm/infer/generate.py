@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from moelm.infer.compiled import CompiledDecode
 from moelm.infer.engine import Engine, EngineRequest, TokenEvent
+from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.rows import left_pad
 from moelm.infer.sampling import SamplingParams, draw, token_distribution
 from moelm.model.cache import KVCache
@@ -86,6 +87,7 @@ def _stream(
     stats: GenerationStats | None = None,
     compiled: CompiledDecode | None = None,
     run_to_end: bool = False,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[StepOutput]:
     """Yield each engine step's new tokens until every sequence has stopped or max_new_tokens were produced.
 
@@ -94,7 +96,8 @@ def _stream(
     its own seed only, not on the batch around it. `compiled` (from `compile_decode(model)`) runs every decode
     step through its compiled graph. `run_to_end` decodes all max_new_tokens steps even when every row has
     stopped: processes that generate different rows of a sharded model must take part in every step's
-    collectives.
+    collectives. `prefix_cache` prefills identical prompts once and reuses stored prompt blocks (entries are
+    valid for the weights they were computed with: a training loop passes a fresh one per rollout).
     """
     params = params or SamplingParams()
     stats = stats if stats is not None else GenerationStats()
@@ -111,15 +114,22 @@ def _stream(
     pad = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
     engine = Engine(
-        model, list(_eos_set(eos_token_id)), max_batch=batch, max_waiting=batch, pad_token_id=pad, compiled=compiled
+        model,
+        list(_eos_set(eos_token_id)),
+        max_batch=batch,
+        max_waiting=batch,
+        pad_token_id=pad,
+        compiled=compiled,
+        prefix_cache=prefix_cache,
     )
+    errors: list[str] = []
     arrived: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
 
     def listener(row: int):  # noqa: ANN202 - the request's callback
         def on_event(event: TokenEvent) -> None:
             if event.error is not None:
-                raise RuntimeError(event.error)
+                errors.append(event.error)
             if event.token is not None:
                 arrived[row].append(event.token)
                 stats.new_tokens += 1
@@ -145,6 +155,8 @@ def _stream(
         )
     while engine.busy:
         engine.step()
+        if errors:
+            raise RuntimeError(errors[0])
         stats.steps += 1
         width = max(1, *(len(tokens) for tokens in arrived))  # held rows after every stop: a step of pads
         step = torch.full((batch, width), pad, dtype=torch.long, device=input_ids.device)

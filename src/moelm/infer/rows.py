@@ -55,21 +55,41 @@ def view(cache: KVCache, rows: int, slots: int) -> KVCache:
     return part
 
 
-def place_rows(cache: KVCache, source: KVCache, rows: list[int], end: int) -> None:
-    """Copy every row of `source` (a prefill's cache, batch = len(rows)) into `rows` of `cache`, its slots ending
-    at slot `end`; earlier slots of those rows become invalid and `length` grows to at least `end`."""
+def place_rows(
+    cache: KVCache, source: KVCache, rows: list[int], end: int, source_rows: list[int] | None = None
+) -> None:
+    """Copy rows of `source` (a prefill's cache; `source_rows`, default all of them in order) into `rows` of
+    `cache`, their slots ending at slot `end`; earlier slots of those rows become invalid and `length` grows to
+    at least `end`. A source row may be placed more than once (requests with the same prompt)."""
     width = source.length
     if end > cache.capacity or width > end:
         raise CacheCapacityError(f"cannot place {width} slots ending at {end} in a cache of {cache.capacity}")
-    row_index = torch.tensor(rows, device=cache.valid.device)
+    device = cache.valid.device
+    row_index = torch.tensor(rows, device=device)
+    chosen = torch.arange(len(rows), device=device) if source_rows is None else torch.tensor(source_rows, device=device)
     target = slot_index(cache, row_index, slice(end - width, end))
-    used = slot_index(source, slice(None), slice(0, width))
+    used = slot_index(source, chosen, slice(0, width))
     cache.latent_or_keys[target] = source.latent_or_keys[used]
     cache.rope_key_or_values[target] = source.rope_key_or_values[used]
     cache.valid[row_index] = False
-    cache.valid[row_index, end - width : end] = source.valid[:, :width]
-    cache.next_position[row_index] = source.next_position
+    cache.valid[row_index, end - width : end] = source.valid[chosen, :width]
+    cache.next_position[row_index] = source.next_position[chosen]
     cache.length = max(cache.length, end)
+
+
+def fill_prefix(cache: KVCache, row: int, blocks: list[tuple[torch.Tensor, torch.Tensor]], end: int) -> None:
+    """Write stored prefix entries (moelm.infer.prefix_cache) into `row`, ending at slot `end`, as that row's
+    first tokens (positions from 0)."""
+    if not blocks:
+        return
+    axis = _slot_dim(cache) - 1  # the slot axis once the row axis is indexed away
+    first = torch.cat([block[0] for block in blocks], dim=axis)
+    second = torch.cat([block[1] for block in blocks], dim=axis)
+    count = first.shape[axis]
+    cache.latent_or_keys[slot_index(cache, row, slice(end - count, end))] = first
+    cache.rope_key_or_values[slot_index(cache, row, slice(end - count, end))] = second
+    cache.valid[row, end - count : end] = True
+    cache.next_position[row] = count
 
 
 def move_row(cache: KVCache, source: int, target: int) -> None:

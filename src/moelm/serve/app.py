@@ -36,6 +36,7 @@ from moelm.infer.engine import (
     EngineRequest,
     TokenEvent,
 )
+from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.text import TextGenerator
 from moelm.serve.metrics import ServerMetrics
 from moelm.serve.protocol import (
@@ -67,6 +68,7 @@ class ServerConfig:
     max_batch: int = 16
     max_model_len: int | None = None
     max_waiting: int = 256
+    prefix_caching: bool = True  # reuse the cache entries of prompt blocks seen before (vLLM's default too)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Server:
             on_step=lambda stats: self.metrics.engine_step(stats),
             compiled=generator.compiled,
             count_experts=True,
+            prefix_cache=PrefixCache() if config.prefix_caching else None,
         )
         self.metrics = ServerMetrics(self.engine.expert_counts, config.model_name)
         self.created = int(time.time())

@@ -51,6 +51,8 @@ class ServerMetrics:
         self.cache_usage = make(Gauge, "moelm_kv_cache_usage_perc", "Share of the cache's token slots holding tokens")
         self.prompt_tokens = make(Counter, "moelm_prompt_tokens", "Prompt tokens prefilled")
         self.generation_tokens = make(Counter, "moelm_generation_tokens", "Tokens generated")
+        self.prefix_queries = make(Counter, "moelm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = make(Counter, "moelm_prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.ttft = make(Histogram, "moelm_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS)
         self.itl = make(Histogram, "moelm_inter_token_latency_seconds", "Time between tokens", buckets=LATENCY_BUCKETS)
         self.e2e = make(
@@ -75,7 +77,14 @@ class ServerMetrics:
         self.cache_usage.set(stats.cache_slots_used / max(stats.cache_slots_total, 1))
         self.prompt_tokens.inc(stats.prompt_tokens - self._last.prompt_tokens)
         self.generation_tokens.inc(stats.generation_tokens - self._last.generation_tokens)
-        self._last = EngineStats(prompt_tokens=stats.prompt_tokens, generation_tokens=stats.generation_tokens)
+        self.prefix_queries.inc(stats.prefix_queried_tokens - self._last.prefix_queried_tokens)
+        self.prefix_hits.inc(stats.prefix_hit_tokens - self._last.prefix_hit_tokens)
+        self._last = EngineStats(
+            prompt_tokens=stats.prompt_tokens,
+            generation_tokens=stats.generation_tokens,
+            prefix_queried_tokens=stats.prefix_queried_tokens,
+            prefix_hit_tokens=stats.prefix_hit_tokens,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

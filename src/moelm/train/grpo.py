@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moelm.data.chat import render_chat
 from moelm.data.sources import DataError
 from moelm.infer.generate import left_pad, stream
+from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.sampling import SamplingParams
 from moelm.model.replay import drift, moe_layers, replay_routing, routed_experts
 from moelm.model.transformer import MoELM
@@ -95,6 +96,7 @@ class GRPOTrainer(SFTTrainer):
             attention_mask=mask,
             eos_token_id=eos,
             seeds=seeds,
+            prefix_cache=PrefixCache(),  # the group's completions share its prompt: prefilled once
             run_to_end=self.context.distributed,  # ranks sample different rows: every rank takes every step
         )
         new = torch.cat([step.tokens_BN for step in steps], dim=1).cpu()

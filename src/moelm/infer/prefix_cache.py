@@ -1,0 +1,95 @@
+"""Prefix caching: a prompt's leading blocks of tokens are prefilled once and their cache entries reused.
+
+Few-shot evaluation prompts share their examples, chat requests share a system prompt, GRPO's G completions
+of a prompt share all of it. A cache entry at position p depends only on tokens 0..p, so the entries of a
+block of `block_size` tokens are named by a hash chained over every block up to it (as vLLM names its blocks)
+and stored once; a request whose prompt starts with stored blocks copies their entries into its row and
+prefills only the rest. Stored blocks are evicted least recently used first when their bytes would pass
+`max_bytes`; a block is looked up by its whole chain, so an evicted block (or one whose predecessor was
+evicted) is simply a miss, never a wrong read. The engine (moelm.infer.engine) does the lookups and stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moelm.infer.rows import slot_index
+from moelm.model.cache import KVCache
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prompt tokens the engine asked about and how many were found cached (vLLM's prefix-cache hit rate)."""
+
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    stored_blocks: int = 0
+    evicted_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class PrefixCache:
+    """Cache entries of full prompt blocks, keyed by the chained hash of the tokens up to each block's end."""
+
+    def __init__(self, block_size: int = 16, max_bytes: int = 256 * 2**20) -> None:
+        if block_size < 1:
+            raise ValueError(f"invalid prefix block_size={block_size}: must be at least 1")
+        self.block_size = block_size
+        self.max_bytes = max_bytes
+        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
+        self.stats = PrefixCacheStats()
+
+    def keys(self, tokens: Sequence[int]) -> list[bytes]:
+        """The chained key of every full block of `tokens`."""
+        keys, previous = [], b""
+        for end in range(self.block_size, len(tokens) + 1, self.block_size):
+            block = ",".join(map(str, tokens[end - self.block_size : end])).encode()
+            previous = hashlib.blake2b(previous + b"|" + block, digest_size=16).digest()
+            keys.append(previous)
+        return keys
+
+    def lookup(self, prompt: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The stored entries of the prompt's leading blocks, leaving at least its last token to prefill (its
+        logits pick the first new token)."""
+        usable = self.keys(prompt[: len(prompt) - 1])
+        found = []
+        for key in usable:
+            entries = self.blocks.get(key)
+            if entries is None:
+                break
+            self.blocks.move_to_end(key)
+            found.append(entries)
+        self.stats.queried_tokens += len(prompt)
+        self.stats.hit_tokens += len(found) * self.block_size
+        return found
+
+    def store(self, prompt: Sequence[int], cache: KVCache, row: int) -> None:
+        """Keep the entries of the prompt's full blocks from `cache` row `row`, whose valid slots hold exactly the
+        prompt's tokens in order (a prefill's scratch cache)."""
+        slots = cache.valid[row].nonzero().squeeze(1)
+        for index, key in enumerate(self.keys(prompt)):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+                continue
+            block = slots[index * self.block_size : (index + 1) * self.block_size]
+            where = slot_index(cache, row, block)
+            entries = (cache.latent_or_keys[where].clone(), cache.rope_key_or_values[where].clone())
+            size = sum(t.numel() * t.element_size() for t in entries)
+            if size > self.max_bytes:
+                return
+            while self.bytes + size > self.max_bytes:
+                _, evicted = self.blocks.popitem(last=False)
+                self.bytes -= sum(t.numel() * t.element_size() for t in evicted)
+                self.stats.evicted_blocks += 1
+            self.blocks[key] = entries
+            self.bytes += size
+            self.stats.stored_blocks += 1
