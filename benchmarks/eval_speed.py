@@ -27,7 +27,7 @@ import torch
 from moelm import MoELM, load_config
 from moelm.data.chat import save_chat_template
 from moelm.data.tokenizer import save_tokenizer_file, train_tokenizer
-from moelm.eval import gsm8k, mmlu
+from moelm.eval import bbh, gsm8k, mmlu
 from moelm.eval.common import EvalSettings
 from moelm.eval.harness import run_tasks
 from moelm.eval.lm import EvalModel
@@ -97,6 +97,53 @@ def local_mmlu(root: Path, data_dir: Path) -> Path:
             source = data_dir / "mmlu" / split / f"{subject}_{split}.csv"
             (out / "mmlu" / split / source.name).write_bytes(source.read_bytes())
     return out
+
+
+BBH_TASKS = ("date_understanding", "logical_deduction_three_objects")
+
+
+def run_moelm_generation(model_dir: Path, data: dict[str, Path], args: argparse.Namespace, task: str, caching: bool):
+    """GSM8K 5-shot (lm-eval's few-shot draw: different examples per question) or BBH 3-shot (one fixed prompt
+    per subtask) through moelm alone: seconds and completions."""
+    model = EvalModel(TextGenerator.from_pretrained(model_dir, dtype=torch.float32), args.batch_size)
+    model.prefix_caching = caching
+    start = time.perf_counter()
+    if task == "gsm8k":
+        settings = EvalSettings(limit=args.gen_limit, max_new_tokens=args.max_gen_toks)
+        gen = run_tasks(model, str(model_dir), ["gsm8k"], data["gsm8k"], settings)
+        return time.perf_counter() - start, [s["completion"] for s in gen["results"]["gsm8k"]["samples"]]
+    prompts = [
+        bbh.build_prompt(fewshot, example["input"])
+        for fewshot, examples in bbh.load(data["gsm8k"], list(BBH_TASKS)).values()
+        for example in examples[: args.gen_limit]
+    ]
+    completions = model.generate(prompts, args.max_gen_toks, stop=bbh.STOP)
+    return time.perf_counter() - start, completions
+
+
+def prefix_caching_only(model_dir: Path, data: dict[str, Path], args: argparse.Namespace) -> dict:
+    """moelm's generation tasks with and without prefix caching in turn: median seconds, and whether the
+    completions are identical."""
+    result = {}
+    for task in ("gsm8k", "bbh"):
+        run_moelm_generation(model_dir, data, args, task, True)  # warm-up
+        seconds: dict[bool, list[float]] = {True: [], False: []}
+        samples: dict[bool, list[str]] = {}
+        for _ in range(args.rounds):
+            for caching in (False, True):
+                elapsed, samples[caching] = run_moelm_generation(model_dir, data, args, task, caching)
+                seconds[caching].append(elapsed)
+                print(f"{task} prefix_caching={caching}: {elapsed:.1f} s", flush=True)
+        plain, cached = statistics.median(seconds[False]), statistics.median(seconds[True])
+        result.update(
+            {
+                f"{task}_seconds_no_prefix_cache": plain,
+                f"{task}_seconds_prefix_cache": cached,
+                f"{task}_prefix_cache_speedup": plain / cached,
+                f"{task}_same_samples": float(samples[True] == samples[False]),
+            }
+        )
+    return result
 
 
 def run_moelm_eval(model_dir: Path, data: dict[str, Path], args: argparse.Namespace) -> tuple[float, dict]:
@@ -178,6 +225,9 @@ def main() -> None:
     parser.add_argument("--gen-limit", type=int, default=8)
     parser.add_argument("--ll-limit", type=int, default=16)
     parser.add_argument("--max-gen-toks", type=int, default=128)
+    parser.add_argument(
+        "--prefix-caching-only", action="store_true", help="time only moelm's GSM8K with and without prefix caching"
+    )
     args = parser.parse_args()
     for needed in ("gsm8k/train.jsonl", "gsm8k/test.jsonl", *(f"mmlu/test/{s}_test.csv" for s in SUBJECTS)):
         if not (args.data_dir / needed).is_file():
@@ -188,6 +238,10 @@ def main() -> None:
         model_dir = build_model(root, args.data_dir)
         tasks_dir = harness_tasks(root, args.data_dir, args.max_gen_toks)
         data = {"gsm8k": args.data_dir, "mmlu": local_mmlu(root, args.data_dir)}
+        if args.prefix_caching_only:
+            result = {"benchmark": "eval_speed_prefix_caching", **prefix_caching_only(model_dir, data, args)}
+            print(json.dumps({k: round(v, 3) for k, v in result.items() if isinstance(v, float)} | result))
+            return
         ways = {
             "moelm eval": lambda: run_moelm_eval(model_dir, data, args),
             "lm_eval --model hf": lambda: run_harness("hf", model_dir, tasks_dir, args),

@@ -187,9 +187,9 @@ def test_prefix_cached_generation_equals_uncached_token_for_token(attention):
 
     prefix = PrefixCache(block_size=16)
     assert run(prefix) == run(None)
-    # the first two arrive together (nothing stored yet); then the partly shared prompt finds one block and the
-    # two later copies of `shared` both of its blocks
-    assert prefix.stats.hit_tokens == 16 + 32 + 32
+    # the first two arrive together: their two shared blocks are prefilled once, then both find them; later the
+    # partly shared prompt finds one block and the two later copies of `shared` both
+    assert prefix.stats.hit_tokens == 32 + 32 + 16 + 32 + 32
 
 
 def test_evicted_prefix_blocks_are_never_read():

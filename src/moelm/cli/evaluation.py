@@ -48,6 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         generator = common.load_generator(args)
         bar = common.progress_bar("requests")
         model = EvalModel(generator, args.batch_size, bar.update if bar is not None else None)
+        model.prefix_caching = not args.no_prefix_caching
         if bar is not None:
             model.expect = lambda count: common.grow_total(bar, count)
         document = run_tasks(model, str(args.model), tasks, args.data_dir, settings)
@@ -106,6 +107,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--samples", type=common.POSITIVE_INT, default=1, help="completions per problem (pass@k)")
     evaluate.add_argument("--compile", action="store_true", help="compile the decode step (long generation runs)")
+    evaluate.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="prefill every prompt in full (default: prompt blocks shared by few-shot prompts are computed once)",
+    )
     evaluate.add_argument("--temperature", type=common.NON_NEGATIVE_FLOAT, default=0.0)
     evaluate.add_argument("--top-p", type=common.TOP_P, default=1.0)
     evaluate.add_argument("--seed", type=common.SEED, default=1234)

@@ -39,6 +39,7 @@ class EvalModel:
     progress: Callable[[int], None] | None = None
     # Told how many requests a call is about to run, so a progress bar can show a total before they finish.
     expect: Callable[[int], None] | None = None
+    prefix_caching: bool = True  # few-shot prompts share their examples: prefilled once per call
 
     @property
     def max_length(self) -> int:
@@ -121,7 +122,7 @@ class EvalModel:
             max_waiting=len(encoded) + 1,
             pad_token_id=model.config.pad_token_id or 0,
             compiled=self.generator.compiled,
-            prefix_cache=PrefixCache(),  # few-shot prompts share their examples: prefilled once
+            prefix_cache=PrefixCache() if self.prefix_caching else None,
         )
         errors: list[str] = []
 

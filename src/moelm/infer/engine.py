@@ -298,6 +298,8 @@ class Engine:
             unique: dict[tuple[int, ...], int] = {}
             source_rows = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
             prompts = [list(p) for p in unique]
+        if self.prefix_cache is not None and len(prompts) > 1:
+            self._store_shared_prefixes(prompts)
         found = [self.prefix_cache.lookup(p) for p in prompts] if self.prefix_cache is not None else []
         cached = [len(blocks) * self.prefix_cache.block_size for blocks in found] or [0] * len(prompts)
         ids, mask = cache_rows.left_pad([p[n:] for p, n in zip(prompts, cached, strict=True)], self.pad)
@@ -333,6 +335,17 @@ class Engine:
                 self._seen()[row] = False
                 self._seen()[row, torch.tensor(request.prompt_ids, device=self.device)] = True
         self._sample_and_emit(logits[source_rows], len(rows), first=rows[0])
+
+    def _store_shared_prefixes(self, prompts: list[list[int]]) -> None:
+        """Prefill the leading blocks several new prompts share, once, into the prefix cache."""
+        shared = self.prefix_cache.shared_prefixes(prompts)
+        if not shared:
+            return
+        ids, mask = cache_rows.left_pad(shared, self.pad)
+        scratch = KVCache(self.config, len(shared), ids.shape[1], dtype=self.dtype, device=self.device)
+        self.model(ids.to(self.device), attention_mask=mask.to(self.device), cache=scratch, logits_to_keep=1)
+        for row, prefix in enumerate(shared):
+            self.prefix_cache.store(prefix, scratch, row)
 
     def _seen(self) -> torch.Tensor:
         if self.seen is None:

@@ -57,6 +57,29 @@ class PrefixCache:
             keys.append(previous)
         return keys
 
+    def shared_prefixes(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Block-aligned leading parts that two or more of `prompts` share and that are not stored yet, longest
+        first, none inside another: prefilled once, they turn the prompts' own lookups into hits (a batch of
+        few-shot prompts arrives together, before anything is stored)."""
+        chains = [self.keys(p[: len(p) - 1]) for p in prompts]
+        seen: dict[bytes, int] = {}
+        for chain in chains:
+            for key in chain:
+                seen[key] = seen.get(key, 0) + 1
+        candidates = []
+        for prompt, chain in zip(prompts, chains, strict=True):
+            shared = 0
+            while shared < len(chain) and (seen[chain[shared]] > 1 or chain[shared] in self.blocks):
+                shared += 1
+            if shared and chain[shared - 1] not in self.blocks:
+                candidates.append((chain[:shared], list(prompt[: shared * self.block_size])))
+        chosen, covered = [], set()
+        for chain, tokens in sorted(candidates, key=lambda c: -len(c[0])):
+            if chain[-1] not in covered:
+                chosen.append(tokens)
+                covered.update(chain)
+        return chosen
+
     def lookup(self, prompt: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The stored entries of the prompt's leading blocks, leaving at least its last token to prefill (its
         logits pick the first new token)."""
