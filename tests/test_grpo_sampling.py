@@ -194,3 +194,24 @@ def test_difficulty_and_curriculum_settings_reach_the_prompt_sampler(task, tmp_p
     assert (sampler.weighted, sampler.curriculum, sampler.unlock_at) == (True, True, 0.9)
     plain = _trainer(task, tmp_path / "plain").batches.sampler
     assert not plain.weighted and not plain.curriculum
+
+
+def test_compile_rollouts_reaches_the_rollout_decode(task, tmp_path):
+    """grpo.compile_rollouts gives the policy a compiled step bound to it (built lazily, so nothing compiles
+    here); off, rollouts decode eagerly."""
+    compiled = _trainer(task, tmp_path / "compiled", "grpo.compile_rollouts=true")
+    step = compiled._rollout_compiled()
+    assert step is not None and step.model is compiled.model and compiled._rollout_compiled() is step
+    assert _trainer(task, tmp_path / "eager")._rollout_compiled() is None
+
+
+@pytest.mark.slow  # builds the compiled decode step for the rollout's shapes
+def test_compiled_rollouts_sample_the_eager_rollouts(task, tmp_path, monkeypatch):
+    """The same seeds through the compiled step draw the same completions as eager decoding."""
+    monkeypatch.setenv("MOELM_AOT_CACHE", str(tmp_path / "aot"))
+    longer = "grpo.max_completion_tokens=5"  # decode steps, not just the prefill's token
+    eager = _trainer(task, tmp_path / "eager", longer).batches.train_batch(0)[0]
+    trainer = _trainer(task, tmp_path / "compiled", longer, "grpo.compile_rollouts=true")
+    compiled = trainer.batches.train_batch(0)[0]
+    assert torch.equal(eager["input_ids"], compiled["input_ids"])
+    assert trainer._rollout_compiled()._step.built > 0  # the rollout really ran through compiled packages

@@ -159,11 +159,9 @@ def _stream(
             raise RuntimeError(errors[0])
         stats.steps += 1
         width = max(1, *(len(tokens) for tokens in arrived))  # held rows after every stop: a step of pads
-        step = torch.full((batch, width), pad, dtype=torch.long, device=input_ids.device)
-        for row, tokens in enumerate(arrived):
-            if tokens:
-                step[row, : len(tokens)] = torch.tensor(tokens)
-                tokens.clear()
+        step = torch.tensor([tokens + [pad] * (width - len(tokens)) for tokens in arrived], device=input_ids.device)
+        for tokens in arrived:
+            tokens.clear()
         yield StepOutput(step, torch.tensor(finished, device=input_ids.device))
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from moelm.data.chat import render_chat
 from moelm.data.sources import DataError
+from moelm.infer.compiled import CompiledDecode, compile_decode
 from moelm.infer.generate import left_pad, stream
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.sampling import SamplingParams
@@ -69,6 +70,15 @@ class GRPOTrainer(SFTTrainer):
             return render_chat([{"role": "user", "content": prompt.text}], self.chat_template(), True)
         return prompt.text
 
+    def _rollout_compiled(self) -> CompiledDecode | None:
+        """The policy's compiled decode step when grpo.compile_rollouts asks for it (built on first use)."""
+        if not self.recipe.grpo.compile_rollouts or self.context.distributed:
+            return None
+        compiled = getattr(self, "_compiled_policy", None)
+        if compiled is None or compiled.model is not self.model:
+            compiled = self._compiled_policy = compile_decode(self.model)
+        return compiled
+
     @torch.no_grad()
     def sample(
         self,
@@ -96,6 +106,7 @@ class GRPOTrainer(SFTTrainer):
             attention_mask=mask,
             eos_token_id=eos,
             seeds=seeds,
+            compiled=self._rollout_compiled(),
             prefix_cache=PrefixCache(),  # the group's completions share its prompt: prefilled once
             run_to_end=self.context.distributed,  # ranks sample different rows: every rank takes every step
         )

@@ -190,6 +190,10 @@ class GRPOSection:
     # rollout did (costs one no-grad forward per rollout), and optionally reuse the rollout's experts.
     routing_drift: bool = False
     routing_replay: bool = False
+    # Rollouts decode through the compiled step (built once per batch and cache bucket, then kept on disk; the
+    # packages read the policy's weights in place, so optimizer steps need no rebuild). One process only: a
+    # model sharded over processes decodes eagerly.
+    compile_rollouts: bool = False
 
     SOURCE_FORMATS: ClassVar[tuple[str, ...]] = GRPO_FORMATS
     BUILTIN_DEFAULTS: ClassVar[dict[str, Any]] = {"seed": 2}  # not the SFT draw (seed 0/1) unless asked
