@@ -30,6 +30,7 @@ import torch
 from moelm import MoELM, load_config
 from moelm.data.tokenizer import save_tokenizer_file, train_tokenizer
 from moelm.infer import generate
+from moelm.infer.compiled import CompiledDecode, compile_decode
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -108,13 +109,15 @@ async def load_level(url: str, prompts: list[list[int]], concurrency: int, outpu
     }
 
 
-def offline_tokens_per_second(model: MoELM, prompts: list[list[int]], output_len: int, repeats: int = 2) -> float:
+def offline_tokens_per_second(
+    model: MoELM, prompts: list[list[int]], output_len: int, repeats: int = 2, compiled: CompiledDecode | None = None
+) -> float:
     """Offline batched greedy generation of every prompt at once (the ceiling the server is held to)."""
     ids = torch.tensor(prompts)
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
-        generate(model, ids, output_len, eos_token_id=None)
+        generate(model, ids, output_len, eos_token_id=None, compiled=compiled)
         best = max(best, len(prompts) * output_len / (time.perf_counter() - start))
     return best
 
@@ -122,9 +125,10 @@ def offline_tokens_per_second(model: MoELM, prompts: list[list[int]], output_len
 EXTRA_ENV = json.loads(os.environ.get("SERVE_ENV", "{}"))
 
 
-def start_server(model_dir: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, max_batch: int, compile_step: bool = False) -> subprocess.Popen:
     command = [sys.executable, "-m", "moelm", "serve", "--model", str(model_dir), "--port", str(port)]
     command += ["--served-model-name", "bench", "--max-batch", str(max_batch), "--log-level", "warning"]
+    command += ["--compile"] if compile_step else []
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env={**os.environ, **EXTRA_ENV})
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -145,6 +149,12 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,16,64")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="server and offline baseline decode through compiled steps (each level is run once untimed first, "
+        "so the graphs of its batch and cache buckets are built or loaded outside the timing)",
+    )
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
@@ -160,15 +170,18 @@ def main() -> None:
         model_dir = Path(directory)
         model.save_pretrained(model_dir)
         save_tokenizer_file(tokenizer, model_dir / "tokenizer.json")
-        offline = offline_tokens_per_second(model, prompts[:16], args.output_len)
-        server = start_server(model_dir, args.port, max(levels + [16]))
+        compiled = compile_decode(model) if args.compile else None
+        offline = offline_tokens_per_second(model, prompts[:16], args.output_len, compiled=compiled)
+        server = start_server(model_dir, args.port, max(levels + [16]), args.compile)
         try:
             url = f"http://127.0.0.1:{args.port}"
             asyncio.run(load_level(url, prompts, 2, 4, 1))  # warm-up
+            for n in levels if args.compile else []:
+                asyncio.run(load_level(url, prompts, n, args.output_len, 1))
             results = [
                 asyncio.run(load_level(url, prompts, n, args.output_len, args.requests_per_client)) for n in levels
             ]
-            offline_after = offline_tokens_per_second(model, prompts[:16], args.output_len)
+            offline_after = offline_tokens_per_second(model, prompts[:16], args.output_len, compiled=compiled)
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -16,6 +16,7 @@ from unittest import mock
 import torch
 
 from moelm import MoELM, load_config
+from moelm.infer import rows
 from moelm.infer.generate import left_pad
 from moelm.model import attention
 from moelm.model.cache import KVCache
@@ -46,7 +47,7 @@ def main() -> None:
             for name in times:
                 patch = broadcast_bmm if name == "broadcast" else attention._per_head_bmm
                 with mock.patch.object(attention, "_per_head_bmm", patch):
-                    view = cache.view(args.batch, cache.length + 1)
+                    view = rows.view(cache, args.batch, cache.length + 1)
                     start = time.perf_counter()
                     outputs[name] = model.decode_step(tokens, view)
                     times[name].append(time.perf_counter() - start)
