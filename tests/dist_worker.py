@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from conftest import TINY_RUN, capture_gradients
 
+from moelm.dist.runtime import end_process
 from moelm.train.recipe import load_recipe
 from moelm.train.trainer import Trainer
 
@@ -28,3 +29,4 @@ def main(out: str, result: str, *overrides: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], *sys.argv[3:])
+    end_process(0)  # as `torchrun -m moelm` workers end

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from conftest import capture_gradients
 
+from moelm.dist.runtime import end_process
 from moelm.train.grpo import GRPOTrainer
 from moelm.train.recipe import load_recipe
 
@@ -72,3 +73,4 @@ def main(base: str, out: str, result: str, aggregations: str, *task_overrides: s
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_process(0)  # as `torchrun -m moelm` workers end

@@ -3,5 +3,9 @@
 import sys
 
 from moelm.cli import main
+from moelm.dist.runtime import end_process, launched_by_torchrun
 
-sys.exit(main())
+code = main()
+if launched_by_torchrun():  # a worker of a torchrun launch: no interpreter finalisation (see end_process)
+    end_process(code)
+sys.exit(code)

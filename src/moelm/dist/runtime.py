@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
+from typing import NoReturn
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +126,17 @@ def init_parallel(
         dense_mesh=dense_mesh,
         expert_mesh=expert_mesh,
     )
+
+
+def end_process(code: int) -> NoReturn:
+    """End a torchrun worker: run the exit handlers (the process group is destroyed there) while the interpreter
+    is whole, then leave without interpreter finalisation. Objects that still hold gloo groups (device meshes,
+    sharded tensors) destroyed during finalisation aborted finished ranks now and then (SIGABRT, "terminate
+    called without an active exception"), which torchrun reports as a failed run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def _destroy_at_exit() -> None:
