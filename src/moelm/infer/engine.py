@@ -235,12 +235,12 @@ class Engine:
         admitted = self._admit()
         if admitted:
             self._prefill(admitted)
-        self.stats.running, self.stats.waiting = len(self.running), self.waiting.qsize()
-        self.stats.cache_slots_used = int(self.cache.valid[: len(self.running)].sum()) if self.running else 0
-        if self.prefix_cache is not None:
-            self.stats.prefix_queried_tokens = self.prefix_cache.stats.queried_tokens
-            self.stats.prefix_hit_tokens = self.prefix_cache.stats.hit_tokens
-        if self.on_step is not None:
+        if self.on_step is not None:  # the gauges cost a device read: only for a listener (the server's metrics)
+            self.stats.running, self.stats.waiting = len(self.running), self.waiting.qsize()
+            self.stats.cache_slots_used = int(self.cache.valid[: len(self.running)].sum()) if self.running else 0
+            if self.prefix_cache is not None:
+                self.stats.prefix_queried_tokens = self.prefix_cache.stats.queried_tokens
+                self.stats.prefix_hit_tokens = self.prefix_cache.stats.hit_tokens
             self.on_step(self.stats)
 
     # ------------------------------------------------------------------ engine thread

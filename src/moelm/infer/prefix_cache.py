@@ -47,21 +47,33 @@ class PrefixCache:
         self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.bytes = 0
         self.stats = PrefixCacheStats()
+        self._chains: dict[tuple[int, ...], list[bytes]] = {}
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """The chained key of every full block of `tokens`."""
-        keys, previous = [], b""
-        for end in range(self.block_size, len(tokens) + 1, self.block_size):
-            block = ",".join(map(str, tokens[end - self.block_size : end])).encode()
-            previous = hashlib.blake2b(previous + b"|" + block, digest_size=16).digest()
-            keys.append(previous)
-        return keys
+        """The chained key of every full block of `tokens` (remembered for the last few token lists: one
+        admission looks a prompt up, and stores it, with the same chain)."""
+        memo = tuple(tokens)
+        chain = self._chains.get(memo)
+        if chain is None:
+            chain, previous = [], b""
+            for end in range(self.block_size, len(tokens) + 1, self.block_size):
+                block = ",".join(map(str, tokens[end - self.block_size : end])).encode()
+                previous = hashlib.blake2b(previous + b"|" + block, digest_size=16).digest()
+                chain.append(previous)
+            self._chains[memo] = chain
+            if len(self._chains) > 1024:
+                self._chains.pop(next(iter(self._chains)))
+        return chain
+
+    def _usable(self, prompt: Sequence[int]) -> list[bytes]:
+        """The keys of the blocks a prompt may take from the store: all but its last token stay computable."""
+        return self.keys(prompt)[: (len(prompt) - 1) // self.block_size]
 
     def shared_prefixes(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Block-aligned leading parts that two or more of `prompts` share and that are not stored yet, longest
         first, none inside another: prefilled once, they turn the prompts' own lookups into hits (a batch of
         few-shot prompts arrives together, before anything is stored)."""
-        chains = [self.keys(p[: len(p) - 1]) for p in prompts]
+        chains = [self._usable(p) for p in prompts]
         seen: dict[bytes, int] = {}
         for chain in chains:
             for key in chain:
@@ -83,9 +95,8 @@ class PrefixCache:
     def lookup(self, prompt: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The stored entries of the prompt's leading blocks, leaving at least its last token to prefill (its
         logits pick the first new token)."""
-        usable = self.keys(prompt[: len(prompt) - 1])
         found = []
-        for key in usable:
+        for key in self._usable(prompt):
             entries = self.blocks.get(key)
             if entries is None:
                 break

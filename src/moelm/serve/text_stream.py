@@ -37,7 +37,6 @@ class _Reader:
         self.reasoning = IncrementalDetokenizer(tokenizer, True, eos)
         self.content = IncrementalDetokenizer(tokenizer, True, eos)
         self.inside = stream.starts_in_reasoning  # inside <think> ... </think>
-        self.closed = stream.close_id is None  # the reasoning part has ended (or there is none)
         self.consumed = 0
         self.content_tokens: set[int] = set()  # positions of the tokens decoded into the content
         self.ended = False
@@ -49,9 +48,9 @@ class _Reader:
                 self.ended = True
                 continue
             if self.consumed == 0 and not self.inside and stream.open_id is not None and token == stream.open_id:
-                self.inside, self.closed = True, False
+                self.inside = True
             elif self.inside and token == stream.close_id:
-                self.inside, self.closed = False, True
+                self.inside = False
             elif self.inside:
                 self.reasoning.push(token)
             else:
@@ -113,9 +112,8 @@ class TextStream:
         """Where each token's text starts in the returned content, as OpenAI's `text_offset`: a token whose text
         is not part of it (</think>, a reasoning token, one after a stop string or EOS) sits at the offset
         reached so far, so the offsets never pass the end of the text."""
-        reader = _Reader(self)
-        reader.read(tokens, final=True)
-        returned = self.full(tokens).content
+        reader = _Reader(self)  # its own: the delta reader's state belongs to the stream
+        returned = self._parts(reader, tokens, final=True).content
         decoded = reader.content.text
         lead = len(decoded) - len(decoded.lstrip("\n")) if self.split_reasoning else 0  # newlines a chat drops
         starts = iter(reader.content.offsets)
@@ -127,7 +125,9 @@ class TextStream:
         return offsets
 
     def _visible(self, tokens: Sequence[int], final: bool) -> Parts:
-        reader = self._deltas
+        return self._parts(self._deltas, tokens, final)
+
+    def _parts(self, reader: _Reader, tokens: Sequence[int], final: bool) -> Parts:
         reader.read(tokens, final)
         # the newlines around the tags belong to the format, not to the text (trailing ones of the reasoning
         # are held back until </think> or the end decides them)
@@ -137,11 +137,6 @@ class TextStream:
         if final or len(stopped) < len(content):
             return Parts(reasoning, stopped)
         return Parts(reasoning, _without_stop_prefix(content, self.stop))
-
-
-def _hold_back(text: str, final: bool) -> str:
-    """Text without a trailing replacement character (the first bytes of a character still being decoded)."""
-    return text if final else text.rstrip("\ufffd")
 
 
 def _without_stop_prefix(text: str, stops: Sequence[str]) -> str:
