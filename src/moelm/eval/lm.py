@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from moelm.infer.engine import Engine, EngineRequest, TokenEvent
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.sampling import SamplingParams
-from moelm.infer.text import TextGenerator, cut_at_stop
+from moelm.infer.text import IncrementalDetokenizer, StopFinder, TextGenerator, cut_at_stop
 
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -100,12 +100,16 @@ class EvalModel:
         return [cut_at_stop(self.generator.detokenize(row, skip_special_tokens=skip_special), stop) for row in rows]
 
     def _stop_check(self, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
+        """A request's stop check: its text decoded incrementally (each token once) and searched only where new
+        text arrived; called by the engine with every new token, in order."""
         if not stop:
             return None
+        text = IncrementalDetokenizer(self.generator.tokenizer, skip_special_tokens=False)
+        finder = StopFinder(stop)
 
         def hit(tokens: list[int]) -> bool:
-            tail = self.generator.tokenizer.decode(tokens[-24:], skip_special_tokens=False)
-            return any(s in tail for s in stop)
+            text.push(tokens[-1])
+            return finder.search(text.text) is not None
 
         return hit
 
@@ -132,9 +136,8 @@ class EvalModel:
             if event.finish_reason is not None and self.progress is not None:
                 self.progress(1)
 
-        hit = self._stop_check(stop)
         requests = [
-            EngineRequest(ids, max_new_tokens, on_event, params, seed=seed + i, stop=hit)
+            EngineRequest(ids, max_new_tokens, on_event, params, seed=seed + i, stop=self._stop_check(stop))
             for i, ids in enumerate(encoded)
         ]
         for request in requests:
