@@ -50,6 +50,27 @@ def test_batched_draws_follow_the_filtered_distribution(params):
     assert bool((frequencies[expected == 0] == 0).all())  # filtered tokens are never drawn
 
 
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(0.7, top_k=4), SamplingParams(1.0, top_p=0.8), SamplingParams(1.3, top_k=6, top_p=0.9, min_p=0.1)],
+)
+def test_the_filtered_distribution_is_transformers_warper_chain(params):
+    """temperature -> top-k -> top-p -> min-p, in the order and with the rules transformers' generate applies
+    them, on the same logits: the same probabilities."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(3)
+    logits = torch.randn(5, 40) * 2
+    warped = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
+    if params.top_k:
+        warped = TopKLogitsWarper(params.top_k)(None, warped)
+    if params.top_p < 1:
+        warped = TopPLogitsWarper(params.top_p)(None, warped)
+    if params.min_p:
+        warped = MinPLogitsWarper(params.min_p)(None, warped)
+    torch.testing.assert_close(token_distribution(logits, params), warped.softmax(-1))
+
+
 def test_rows_with_different_settings_sample_as_each_would_alone():
     logits = torch.randn(4, 50)
     params = [SamplingParams(), SamplingParams(0.8, top_k=5), SamplingParams(1.0, top_p=0.6), SamplingParams(0.5)]
@@ -86,8 +107,10 @@ def test_a_seeded_request_gives_the_same_tokens_alone_or_in_any_batch():
 
 
 def test_repetition_penalty_in_a_batch_equals_the_reference_rule_per_row():
-    """A batch mixing penalised and plain rows: each row equals decoding it alone with the row-by-row rule
-    (HF's: prompt and completion tokens so far) applied to full-forward logits."""
+    """A batch mixing penalised and plain rows: each row equals decoding it alone by full forwards through
+    transformers' own RepetitionPenaltyLogitsProcessor (prompt and completion tokens so far)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     model = MoELM(tiny_config(initializer_range=0.2)).eval()
     prompts, penalties = [[5, 6, 5, 6], [7, 8, 9]], [1.8, 1.0]
     rows = []
@@ -95,10 +118,8 @@ def test_repetition_penalty_in_a_batch_equals_the_reference_rule_per_row():
         ids = list(prompt)
         with torch.no_grad():
             for _ in range(8):
-                logits = model(torch.tensor([ids])).logits[0, -1].clone()
-                seen = torch.tensor(sorted(set(ids)))
-                picked = logits[seen]
-                logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+                logits = model(torch.tensor([ids])).logits[:, -1]
+                logits = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), logits)
                 ids.append(int(logits.argmax()))
         rows.append(ids[len(prompt) :])
     engine = Engine(model, [], max_batch=2)
