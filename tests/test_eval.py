@@ -264,3 +264,18 @@ def test_every_canonical_mbpp_solution_passes_and_an_early_exit_does_not():
     canonical, exits = samples[0::2], samples[1::2]
     assert [s["task_id"] for s in canonical if not s["passed"]] == []
     assert not any(s["passed"] for s in exits)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-prefix-caching"]])
+def test_no_prefix_caching_reaches_the_generation_engine(tmp_path, monkeypatch, flag):
+    from conftest import save_tiny_model_with_tokenizer
+
+    import moelm.eval.lm
+    import moelm.infer
+
+    made = []
+    monkeypatch.setattr(moelm.eval.lm, "PrefixCache", lambda: made.append(1) or moelm.infer.PrefixCache())
+    save_tiny_model_with_tokenizer(tmp_path / "model")
+    argv = ["eval", "--model", str(tmp_path / "model"), "--tasks", "builtin", "--limit", "2", "--max-new-tokens", "2"]
+    assert main([*argv, *flag]) == 0
+    assert bool(made) == (not flag)

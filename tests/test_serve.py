@@ -24,7 +24,7 @@ from moelm.cli import main  # noqa: E402
 from moelm.data.tokenizer import train_tokenizer  # noqa: E402
 from moelm.infer.engine import Engine, EngineOverloadedError, EngineRequest  # noqa: E402
 from moelm.infer.text import TextGenerator  # noqa: E402
-from moelm.serve.app import ServerConfig, create_app  # noqa: E402
+from moelm.serve.app import Server, ServerConfig, create_app  # noqa: E402
 from moelm.serve.text_stream import TextStream  # noqa: E402
 
 PROMPTS = ["the quick brown", "two plus", "the lazy dog", "fox jumps over", "two", "quick", "the", "lazy brown fox"]
@@ -418,3 +418,19 @@ def test_repetition_penalty_reaches_the_engine_and_equals_generate(generator):
             body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "repetition_penalty": 3.0}
             assert http.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
     assert changed  # the penalty changes some continuation, so equality above is not the unpenalised text
+
+
+def test_serve_flags_reach_the_engine(model_dir, monkeypatch):
+    """`moelm serve --compile --no-prefix-caching`: the engine gets a compiled step and no prefix cache (the
+    server itself is not started)."""
+    import moelm.serve.app
+
+    engines = []
+    monkeypatch.setattr(
+        moelm.serve.app, "serve", lambda generator, config, *a: engines.append(Server(generator, config).engine)
+    )
+    for flags in ([], ["--compile", "--no-prefix-caching"]):
+        assert main(["serve", "--model", str(model_dir), *flags]) == 0
+    plain, changed = engines
+    assert plain.compiled is None and plain.prefix_cache is not None
+    assert changed.compiled is not None and changed.compiled.model is changed.model and changed.prefix_cache is None
