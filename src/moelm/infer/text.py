@@ -117,7 +117,8 @@ class TextGenerator:
                 yield visible[emitted:]
                 emitted = len(visible)
         text.finish()  # whatever was held back for a partial character
-        final = text.text[: stops.search(text.text)] if stops.search(text.text) is not None else text.text
+        cut = stops.search(text.text)
+        final = text.text if cut is None else text.text[:cut]
         if len(final) > emitted:
             yield final[emitted:]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,8 @@ __all__ = ["GRPOTrainer", "Prompt", "load_prompts"]
 @dataclass
 class GRPOTrainer(SFTTrainer):
     """Reinforces the model in `base_model` on recipe.grpo; checkpoints, resume and metrics as the other trainers."""
+
+    _compiled_policy: CompiledDecode | None = field(default=None, init=False, repr=False)  # compile_rollouts
 
     def prepare_batches(self, tokenizer) -> RolloutBatches:  # noqa: ANN001
         grpo = self.recipe.grpo
@@ -74,10 +76,9 @@ class GRPOTrainer(SFTTrainer):
         """The policy's compiled decode step when grpo.compile_rollouts asks for it (built on first use)."""
         if not self.recipe.grpo.compile_rollouts or self.context.distributed:
             return None
-        compiled = getattr(self, "_compiled_policy", None)
-        if compiled is None or compiled.model is not self.model:
-            compiled = self._compiled_policy = compile_decode(self.model)
-        return compiled
+        if self._compiled_policy is None or self._compiled_policy.model is not self.model:
+            self._compiled_policy = compile_decode(self.model)
+        return self._compiled_policy
 
     @torch.no_grad()
     def sample(
