@@ -288,40 +288,14 @@ class Engine:
         return admitted
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
-        """One batched forward over the new prompts, their cache rows placed after the running ones.
-
-        With a prefix cache, identical prompts are computed once, and each prompt's stored leading blocks are
-        copied in instead of computed: the forward covers only the rest."""
-        prompts = [r.prompt_ids for r in requests]
-        source_rows = list(range(len(requests)))
-        if self.prefix_cache is not None:
-            unique: dict[tuple[int, ...], int] = {}
-            source_rows = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-            prompts = [list(p) for p in unique]
-        if self.prefix_cache is not None and len(prompts) > 1:
-            self._store_shared_prefixes(prompts)
-        found = [self.prefix_cache.lookup(p) for p in prompts] if self.prefix_cache is not None else []
-        cached = [len(blocks) * self.prefix_cache.block_size for blocks in found] or [0] * len(prompts)
-        ids, mask = cache_rows.left_pad([p[n:] for p, n in zip(prompts, cached, strict=True)], self.pad)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        longest_prefix = max(cached)
-        scratch = KVCache(
-            self.config, len(prompts), longest_prefix + ids.shape[1], dtype=self.dtype, device=self.device
-        )
-        for row, blocks in enumerate(found):
-            cache_rows.fill_prefix(scratch, row, blocks, longest_prefix)
-        scratch.length = longest_prefix
-        scratch.max_next_position = max(cached)
+        """One batched forward over the new prompts, their cache rows placed after the running ones."""
         try:
-            logits = self.model(ids, attention_mask=mask, cache=scratch, logits_to_keep=1).logits[:, -1]
+            logits, scratch, source_rows = self._prefill_forward([r.prompt_ids for r in requests])
         except Exception as error:  # noqa: BLE001 - this batch fails, the engine carries on
             for request in requests:
                 self._emit(request, TokenEvent(None, FINISH_ERROR, error=f"prefill failed: {error}"))
                 self._report_finish(request, FINISH_ERROR)
             return
-        if self.prefix_cache is not None:
-            for row, prompt in enumerate(prompts):
-                self.prefix_cache.store(prompt, scratch, row)
         width = scratch.length
         self._make_room(len(self.running) + len(requests), width)
         end = max(self.cache.length, width)
@@ -335,6 +309,35 @@ class Engine:
                 self._seen()[row] = False
                 self._seen()[row, torch.tensor(request.prompt_ids, device=self.device)] = True
         self._sample_and_emit(logits[source_rows], len(rows), first=rows[0])
+
+    def _prefill_forward(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, list[int]]:
+        """Last-position logits and a scratch cache for the prompts, and which scratch row serves each prompt.
+
+        With a prefix cache, identical prompts are computed once, and each prompt's stored leading blocks are
+        copied in instead of computed: the forward covers only the rest, and the prompts' blocks are stored."""
+        source_rows = list(range(len(prompts)))
+        found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prompts]
+        if self.prefix_cache is not None:
+            unique: dict[tuple[int, ...], int] = {}
+            source_rows = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+            prompts = [list(p) for p in unique]
+            if len(prompts) > 1:
+                self._store_shared_prefixes(prompts)
+            found = [self.prefix_cache.lookup(p) for p in prompts]
+        block = self.prefix_cache.block_size if self.prefix_cache is not None else 0
+        cached = [len(blocks) * block for blocks in found]  # prompt tokens taken from the store, per row
+        ids, mask = cache_rows.left_pad([p[n:] for p, n in zip(prompts, cached, strict=True)], self.pad)
+        longest_prefix = max(cached)
+        width = longest_prefix + ids.shape[1]
+        scratch = KVCache(self.config, len(prompts), width, dtype=self.dtype, device=self.device)
+        for row, blocks in enumerate(found):
+            cache_rows.fill_prefix(scratch, row, blocks, longest_prefix)
+        scratch.length = scratch.max_next_position = longest_prefix
+        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device), cache=scratch, logits_to_keep=1)
+        if self.prefix_cache is not None:
+            for row, prompt in enumerate(prompts):
+                self.prefix_cache.store(prompt, scratch, row)
+        return logits.logits[:, -1], scratch, source_rows
 
     def _store_shared_prefixes(self, prompts: list[list[int]]) -> None:
         """Prefill the leading blocks several new prompts share, once, into the prefix cache."""
