@@ -248,3 +248,13 @@ def test_identical_prompts_in_one_batch_are_prefilled_once(monkeypatch):
     )
     assert torch.equal(plain[:, 9:], shared)
     assert rows == [4, 1]
+
+
+def test_greedy_generation_leaves_the_global_random_stream_alone():
+    """A training run prints greedy samples between steps: they must not move torch's RNG, or a resumed run
+    (whose RNG comes from the checkpoint) would diverge from a straight one."""
+    model = MoELM(tiny_config()).eval()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    generate(model, torch.tensor([[3, 4, 5]]), 4)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -206,8 +206,8 @@ class Engine:
                 f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds "
                 f"the model length {self.max_model_len}{self._length_source()}"
             )
-        if request.seed is None:
-            request.seed = int(torch.randint(0, 2**62, ()).item())
+        if request.seed is None:  # greedy draws nothing: the caller's RNG stream stays untouched
+            request.seed = 0 if request.params.greedy else int(torch.randint(0, 2**62, ()).item())
         try:
             self.waiting.put_nowait(request)
         except queue.Full:
