@@ -7,7 +7,13 @@ loading torch (seconds on a busy machine).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# MKL's conditional numerical reproducibility: without it, MKL may pick kernels by the memory alignment of the
+# operands, so two processes (a straight run and one resumed from a bit-identical checkpoint) can differ in the
+# last bits. Set before torch loads MKL; a value the user exported wins.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 __version__ = "0.1.0"
 __all__ = [
