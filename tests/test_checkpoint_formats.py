@@ -143,9 +143,9 @@ def test_info_reports_quantisation_and_files_and_dtype_flag_loads_bf16(tmp_path,
     loaded = []
     original = TextGenerator.from_pretrained.__func__
 
-    def spy(cls, model_dir, dtype=None, device="cpu"):
+    def spy(cls, model_dir, dtype=None, device="cpu", **options):
         loaded.append(dtype)
-        return original(cls, model_dir, dtype, device)
+        return original(cls, model_dir, dtype, device, **options)
 
     monkeypatch.setattr(TextGenerator, "from_pretrained", classmethod(spy))
     argv = ["generate", "--model", str(tmp_path), "--prompt", "the", "--max-new-tokens", "2", "--dtype", "bfloat16"]

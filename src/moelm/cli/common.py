@@ -38,7 +38,9 @@ def load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
     """The model directory as a TextGenerator, its decode step compiled when --compile asks for it."""
     from moelm.infer.text import TextGenerator
 
-    generator = TextGenerator.from_pretrained(args.model, dtype=dtype(args.dtype), device=device(args.device))
+    generator = TextGenerator.from_pretrained(
+        args.model, dtype=dtype(args.dtype), device=device(args.device), activation_dtype=args.activation_dtype
+    )
     generator.model.eval()
     if args.compile:
         generator.compile()
@@ -95,6 +97,12 @@ SEED = _number(int, "an integer in 0..2**63-1", lambda v: 0 <= v < 2**63)
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """--dtype and --device of a command that loads a model directory."""
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="load the weights in this dtype")
+    parser.add_argument(
+        "--activation-dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="dtype of the residual stream and cache (auto: float32 under bf16/f16 weights on a CPU, as llama.cpp)",
+    )
     parser.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
 
 

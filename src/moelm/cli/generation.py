@@ -100,7 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from moelm.infer.text import TextGenerator
 
     generator = TextGenerator.from_pretrained(
-        args.model, dtype=common.dtype(args.dtype), device=common.device(args.device)
+        args.model,
+        dtype=common.dtype(args.dtype),
+        device=common.device(args.device),
+        activation_dtype=args.activation_dtype,
     )
     if args.compile:
         generator.compile()

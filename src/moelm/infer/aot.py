@@ -94,6 +94,7 @@ def package_key(model: MoELM, inputs: tuple[torch.Tensor, ...]) -> str | None:
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "config": model.config.to_dict(),
         "training": model.training,
+        "activation_dtype": str(model.compute_dtype),
         "weights": [
             (name, list(t.shape), list(t.stride()), str(t.dtype), str(t.device))
             for name, t in [*model.named_parameters(), *model.named_buffers()]

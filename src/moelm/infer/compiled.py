@@ -34,7 +34,7 @@ class CompiledDecode:
             raise ValueError(f"invalid compile backend {backend!r}: must be one of {', '.join(map(repr, BACKENDS))}")
         self.model = model
         self.backend = backend
-        self.key: tuple | None = None  # (dtype, device, training, resolved backend) the step was built for
+        self.key: tuple | None = None  # (dtype, activation dtype, device, training, backend) built for
         self._step: DecodeFn | None = None
 
     def resolved_backend(self) -> str:
@@ -47,7 +47,7 @@ class CompiledDecode:
         """The compiled `decode_logits` for the model as it is now."""
         weight = self.model.embed_tokens.weight
         backend = self.resolved_backend()
-        key = (weight.dtype, weight.device, self.model.training, backend)
+        key = (weight.dtype, self.model.compute_dtype, weight.device, self.model.training, backend)
         if self._step is None or key != self.key:
             if backend == "aot":
                 from moelm.infer.aot import AotDecodeStep

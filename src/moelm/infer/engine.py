@@ -144,7 +144,7 @@ class Engine:
         self.compiled = compiled
         self.prefix_cache = prefix_cache
         self.device = device = next(model.parameters()).device
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype = model.compute_dtype  # the cache holds the residual stream's entries
         # FSDP2 shards every parameter or none; a sharded model's blocks gather their weights only in forward
         self.sharded = isinstance(next(model.parameters()), DTensor)
         if compiled is None:

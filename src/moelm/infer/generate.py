@@ -183,7 +183,7 @@ def _speculative(
     first_seed = seeds[0] if seeds is not None else seed
     generators = None if first_seed is None else [torch.Generator(device=input_ids.device).manual_seed(first_seed)]
     capacity = input_ids.shape[1] + max_new_tokens + 1
-    cache = KVCache(model.config, 1, capacity, dtype=model.embed_tokens.weight.dtype, device=input_ids.device)
+    cache = KVCache(model.config, 1, capacity, dtype=model.compute_dtype, device=input_ids.device)
     stats.prompt_tokens += input_ids.shape[1]
     out = model(input_ids, cache=cache, logits_to_keep=1)
     yield from _speculative_loop(

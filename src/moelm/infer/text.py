@@ -21,6 +21,16 @@ from moelm.infer.sampling import SamplingParams
 from moelm.model.transformer import MoELM
 
 
+def resolve_activation_dtype(spec: torch.dtype | str | None, model: MoELM) -> torch.dtype | None:
+    """The activation dtype `spec` stands for on this model: "auto" is float32 for half-precision weights on a
+    CPU and None (the weights' dtype) otherwise; a dtype name or dtype is itself."""
+    if spec != "auto":
+        return getattr(torch, spec) if isinstance(spec, str) else spec
+    weight = model.embed_tokens.weight
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if half and weight.device.type == "cpu" else None
+
+
 @dataclass
 class TextGenerator:
     """Generate text from a moelm model directory (or a model and tokenizer in memory)."""
@@ -34,9 +44,17 @@ class TextGenerator:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        cls,
+        model_dir: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        activation_dtype: torch.dtype | str | None = "auto",
     ) -> TextGenerator:
+        """A generator for a model directory. activation_dtype: the residual stream's dtype; "auto" keeps it
+        float32 under bf16 / f16 weights on a CPU (llama.cpp's convention there, see
+        MoELM.set_activation_dtype) and in the weights' dtype elsewhere (on GPUs bf16 activations are the norm)."""
         model = MoELM.from_pretrained(model_dir, dtype=dtype, device=device, mtp=False)
+        model.set_activation_dtype(resolve_activation_dtype(activation_dtype, model))
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs it to take text prompts")

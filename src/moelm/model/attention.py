@@ -12,6 +12,7 @@ from torch import nn
 
 from moelm.config import ModelConfig
 from moelm.model.cache import KVCache
+from moelm.model.kernels.cpu import weight_product
 from moelm.model.layers import Linear, RMSNorm, apply_rope, softmax_scale
 
 
@@ -167,7 +168,7 @@ class MultiHeadLatentAttention(nn.Module):
         yet; scored as one extra, always visible, key."""
         w_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
         w_uk_NdC, w_uv_NvC = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
-        q_latent_BNTC = torch.einsum("bthd,hdr->bhtr", q_nope_BTNd, w_uk_NdC)
+        q_latent_BNTC = weight_product(_absorb_key, q_nope_BTNd, w_uk_NdC)
         q_pe_BNTr = q_pe_BTNr.transpose(1, 2)
         scores = _per_head_bmm(q_latent_BNTC, latent_BSC.transpose(1, 2))
         scores = scores + _per_head_bmm(q_pe_BNTr, k_pe_BSr.transpose(1, 2))
@@ -183,8 +184,16 @@ class MultiHeadLatentAttention(nn.Module):
             out_latent_BNTC = _per_head_bmm(probs, latent_BSC)
         else:
             out_latent_BNTC = _per_head_bmm(probs[..., :-1], latent_BSC) + probs[..., -1:] * own_latent_B1C
-        out = torch.einsum("bhtr,hvr->bthv", out_latent_BNTC, w_uv_NvC)
+        out = weight_product(_absorb_value, out_latent_BNTC, w_uv_NvC)
         return self.o_proj(out.flatten(2))
+
+
+def _absorb_key(q_nope_BTNd: torch.Tensor, w_uk_NdC: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bthd,hdr->bhtr", q_nope_BTNd, w_uk_NdC)
+
+
+def _absorb_value(out_latent_BNTC: torch.Tensor, w_uv_NvC: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bhtr,hvr->bthv", out_latent_BNTC, w_uv_NvC)
 
 
 def _per_head_bmm(x_BNTa: torch.Tensor, y_Bab: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from moelm.config import ModelConfig
 from moelm.model.dispatch import LocalDispatcher, TokenDispatcher
 from moelm.model.kernels import grouped_gemm
-from moelm.model.kernels.cpu import linear
+from moelm.model.kernels.cpu import linear, weight_product
 from moelm.model.layers import init_normal_
 from moelm.model.router import Routing
 
@@ -84,8 +84,8 @@ class RoutedExperts(nn.Module):
             return self.forward(x_TH, routing)
         combine_TE = torch.zeros(x_TH.shape[0], self.num_experts, dtype=x_TH.dtype, device=x_TH.device)
         combine_TE = combine_TE.scatter(1, expert_ids_TK, weights_TK.to(x_TH.dtype))
-        gate, up = (x_TH @ self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
-        out_ETH = (F.silu(gate) * up) @ self.down_proj.transpose(1, 2)
+        gate, up = weight_product(_times_transposed, x_TH, self.gate_up_proj).chunk(2, dim=-1)  # [E, T, I] each
+        out_ETH = weight_product(_times_transposed, F.silu(gate) * up, self.down_proj)
         return torch.einsum("te,eth->th", combine_TE, out_ETH)
 
     def _streamed(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,10 @@ class RoutedExperts(nn.Module):
         """Decode of a token or two: gather the few chosen experts' weights and run one batched GEMM each
         way; cheaper than sorting and dispatching when there are fewer assignments than experts."""
         return self._per_assignment(
-            x_TH, expert_ids_TK, weights_TK, lambda w_RPQ, x_RQ: (x_RQ[:, None] @ w_RPQ.transpose(1, 2))[:, 0]
+            x_TH,
+            expert_ids_TK,
+            weights_TK,
+            lambda w_RPQ, x_RQ: weight_product(_times_transposed, x_RQ[:, None], w_RPQ)[:, 0],
         )
 
     def _per_assignment(
@@ -121,9 +124,12 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets = counts_E.cumsum(0).to(torch.int32)
-        hidden_RI2 = grouped_gemm.grouped_mm(rows_RH, self.gate_up_proj.transpose(1, 2), offsets)
-        gate, up = hidden_RI2.chunk(2, dim=-1)
-        return grouped_gemm.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offsets)
+
+        def grouped(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return grouped_gemm.grouped_mm(rows, weight.transpose(1, 2), offsets)
+
+        gate, up = weight_product(grouped, rows_RH, self.gate_up_proj).chunk(2, dim=-1)
+        return weight_product(grouped, F.silu(gate) * up, self.down_proj)
 
     def _loop(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # unbind once: its backward stacks the per-expert gradients into one [E, ...] tensor, where indexing
@@ -138,3 +144,8 @@ class RoutedExperts(nn.Module):
         if not outputs:
             return rows_RH.new_zeros(rows_RH.shape)
         return torch.cat(outputs)
+
+
+def _times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T over the last two dimensions (weights are stored [out, in], as nn.Linear's)."""
+    return x @ weight.transpose(-2, -1)

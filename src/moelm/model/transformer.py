@@ -149,8 +149,32 @@ class MoELM(nn.Module):
         )
         rope_dim = config.qk_rope_head_dim if config.attention == "mla" else config.gqa_head_dim
         self.rotary = RotaryEmbedding(config, rope_dim)
+        # The residual stream's dtype when it differs from the weights' (set_activation_dtype); None: the same.
+        self.activation_dtype: torch.dtype | None = None
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the residual stream and of cache entries: `activation_dtype`, else the weights' dtype."""
+        return self.activation_dtype or self.embed_tokens.weight.dtype
+
+    def set_activation_dtype(self, dtype: torch.dtype | None) -> MoELM:
+        """Run the residual stream (embeddings, norms, attention, cache) in `dtype` whatever the weights' dtype.
+
+        float32 with bf16 / f16 weights is llama.cpp's CPU convention: each matmul rounds its input to the
+        weight's dtype and returns float32 (moelm.model.kernels.cpu.weight_product), so the error against the
+        float32 model is about that of rounding the weights alone, where a stream kept in bf16 compounds a
+        rounding at every layer. None returns to the weights' dtype. Inference only: training's bf16 runs
+        through autocast over float32 master weights."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"invalid activation dtype {dtype}: must be a floating-point dtype")
+        self.activation_dtype = dtype
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings in the residual stream's dtype."""
+        return self.embed_tokens(input_ids).to(self.compute_dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -204,7 +228,7 @@ class MoELM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
         # Padding tokens (2-D mask) are left out of routing statistics and balance losses.
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         routing: dict[int, Routing] = {}
         for block in self.layers:
@@ -241,7 +265,7 @@ class MoELM(nn.Module):
         the entries back is `decode_step`'s job, outside the graph: in-place cache updates inside it made
         inductor copy the cache every step."""
         mask = cache.valid[:, None, None, :]
-        hidden = self.embed_tokens(input_ids_B1)
+        hidden = self.embed(input_ids_B1)
         cos, sin = self.rotary(cache.next_position.unsqueeze(1), hidden.dtype)
         firsts, seconds = [], []
         for block in self.layers:
@@ -277,7 +301,7 @@ class MoELM(nn.Module):
             keep = seq_len - depth
             if keep < 2:
                 break
-            next_embeds = self.embed_tokens(input_ids[:, depth:])
+            next_embeds = self.embed(input_ids[:, depth:])
             cos, sin = self.rotary(position_ids[:, :keep], hidden.dtype)
             sub_mask = None if mask is None else mask[..., :keep, :keep]
             sub_tokens = None if token_mask is None else token_mask[:, :keep]
@@ -315,7 +339,7 @@ class MoELM(nn.Module):
         module = self.mtp[0]
         cos, sin = self.rotary(position_ids_BT, hidden_BTH.dtype)
         mask = None if cache is None else cache.attention_mask(start, hidden_BTH.shape[1])
-        hidden, _ = module(self.embed_tokens(next_ids_BT), hidden_BTH, cos, sin, mask, None, cache, start)
+        hidden, _ = module(self.embed(next_ids_BT), hidden_BTH, cos, sin, mask, None, cache, start)
         return self.lm_head(module.shared_head_norm(hidden))
 
     def balancing_biases(self) -> dict[int, torch.Tensor]:

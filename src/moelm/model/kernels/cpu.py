@@ -5,6 +5,7 @@ Read by the network's layers and by the expert backend selection; nothing here h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,16 +29,24 @@ def cpu_has_native_bf16() -> bool:
     return _CPU_NATIVE_BF16
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that half-precision GEMMs on CPUs without bf16 hardware run in float32.
+    """F.linear, except that half-precision GEMMs on CPUs without bf16 hardware run in float32, and that
+    float32 activations meet half-precision weights as llama.cpp has them meet (see `weight_product`).
 
     Upcasting bf16 operands is exact and the products accumulate in fp32 as a bf16 kernel's would, so the
     result matches a native bf16 GEMM up to the final rounding; on an AVX2-only CPU it is several times faster
     than torch's emulated bf16 GEMM (benchmarks/forward.py, bfloat16 rows).
     """
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype != weight.dtype and weight.dtype in HALF_DTYPES and not torch.is_autocast_enabled(x.device.type):
+        if rows == 1 and x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return _streamed_matvec(x, weight, bias)  # float32 products, reading the half-precision weight
+        return linear(x.to(weight.dtype), weight, bias).to(x.dtype)
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    rows = x.numel() // max(x.shape[-1], 1)
     if rows == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
         return _streamed_matvec(x, weight, bias)
     if cpu_has_native_bf16():
@@ -52,6 +61,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             out = F.linear(x.to(low).float(), weight.to(low).float(), None if bias is None else bias.to(low).float())
         return out.to(low)
     return _cpu_linear(x, weight, bias, rows)
+
+
+def weight_product(
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """`product(x, weight)`, with float32 activations rounded to a half-precision weight's dtype for the product
+    and the result returned in float32: llama.cpp's convention for bf16 / f16 files (its matmuls quantise the
+    activations to the weight type and accumulate in float32, while the residual stream, norms, softmax and
+    router stay float32). Keeping the stream in float32 is what holds bf16 logits near the float32 model's."""
+    if x.dtype == weight.dtype or weight.dtype not in HALF_DTYPES:
+        return product(x, weight)
+    return product(x.to(weight.dtype), weight).to(x.dtype)
 
 
 def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
