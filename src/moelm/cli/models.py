@@ -120,30 +120,60 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write a training checkpoint (verified against its manifest) as an HF model directory."""
+    """Write a training checkpoint (verified against its manifest) or a model directory as an HF model
+    directory, or as one GGUF file for llama.cpp."""
     import shutil
 
     from moelm.files import DamagedFileError, verify_manifest
     from moelm.model.transformer import MoELM
 
-    checkpoint = args.checkpoint
-    if not (checkpoint / "model" / "config.json").is_file():
-        raise ValueError(f"--checkpoint {checkpoint}: not a moelm checkpoint (expected {checkpoint}/model/config.json)")
-    if (checkpoint / "manifest.json").is_file():
-        try:
-            verify_manifest(checkpoint)
-        except DamagedFileError as error:
-            raise ValueError(f"--checkpoint {checkpoint}: {error}") from None
+    if args.checkpoint is not None:
+        source = args.checkpoint / "model"
+        if not (source / "config.json").is_file():
+            raise ValueError(f"--checkpoint {args.checkpoint}: not a moelm checkpoint (expected {source}/config.json)")
+        if (args.checkpoint / "manifest.json").is_file():
+            try:
+                verify_manifest(args.checkpoint)
+            except DamagedFileError as error:
+                raise ValueError(f"--checkpoint {args.checkpoint}: {error}") from None
+    else:
+        source = args.model
+        if not (source / "config.json").is_file():
+            raise ValueError(f"--model {source}: not a model directory (expected {source}/config.json)")
+    if args.format == "gguf":
+        _export_gguf(args, source)
+        return
+    if args.outtype is not None:
+        raise ValueError("--outtype applies to --format gguf; for an HF directory use --dtype or --quantization")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace the model files in it")
-    model = MoELM.from_pretrained(checkpoint / "model", dtype=common.dtype(args.dtype))
+    model = MoELM.from_pretrained(source, dtype=common.dtype(args.dtype))
     model.save_pretrained(args.out, max_shard_bytes=args.max_shard_size, quantization=args.quantization)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (checkpoint / "model" / name).is_file():
-            shutil.copyfile(checkpoint / "model" / name, args.out / name)
-    if (checkpoint / "run.json").is_file():  # provenance: the recipe and versions that produced these weights
-        shutil.copyfile(checkpoint / "run.json", args.out / "run.json")
-    print(f"exported {checkpoint} to {args.out}")
+        if (source / name).is_file():
+            shutil.copyfile(source / name, args.out / name)
+    provenance = source.parent / "run.json" if args.checkpoint is not None else source / "run.json"
+    if provenance.is_file() and provenance != args.out / "run.json":  # the recipe and versions behind the weights
+        shutil.copyfile(provenance, args.out / "run.json")
+    print(f"exported {args.checkpoint or source} to {args.out}")
+
+
+def _export_gguf(args: argparse.Namespace, source: Path) -> None:
+    from moelm.model.gguf_export import export_gguf
+
+    if args.dtype is not None or args.quantization is not None:
+        raise ValueError("--dtype and --quantization apply to HF directories; for GGUF use --outtype")
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; --format gguf writes one file (e.g. model.gguf)")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
+    result = export_gguf(source, args.out, args.outtype or "f32")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"exported {source} to {args.out} ({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)")
+
+
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # moelm.model.gguf_export.OUTTYPES, kept import-free
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -160,9 +190,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--save", type=Path, default=None, help="also write the model as an HF directory")
     demo.set_defaults(func=cmd_demo)
 
-    export = sub.add_parser("export", help="write a training checkpoint as an HF model directory")
-    export.add_argument("--checkpoint", required=True, type=Path, help="OUT/checkpoints/step-N")
-    export.add_argument("--out", required=True, type=Path, help="the HF directory to write")
+    export = sub.add_parser("export", help="write a checkpoint or model as an HF directory or a GGUF file")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="OUT/checkpoints/step-N")
+    source.add_argument("--model", type=Path, help="a model directory (e.g. OUT/model)")
+    export.add_argument("--out", required=True, type=Path, help="the HF directory, or the .gguf file, to write")
+    export.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default) or gguf (llama.cpp)")
+    export.add_argument("--outtype", choices=GGUF_OUTTYPES, default=None, help="GGUF weight type (default f32)")
     export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     export.add_argument("--dtype", choices=common.DTYPES, default=None, help="store the weights in this dtype")
     export.add_argument("--max-shard-size", default="5GB", help="split into shards of at most this size")
