@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import save_tiny_model_with_tokenizer
 
-from moelm import MoELM
 from moelm.cli import main
 from moelm.infer.generate import generate
 from moelm.model.gguf_export import export_gguf, load_with_llama_cpp
