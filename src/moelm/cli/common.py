@@ -39,7 +39,11 @@ def load_generator(args: argparse.Namespace):  # noqa: ANN202 - TextGenerator
     from moelm.infer.text import TextGenerator
 
     generator = TextGenerator.from_pretrained(
-        args.model, dtype=dtype(args.dtype), device=device(args.device), activation_dtype=args.activation_dtype
+        args.model,
+        dtype=dtype(args.dtype),
+        device=device(args.device),
+        activation_dtype=args.activation_dtype,
+        quantize=args.quantize,
     )
     generator.model.eval()
     if args.compile:
@@ -102,6 +106,9 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
         choices=("auto", *DTYPES),
         default="auto",
         help="dtype of the residual stream and cache (auto: float32 under bf16/f16 weights on a CPU, as llama.cpp)",
+    )
+    parser.add_argument(
+        "--quantize", choices=("int8",), default=None, help="weight-only int8 projections (fast with --compile)"
     )
     parser.add_argument("--device", type=DEVICE, default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
 

@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         dtype=common.dtype(args.dtype),
         device=common.device(args.device),
         activation_dtype=args.activation_dtype,
+        quantize=args.quantize,
     )
     if args.compile:
         generator.compile()

@@ -18,6 +18,7 @@ from moelm.data.tokenizer import THINK_CLOSE, THINK_OPEN, load_tokenizer_file
 from moelm.infer.compiled import CompiledDecode, compile_decode
 from moelm.infer.generate import GenerationStats, generate, left_pad, stream
 from moelm.infer.sampling import SamplingParams
+from moelm.model.quantize import QUANTIZATIONS, quantize_int8
 from moelm.model.transformer import MoELM
 
 
@@ -49,12 +50,18 @@ class TextGenerator:
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         activation_dtype: torch.dtype | str | None = "auto",
+        quantize: str | None = None,
     ) -> TextGenerator:
         """A generator for a model directory. activation_dtype: the residual stream's dtype; "auto" keeps it
         float32 under bf16 / f16 weights on a CPU (llama.cpp's convention there, see
-        MoELM.set_activation_dtype) and in the weights' dtype elsewhere (on GPUs bf16 activations are the norm)."""
+        MoELM.set_activation_dtype) and in the weights' dtype elsewhere (on GPUs bf16 activations are the norm).
+        quantize="int8": weight-only int8 projections (moelm.model.quantize), fast in compiled batch-1 decode."""
+        if quantize not in (None, *QUANTIZATIONS):
+            raise ValueError(f"invalid quantize={quantize!r}: must be one of {', '.join(QUANTIZATIONS)} or None")
         model = MoELM.from_pretrained(model_dir, dtype=dtype, device=device, mtp=False)
         model.set_activation_dtype(resolve_activation_dtype(activation_dtype, model))
+        if quantize == "int8":
+            quantize_int8(model.eval())
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{tokenizer_file} not found: a model directory needs it to take text prompts")

@@ -35,6 +35,9 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, self.intermediate_size))
         init_normal_(self.gate_up_proj, config.initializer_range)
         init_normal_(self.down_proj, config.initializer_range)
+        # per-output-channel scales [E, out] once the banks are int8 (moelm.model.quantize); None in float
+        self.register_buffer("gate_up_scale", None)
+        self.register_buffer("down_scale", None)
         # Expert parallelism replaces this with a dispatcher that exchanges rows between ranks.
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self._backends: dict[tuple, str] = {}
@@ -52,6 +55,16 @@ class RoutedExperts(nn.Module):
         if self._backend_for(rows_RH) == "grouped_mm":
             return self._grouped(rows_RH, counts_E)
         return self._loop(rows_RH, counts_E)
+
+    def float_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj, down_proj) as floating-point tensors: the parameters themselves, or int8 banks widened
+        with their scales for this call (int8 is a batch-1 decode format; prefill pays for the widening)."""
+        if self.gate_up_scale is None:
+            return self.gate_up_proj, self.down_proj
+        return (
+            self.gate_up_proj.float() * self.gate_up_scale.unsqueeze(-1),
+            self.down_proj.float() * self.down_scale.unsqueeze(-1),
+        )
 
     def _backend_for(self, rows_RH: torch.Tensor) -> str:
         """The kernel for this device, dtype and autograd state, resolved once per combination."""
@@ -84,8 +97,9 @@ class RoutedExperts(nn.Module):
             return self.forward(x_TH, routing)
         combine_TE = torch.zeros(x_TH.shape[0], self.num_experts, dtype=x_TH.dtype, device=x_TH.device)
         combine_TE = combine_TE.scatter(1, expert_ids_TK, weights_TK.to(x_TH.dtype))
-        gate, up = weight_product(_times_transposed, x_TH, self.gate_up_proj).chunk(2, dim=-1)  # [E, T, I] each
-        out_ETH = weight_product(_times_transposed, F.silu(gate) * up, self.down_proj)
+        gate_up_proj, down_proj = self.float_banks()
+        gate, up = weight_product(_times_transposed, x_TH, gate_up_proj).chunk(2, dim=-1)  # [E, T, I] each
+        out_ETH = weight_product(_times_transposed, F.silu(gate) * up, down_proj)
         return torch.einsum("te,eth->th", combine_TE, out_ETH)
 
     def _streamed(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -102,7 +116,7 @@ class RoutedExperts(nn.Module):
             x_TH,
             expert_ids_TK,
             weights_TK,
-            lambda w_RPQ, x_RQ: weight_product(_times_transposed, x_RQ[:, None], w_RPQ)[:, 0],
+            lambda w_RPQ, x_RQ: weight_product(_times_transposed, x_RQ[:, None], _widened(w_RPQ, x_RQ))[:, 0],
         )
 
     def _per_assignment(
@@ -117,8 +131,14 @@ class RoutedExperts(nn.Module):
         top_k = expert_ids_TK.shape[1]
         flat_ids = expert_ids_TK.flatten()
         rows_RH = x_TH.repeat_interleave(top_k, dim=0)
-        gate, up = matvec(self.gate_up_proj[flat_ids], rows_RH).chunk(2, dim=-1)
+        gate_up_RP = matvec(self.gate_up_proj[flat_ids], rows_RH)
+        if self.gate_up_scale is not None:  # int8 banks: the product of the integers, then each channel's scale
+            gate_up_RP = gate_up_RP * self.gate_up_scale[flat_ids]
+        gate, up = gate_up_RP.chunk(2, dim=-1)
         out_RH = matvec(self.down_proj[flat_ids], F.silu(gate) * up)
+        if self.down_scale is not None:
+            out_RH = out_RH * self.down_scale[flat_ids]
+        out_RH = out_RH.to(x_TH.dtype)
         weights_R = weights_TK.flatten().to(out_RH.dtype)
         return (out_RH * weights_R.unsqueeze(-1)).view(-1, top_k, x_TH.shape[-1]).sum(dim=1)
 
@@ -128,13 +148,15 @@ class RoutedExperts(nn.Module):
         def grouped(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return grouped_gemm.grouped_mm(rows, weight.transpose(1, 2), offsets)
 
-        gate, up = weight_product(grouped, rows_RH, self.gate_up_proj).chunk(2, dim=-1)
-        return weight_product(grouped, F.silu(gate) * up, self.down_proj)
+        gate_up_proj, down_proj = self.float_banks()
+        gate, up = weight_product(grouped, rows_RH, gate_up_proj).chunk(2, dim=-1)
+        return weight_product(grouped, F.silu(gate) * up, down_proj)
 
     def _loop(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # unbind once: its backward stacks the per-expert gradients into one [E, ...] tensor, where indexing
         # the parameter per expert would allocate a full-size zero gradient for every expert.
-        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        gate_up_proj, down_proj = self.float_banks()
+        gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
         outputs = []
         for expert, rows in enumerate(rows_RH.split(counts_E.tolist())):
             if rows.shape[0] == 0:
@@ -149,3 +171,8 @@ class RoutedExperts(nn.Module):
 def _times_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T over the last two dimensions (weights are stored [out, in], as nn.Linear's)."""
     return x @ weight.transpose(-2, -1)
+
+
+def _widened(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An int8 weight as x's dtype for a matmul (its scale is applied to the product); others unchanged."""
+    return weight.to(x.dtype) if weight.dtype == torch.int8 else weight

@@ -135,6 +135,8 @@ def save_pretrained(
     if quantization not in (None, "fp8"):
         raise ValueError(f"invalid quantization {quantization!r}: must be None or 'fp8'")
     max_shard_bytes = parse_size(max_shard_bytes)
+    if any(p.dtype == torch.int8 for p in model.parameters()):
+        raise CheckpointError("cannot save int8 weights (an inference-only format): save the model before quantizing")
     problems = model.config.hf_incompatibilities()
     if strict_hf and problems:
         raise CheckpointError(

@@ -13,14 +13,19 @@ from moelm.model.kernels.cpu import linear
 
 
 class Linear(nn.Linear):
-    """nn.Linear routed through `linear` so CPU bf16 models stay fast; same parameters and state dict."""
+    """nn.Linear routed through `linear` so CPU bf16 models stay fast; same parameters and state dict, plus a
+    per-output-channel `weight_scale` once the weight is int8 (moelm.model.quantize)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Linear's signature
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None)
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # random init of a meta tensor costs seconds of torch._refs import, for nothing
             super().reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class Embedding(nn.Embedding):

@@ -32,15 +32,20 @@ def cpu_has_native_bf16() -> bool:
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except that half-precision GEMMs on CPUs without bf16 hardware run in float32, and that
-    float32 activations meet half-precision weights as llama.cpp has them meet (see `weight_product`).
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear, except that half-precision GEMMs on CPUs without bf16 hardware run in float32, that
+    float32 activations meet half-precision weights as llama.cpp has them meet (see `weight_product`), and that
+    an int8 weight is multiplied with its per-output-channel `scale` (moelm.model.quantize).
 
     Upcasting bf16 operands is exact and the products accumulate in fp32 as a bf16 kernel's would, so the
     result matches a native bf16 GEMM up to the final rounding; on an AVX2-only CPU it is several times faster
     than torch's emulated bf16 GEMM (benchmarks/forward.py, bfloat16 rows).
     """
     rows = x.numel() // max(x.shape[-1], 1)
+    if weight.dtype == torch.int8:
+        return _int8_linear(x, weight, scale, bias, rows)
     if x.dtype != weight.dtype and weight.dtype in HALF_DTYPES and not torch.is_autocast_enabled(x.device.type):
         if rows == 1 and x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return _streamed_matvec(x, weight, bias)  # float32 products, reading the half-precision weight
@@ -98,3 +103,21 @@ def _streamed_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, rows: int
+) -> torch.Tensor:
+    """x @ (weight * scale)^T for an int8 weight. A compiled one-row product is a multiply + sum that inductor
+    fuses into one kernel reading the int8 bytes (a quarter of float32's); elsewhere the weight is widened for
+    the call, slower than float32, since int8 weights are a batch-1 decode option."""
+    if scale is None:
+        raise ValueError("an int8 weight needs its per-channel scale")
+    if rows == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        out = (weight * x.reshape(1, -1).float()).sum(-1) * scale
+        out = out.view(*x.shape[:-1], weight.shape[0])
+    else:
+        out = F.linear(x.float(), weight.float()) * scale
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
