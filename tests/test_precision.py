@@ -70,10 +70,12 @@ def test_auto_activation_dtype_is_float32_only_for_half_weights_on_cpu(tmp_path)
     assert TextGenerator.from_pretrained(tmp_path).model.activation_dtype is None
     kept = TextGenerator.from_pretrained(tmp_path, dtype=torch.bfloat16, activation_dtype="bfloat16")
     assert kept.model.compute_dtype == torch.bfloat16
-    meta = MoELM(tiny_config()).to("meta").bfloat16()
-    assert resolve_activation_dtype("auto", meta) is None  # not a CPU: the weights' dtype
+    assert resolve_activation_dtype("auto", torch.bfloat16, torch.device("meta")) is None  # not a CPU
+    assert resolve_activation_dtype("auto", None, torch.device("cpu")) is None  # the checkpoint's float32
+    norms = TextGenerator.from_pretrained(tmp_path, dtype=torch.bfloat16).model.layers[0].input_layernorm
+    assert norms.weight.dtype == torch.float32  # kept float32 beside a float32 stream, as llama.cpp keeps them
     with pytest.raises(ValueError, match="activation dtype"):
-        meta.set_activation_dtype(torch.int8)
+        MoELM(tiny_config()).set_activation_dtype(torch.int8)
 
 
 def test_activation_dtype_flag_reaches_the_model(monkeypatch, tmp_path, capsys):

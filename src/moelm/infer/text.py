@@ -22,14 +22,15 @@ from moelm.model.quantize import QUANTIZATIONS, quantize_int8
 from moelm.model.transformer import MoELM
 
 
-def resolve_activation_dtype(spec: torch.dtype | str | None, model: MoELM) -> torch.dtype | None:
-    """The activation dtype `spec` stands for on this model: "auto" is float32 for half-precision weights on a
-    CPU and None (the weights' dtype) otherwise; a dtype name or dtype is itself."""
+def resolve_activation_dtype(
+    spec: torch.dtype | str | None, weights: torch.dtype | None, device: torch.device
+) -> torch.dtype | None:
+    """The activation dtype `spec` stands for with these weights on this device: "auto" is float32 for
+    half-precision weights on a CPU and None (the weights' dtype) otherwise; a dtype name or dtype is itself."""
     if spec != "auto":
         return getattr(torch, spec) if isinstance(spec, str) else spec
-    weight = model.embed_tokens.weight
-    half = weight.dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if half and weight.device.type == "cpu" else None
+    half = weights in (torch.bfloat16, torch.float16)
+    return torch.float32 if half and device.type == "cpu" else None
 
 
 @dataclass
@@ -58,8 +59,12 @@ class TextGenerator:
         quantize="int8": weight-only int8 projections (moelm.model.quantize), fast in compiled batch-1 decode."""
         if quantize not in (None, *QUANTIZATIONS):
             raise ValueError(f"invalid quantize={quantize!r}: must be one of {', '.join(QUANTIZATIONS)} or None")
-        model = MoELM.from_pretrained(model_dir, dtype=dtype, device=device, mtp=False)
-        model.set_activation_dtype(resolve_activation_dtype(activation_dtype, model))
+        device = torch.device(device)
+        activations = resolve_activation_dtype(activation_dtype, dtype, device)
+        model = MoELM.from_pretrained(
+            model_dir, dtype=dtype, device=device, mtp=False, float32_norms=activations == torch.float32
+        )
+        model.set_activation_dtype(activations)
         if quantize == "int8":
             quantize_int8(model.eval())
         tokenizer_file = Path(model_dir) / "tokenizer.json"

@@ -305,10 +305,13 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     mtp: bool = True,
     options: MoEOptions | None = None,
+    float32_norms: bool = False,
 ) -> MoELM:
     """Build `model_cls` on the meta device, then fill every tensor from the checkpoint (no random init).
 
     mtp=False leaves the multi-token-prediction layers on disk (inference never runs them), with a note.
+    float32_norms keeps RMSNorm weights float32 whatever `dtype` is (llama.cpp's bf16 files keep them so; with a
+    float32 residual stream, see MoELM.set_activation_dtype, a rounded norm weight is a systematic error).
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -347,6 +350,7 @@ def load_pretrained(
         target = meta_state[name]
         tensor = _assemble(name, parts, torch.empty(target.shape, dtype=torch.float32), reader)
         keep_fp32 = name.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp.gate." in name
+        keep_fp32 = keep_fp32 or (float32_norms and "norm" in name.rsplit(".", 2)[-2] and target.dim() == 1)
         state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
     for name, buffer in meta_state.items():
         if name.endswith(V2_ABSENT_SUFFIX) and name not in state and config.model_type == "deepseek_v2":

@@ -163,10 +163,10 @@ class MoELM(nn.Module):
         """Run the residual stream (embeddings, norms, attention, cache) in `dtype` whatever the weights' dtype.
 
         float32 with bf16 / f16 weights is llama.cpp's CPU convention: each matmul rounds its input to the
-        weight's dtype and returns float32 (moelm.model.kernels.cpu.weight_product), so the error against the
-        float32 model is about that of rounding the weights alone, where a stream kept in bf16 compounds a
-        rounding at every layer. None returns to the weights' dtype. Inference only: training's bf16 runs
-        through autocast over float32 master weights."""
+        weight's dtype and returns float32 (moelm.model.kernels.cpu.weight_product), where a stream kept in bf16
+        rounds every product's output and every residual sum too; load with float32_norms=True to keep the
+        norm weights float32 as well, as llama.cpp does. None returns to the weights' dtype. Inference only:
+        training's bf16 runs through autocast over float32 master weights."""
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"invalid activation dtype {dtype}: must be a floating-point dtype")
         self.activation_dtype = dtype
@@ -377,11 +377,15 @@ class MoELM(nn.Module):
         device: str | torch.device = "cpu",
         mtp: bool = True,
         options: MoEOptions | None = None,
+        float32_norms: bool = False,
     ) -> MoELM:
         """Load an HF DeepseekV3 / DeepseekV2 (or moelm-saved) directory: config.json + safetensors, never
         pickles; mtp=False skips the MTP layers (inference does not run them). `options` are the run settings
-        (default: MoEOptions(), or those an older moelm stored in the directory's config.json, with a note)."""
-        return load_pretrained(cls, path, dtype=dtype, device=device, mtp=mtp, options=options)
+        (default: MoEOptions(), or those an older moelm stored in the directory's config.json, with a note);
+        float32_norms keeps norm weights float32 under a half-precision `dtype` (see set_activation_dtype)."""
+        return load_pretrained(
+            cls, path, dtype=dtype, device=device, mtp=mtp, options=options, float32_norms=float32_norms
+        )
 
     def save_pretrained(
         self,

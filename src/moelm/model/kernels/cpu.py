@@ -49,7 +49,10 @@ def linear(
     if x.dtype != weight.dtype and weight.dtype in HALF_DTYPES and not torch.is_autocast_enabled(x.device.type):
         if rows == 1 and x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return _streamed_matvec(x, weight, bias)  # float32 products, reading the half-precision weight
-        return linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        # llama.cpp's product: the input rounded to the weight's type, float32 accumulation and a float32 result
+        # (a bf16 GEMM would also round its output, which the greedy texts of benchmarks/llama_cpp_decode.py show)
+        out = F.linear(x.to(weight.dtype).to(x.dtype), weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return out
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if rows == 1 and torch.compiler.is_compiling() and not torch.is_grad_enabled():
@@ -71,13 +74,15 @@ def linear(
 def weight_product(
     product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """`product(x, weight)`, with float32 activations rounded to a half-precision weight's dtype for the product
-    and the result returned in float32: llama.cpp's convention for bf16 / f16 files (its matmuls quantise the
-    activations to the weight type and accumulate in float32, while the residual stream, norms, softmax and
-    router stay float32). Keeping the stream in float32 is what holds bf16 logits near the float32 model's."""
+    """`product(x, weight)`, with float32 activations rounded to a half-precision weight's dtype and the product
+    computed and returned in float32: llama.cpp's convention for bf16 / f16 files (its matmuls quantise the
+    activations to the weight type, accumulate in float32 and return float32, while the residual stream, norms,
+    softmax and router stay float32). Keeping the stream in float32 is what holds bf16 logits near the float32
+    model's. The widened weight is a temporary: exact, and slower than a bf16 GEMM outside the compiled batch-1
+    step (which multiplies the bf16 weight in its fused kernel)."""
     if x.dtype == weight.dtype or weight.dtype not in HALF_DTYPES:
         return product(x, weight)
-    return product(x.to(weight.dtype), weight).to(x.dtype)
+    return product(x.to(weight.dtype).to(x.dtype), weight.to(x.dtype))
 
 
 def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
