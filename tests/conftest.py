@@ -183,3 +183,27 @@ def capture_gradients(trainer) -> dict:  # noqa: ANN001 - a set-up Trainer
 
     trainer.optimizer.step = capture
     return grads
+
+
+class RunningServer:
+    """uvicorn serving the app in a thread on a free port of 127.0.0.1."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

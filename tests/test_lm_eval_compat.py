@@ -427,3 +427,51 @@ def test_backend_refuses_unknown_arguments_by_name(tmp_path):
     request = types.SimpleNamespace(args=("the", {"until": ["x"], "repetition_penalty": 1.2}))
     with pytest.raises(BackendArgumentError, match="repetition_penalty"):
         backend.generate_until([request])
+
+
+def test_local_completions_against_moelm_serve_scores_like_the_moelm_backend(tmp_path):
+    """lm-eval's own OpenAI-compatible client (`local-completions`, remote tokenizer) runs a log-likelihood task
+    against `moelm serve`: it reads /tokenizer_info and /tokenize, then sends echo + logprobs scoring requests.
+    Every per-choice log-likelihood and greedy flag, and the accuracy, equal the in-process moelm backend's."""
+    pytest.importorskip("fastapi", reason="serving needs the serve extra")
+    from conftest import RunningServer
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import moelm.eval.lm_eval_backend  # noqa: F401 - registers "moelm"
+    from moelm.serve.app import ServerConfig, create_app
+
+    tasks = tmp_path / "tasks"
+    dev, test = _mmlu_rows("anatomy", 5, 1), _mmlu_rows("anatomy", 6, 2)
+    files = {
+        "test": _write_jsonl(tmp_path / "json" / "anatomy_test.jsonl", test),
+        "dev": _write_jsonl(tmp_path / "json" / "anatomy_dev.jsonl", dev),
+    }
+    _local_task(tasks, TASKS_DIR / "mmlu" / "default" / "mmlu_anatomy.yaml", "local_mmlu_anatomy", files)
+    model_dir = _trained_model_dir(tmp_path, [f"{row['question']} {row['choices'][0]}" for row in dev + test])
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+
+    def run(model: str, model_args: str) -> dict:
+        return simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=["local_mmlu_anatomy"],
+            num_fewshot=5,
+            task_manager=manager,
+            log_samples=True,
+        )
+
+    ours = run("moelm", f"pretrained={model_dir},dtype=float32")
+    server = RunningServer(create_app(TextGenerator.from_pretrained(model_dir), ServerConfig("tiny")))
+    try:
+        served = run("local-completions", f"base_url={server.url}/v1/completions,model=tiny,max_retries=1")
+    finally:
+        server.stop()
+    mine = sorted(ours["samples"]["local_mmlu_anatomy"], key=lambda s: s["doc_id"])
+    theirs = sorted(served["samples"]["local_mmlu_anatomy"], key=lambda s: s["doc_id"])
+    assert [s["arguments"] for s in theirs] == [s["arguments"] for s in mine]  # the same prompts
+    for a, b in zip(theirs, mine, strict=True):
+        assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-4)
+        assert [r[0][1] for r in a["resps"]] == [r[0][1] for r in b["resps"]]
+        assert a["acc"] == b["acc"]
+    assert served["results"]["local_mmlu_anatomy"]["acc,none"] == ours["results"]["local_mmlu_anatomy"]["acc,none"]

@@ -11,12 +11,11 @@ import time
 
 import pytest
 import torch
-from conftest import save_tiny_model_with_tokenizer, tiny_config
+from conftest import RunningServer, save_tiny_model_with_tokenizer, tiny_config
 
 pytest.importorskip("fastapi", reason="serving needs the serve extra (pip install moelm[serve])")
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client (moelm[dev])")
 httpx = pytest.importorskip("httpx")
-import uvicorn  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from moelm import MoELM  # noqa: E402
@@ -28,25 +27,6 @@ from moelm.serve.app import Server, ServerConfig, create_app  # noqa: E402
 from moelm.serve.text_stream import TextStream  # noqa: E402
 
 PROMPTS = ["the quick brown", "two plus", "the lazy dog", "fox jumps over", "two", "quick", "the", "lazy brown fox"]
-
-
-class RunningServer:
-    """uvicorn serving the app in a thread on a free port of 127.0.0.1."""
-
-    def __init__(self, app) -> None:  # noqa: ANN001
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +142,45 @@ def test_logprobs_describe_the_sampled_tokens(client):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
 
 
+def test_echo_returns_the_prompt_and_its_token_logprobs_from_the_model(server, generator):
+    """What lm-eval's local-completions sends to score a continuation: echo, logprobs, max_tokens 0 or 1."""
+    prompt = "the quick brown fox jumps"
+    ids = generator.tokenizer.encode(prompt).ids
+    with torch.no_grad():
+        expected = generator.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "logprobs": 2, "echo": True, "temperature": 0}
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    choice = reply["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"].startswith(prompt) and reply["usage"]["completion_tokens"] == 1
+    assert len(logprobs["tokens"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+    scores = logprobs["token_logprobs"][1 : len(ids)]
+    assert scores == pytest.approx([expected[i, t].item() for i, t in enumerate(ids[1:])], abs=1e-5)
+    for position, top in enumerate(logprobs["top_logprobs"][1 : len(ids)]):
+        assert max(top.values()) == pytest.approx(expected[position].max().item(), abs=1e-5) and len(top) <= 2
+    offsets = logprobs["text_offset"]  # each token's text starts where the previous one's ends
+    assert [choice["text"][a:b] for a, b in zip(offsets, offsets[1:], strict=False)] == logprobs["tokens"][:-1]
+    scoring = {**body, "prompt": ids, "max_tokens": 0}  # token ids in, nothing generated
+    zero = httpx.post(f"{server.url}/v1/completions", json=scoring, timeout=60).json()
+    assert zero["choices"][0]["text"] == generator.tokenizer.decode(ids) and zero["usage"]["completion_tokens"] == 0
+    assert zero["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx([None, *scores], abs=1e-6)
+
+
+def test_tokenize_detokenize_and_tokenizer_info_speak_vllms_protocol(server, generator):
+    ids = generator.tokenizer.encode("two plus two").ids
+    tokenized = httpx.post(f"{server.url}/tokenize", json={"prompt": "two plus two"}).json()
+    assert tokenized["tokens"] == ids and tokenized["count"] == len(ids) and tokenized["max_model_len"] > 0
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "two plus two"}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == generator.tokenizer.encode(generator.chat_prompt(messages)).ids
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and info["chat_template"] == generator.chat_template
+    for endpoint, body in [("tokenize", {}), ("tokenize", {"prompt": 3}), ("detokenize", {"tokens": [10**9]})]:
+        response = httpx.post(f"{server.url}/{endpoint}", json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] in ("prompt", "tokens")
+
+
 def test_sixteen_concurrent_streams_each_equal_their_single_request_output(server, generator):
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
     expected = [greedy(generator, p, 24) for p in prompts]
@@ -214,6 +233,9 @@ MALFORMED = [
     ("completions", {"prompt": "hi", "stream": "yes"}),
     ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}}),
     ("completions", {"prompt": "hi", "logprobs": 99}),
+    ("completions", {"prompt": "hi", "max_tokens": 0}),  # 0 only with echo
+    ("completions", {"prompt": "hi", "echo": True, "stream": True}),
+    ("completions", {"prompt": "hi", "echo": "yes"}),
     ("completions", {"prompt": "hi", "unknown_field": 1}),
     ("completions", {"prompt": "hi", "model": "other"}),
     ("completions", {"prompt": "x " * 500_000}),

@@ -104,3 +104,16 @@ def test_completion_logprob_offsets_stay_inside_the_returned_text(byte_level):
     pieces = [text[a:b] for a, b in zip(offsets, [*offsets[1:], len(text)], strict=True)]
     assert "".join(pieces) == text
     assert THINK_OPEN not in text and offsets[len(byte_level.encode("why ").ids)] == len("why ")
+
+
+def test_token_labels_are_distinct_even_for_partial_utf8_tokens(tmp_path):
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.data.tokenizer import token_label
+
+    _, tokenizer = save_tiny_model_with_tokenizer(tmp_path)
+    labels = [token_label(tokenizer, t) for t in range(tokenizer.get_vocab_size())]
+    assert len(set(labels)) == len(labels)  # top_logprobs keys never collide
+    partial = [label for label in labels if label.startswith("bytes:")]
+    assert partial and "bytes:\\xe2" in labels  # a lone lead byte of a 3-byte character
+    assert token_label(tokenizer, tokenizer.token_to_id("the")) == "the"

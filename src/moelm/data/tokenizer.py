@@ -6,6 +6,7 @@ tokenizer serves pre-training, fine-tuning and serving; it is saved as `tokenize
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -76,3 +77,27 @@ def save_tokenizer_file(tokenizer: Tokenizer, path: str | Path) -> None:
     """Write tokenizer.json atomically (a reader never sees half a file)."""
     with atomic_path(path) as tmp:
         tokenizer.save(str(tmp))
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the character byte-level BPE writes for each byte, to the byte.
+    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to 256 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+def token_label(tokenizer: Tokenizer, token: int) -> str:
+    """A token's text, or "bytes:\\xNN..." when it holds part of a UTF-8 character (whose text alone would be
+    U+FFFD, the same for many tokens): a distinct label per token for OpenAI's top_logprobs keys."""
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text
+    table = _byte_of_char()
+    piece = tokenizer.id_to_token(token) or ""
+    if not all(char in table for char in piece):  # not byte-level BPE: the text is all there is
+        return text
+    return "bytes:" + "".join(f"\\x{table[char]:02x}" for char in piece)

@@ -74,6 +74,9 @@ class EngineRequest:
     seed: int | None = None  # None: a seed drawn from torch's global generator when the request is added
     stop: Callable[[list[int]], bool] | None = None  # new tokens so far -> stop here?
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's and the top k
+    # None: none; k >= 0: each prompt token's log-probability given the tokens before it (from the second token
+    # on) and the top k there, left in `prompt_logprobs_out` before the first event (vLLM's prompt_logprobs)
+    prompt_logprobs: int | None = None
     ignore_eos: bool = False  # run to max_new_tokens (load tests with fixed output lengths)
     # keep decoding to max_new_tokens after finishing (tokens unreported): processes that each generate rows
     # of one sharded model must all take the same number of steps, since every step runs collectives
@@ -81,6 +84,7 @@ class EngineRequest:
     request_id: int = field(default_factory=itertools.count().__next__)
     # engine-side state
     new_tokens: list[int] = field(default_factory=list)
+    prompt_logprobs_out: list[tuple[float, list[tuple[int, float]]]] | None = None
     steps: int = 0  # tokens sampled for this request, reported or (after finishing, when held) not
     finish_reason: str | None = None
     cancelled: bool = False
@@ -289,8 +293,14 @@ class Engine:
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
         """One batched forward over the new prompts, their cache rows placed after the running ones."""
+        scoring = any(r.prompt_logprobs is not None for r in requests)
         try:
-            logits, scratch, source_rows = self._prefill_forward([r.prompt_ids for r in requests])
+            logits, scratch, source_rows = self._prefill_forward([r.prompt_ids for r in requests], scoring)
+            if scoring:  # every position's logits: score the prompts that asked, keep the last position
+                for request, source in zip(requests, source_rows, strict=True):
+                    if request.prompt_logprobs is not None:
+                        request.prompt_logprobs_out = self._score_prompt(logits[source], request)
+                logits = logits[:, -1]
         except Exception as error:  # noqa: BLE001 - this batch fails, the engine carries on
             for request in requests:
                 self._emit(request, TokenEvent(None, FINISH_ERROR, error=f"prefill failed: {error}"))
@@ -310,20 +320,24 @@ class Engine:
                 self._seen()[row, torch.tensor(request.prompt_ids, device=self.device)] = True
         self._sample_and_emit(logits[source_rows], len(rows), first=rows[0])
 
-    def _prefill_forward(self, prompts: list[list[int]]) -> tuple[torch.Tensor, KVCache, list[int]]:
+    def _prefill_forward(
+        self, prompts: list[list[int]], every_position: bool = False
+    ) -> tuple[torch.Tensor, KVCache, list[int]]:
         """Last-position logits and a scratch cache for the prompts, and which scratch row serves each prompt.
 
         With a prefix cache, identical prompts are computed once, and each prompt's stored leading blocks are
-        copied in instead of computed: the forward covers only the rest, and the prompts' blocks are stored."""
+        copied in instead of computed: the forward covers only the rest, and the prompts' blocks are stored.
+        every_position: logits [rows, width, V] for every (left-padded) position, the whole prompt computed."""
         source_rows = list(range(len(prompts)))
         found: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prompts]
         if self.prefix_cache is not None:
             unique: dict[tuple[int, ...], int] = {}
             source_rows = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
             prompts = [list(p) for p in unique]
-            if len(prompts) > 1:
+            if len(prompts) > 1 and not every_position:
                 self._store_shared_prefixes(prompts)
-            found = [self.prefix_cache.lookup(p) for p in prompts]
+            if not every_position:  # scoring needs the logits of the cached positions too
+                found = [self.prefix_cache.lookup(p) for p in prompts]
         block = self.prefix_cache.block_size if self.prefix_cache is not None else 0
         cached = [len(blocks) * block for blocks in found]  # prompt tokens taken from the store, per row
         ids, mask = cache_rows.left_pad([p[n:] for p, n in zip(prompts, cached, strict=True)], self.pad)
@@ -333,11 +347,32 @@ class Engine:
         for row, blocks in enumerate(found):
             cache_rows.fill_prefix(scratch, row, blocks, longest_prefix)
         scratch.length = scratch.max_next_position = longest_prefix
-        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device), cache=scratch, logits_to_keep=1)
+        keep = 0 if every_position else 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = self.model(ids, attention_mask=mask, cache=scratch, logits_to_keep=keep)
         if self.prefix_cache is not None:
             for row, prompt in enumerate(prompts):
                 self.prefix_cache.store(prompt, scratch, row)
-        return logits.logits[:, -1], scratch, source_rows
+        return (logits.logits if every_position else logits.logits[:, -1]), scratch, source_rows
+
+    def _score_prompt(
+        self, logits_TV: torch.Tensor, request: EngineRequest
+    ) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For prompt tokens 2..n: (its log-probability, the top k) from the logits of the position before it.
+        The prompt is right-aligned in its left-padded row."""
+        prompt = request.prompt_ids
+        before_TV = logits_TV[logits_TV.shape[0] - len(prompt) : -1].float().log_softmax(-1)
+        targets = torch.tensor(prompt[1:], device=before_TV.device)
+        chosen = before_TV.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        k = request.prompt_logprobs
+        if not k:
+            return [(value, []) for value in chosen]
+        top = before_TV.topk(k, dim=-1)
+        pairs = [
+            list(zip(ids, values, strict=True))
+            for ids, values in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        ]
+        return list(zip(chosen, pairs, strict=True))
 
     def _store_shared_prefixes(self, prompts: list[list[int]]) -> None:
         """Prefill the leading blocks several new prompts share, once, into the prefix cache."""

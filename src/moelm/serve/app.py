@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moelm.data.chat import ChatFormatError
-from moelm.data.tokenizer import THINK_OPEN
+from moelm.data.chat import ChatFormatError, render_chat
+from moelm.data.tokenizer import THINK_OPEN, token_label
 from moelm.infer.engine import (
     FINISH_ABORT,
     FINISH_ERROR,
@@ -37,7 +37,7 @@ from moelm.infer.engine import (
     TokenEvent,
 )
 from moelm.infer.prefix_cache import PrefixCache
-from moelm.infer.text import TextGenerator
+from moelm.infer.text import IncrementalDetokenizer, TextGenerator
 from moelm.serve.metrics import ServerMetrics
 from moelm.serve.protocol import (
     APIError,
@@ -47,7 +47,9 @@ from moelm.serve.protocol import (
     invalid,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_json,
+    parse_tokenize,
 )
 from moelm.serve.text_stream import Parts, TextStream
 
@@ -79,6 +81,9 @@ class Choice:
     prompt_tokens: int
     text: TextStream
     engine_request: EngineRequest | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    echo: str | None = None  # echo: the prompt's text, returned before the completion
+    keep_tokens: bool = True  # False for max_tokens 0 (echo only): the one token the engine samples is dropped
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenEvent] = field(default_factory=list)
     finish_reason: str | None = None
@@ -160,19 +165,23 @@ class Server:
         """Submit n choices per prompt; events arrive on `queue` as (choice index, event)."""
         loop = asyncio.get_running_loop()
         choices: list[Choice] = []
+        echo = isinstance(request, CompletionRequest) and request.echo
         for p, prompt in enumerate(prompts):
+            echoed = self.echo_text(request.prompts[p], prompt) if echo else None
             for k in range(request.n):
                 index = p * request.n + k
-                choice = Choice(index, len(prompt), streams[p]())
+                choice = Choice(index, len(prompt), streams[p](), prompt_ids=prompt, echo=echoed)
+                choice.keep_tokens = budgets[p] > 0
                 seed = None if request.seed is None else (request.seed + k) % 2**63
                 choice.engine_request = EngineRequest(
                     prompt,
-                    budgets[p],
+                    max(budgets[p], 1),
                     self._event_sink(choice, loop, queue),
                     params=request.params,
                     seed=seed,
                     stop=choice.text.stopped if choice.text.stop else None,
                     logprobs=request.logprobs,
+                    prompt_logprobs=request.logprobs if echo else None,
                     ignore_eos=request.ignore_eos,
                 )
                 choices.append(choice)
@@ -210,9 +219,13 @@ class Server:
             if choice.finish_reason is None and choice.engine_request is not None:
                 self.engine.cancel(choice.engine_request)
 
+    def echo_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        """The prompt as echoed: a text prompt as given, token ids as their text."""
+        return prompt if isinstance(prompt, str) else self.generator.tokenizer.decode(ids, skip_special_tokens=False)
+
     @staticmethod
     def apply(choice: Choice, event: TokenEvent) -> None:
-        if event.token is not None:
+        if event.token is not None and choice.keep_tokens:
             choice.tokens.append(event.token)
             if event.logprob is not None:
                 choice.logprobs.append(event)
@@ -224,13 +237,32 @@ class Server:
     def token_text(self, token: int) -> str:
         return self.generator.tokenizer.decode([token], skip_special_tokens=False)
 
+    def token_key(self, token: int) -> str:
+        """A top_logprobs key: the token's text, or its bytes where the text alone is a partial character."""
+        return token_label(self.generator.tokenizer, token)
+
     def completion_logprobs(self, events: list[TokenEvent], offsets: list[int]) -> dict[str, Any]:
         """OpenAI's completion logprobs; `offsets`: where each token's text starts in the returned text."""
         return {
             "tokens": [self.token_text(e.token) for e in events],
             "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top_logprobs} for e in events],
+            "top_logprobs": [{self.token_key(t): lp for t, lp in e.top_logprobs} for e in events],
             "text_offset": offsets,
+        }
+
+    def prompt_logprobs(self, choice: Choice) -> dict[str, Any]:
+        """The echoed prompt's part of completion logprobs: its tokens, each token's log-probability given the
+        ones before (null for the first, which has none), the top k there, and offsets into the echoed text."""
+        scored = choice.engine_request.prompt_logprobs_out or []
+        reader = IncrementalDetokenizer(self.generator.tokenizer, skip_special_tokens=False)
+        for token in choice.prompt_ids:
+            reader.push(token)
+        reader.finish()
+        return {
+            "tokens": [self.token_text(t) for t in choice.prompt_ids],
+            "token_logprobs": [None] + [value for value, _ in scored],
+            "top_logprobs": [None] + [{self.token_key(t): lp for t, lp in top} for _, top in scored],
+            "text_offset": reader.offsets,
         }
 
     def chat_logprobs(self, events: list[TokenEvent]) -> dict[str, Any]:
@@ -324,6 +356,47 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         streams = [lambda: TextStream(generator, parsed.stop) for _ in prompts]
         return await _respond(server, request, parsed, prompts, budgets, streams, chat=False)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """vLLM's /tokenize: a prompt (or chat messages, rendered with the template) as token ids."""
+        parsed = parse_tokenize(await read_body(request))
+        server.check_model(parsed.model)
+        if parsed.messages is not None:
+            try:
+                text = render_chat(parsed.messages, generator.chat_template, parsed.add_generation_prompt)
+            except ChatFormatError as error:
+                raise invalid("messages", str(error)) from None
+        else:
+            text = parsed.prompt
+        tokens = generator.tokenizer.encode(text).ids if text else []
+        return {"count": len(tokens), "max_model_len": server.engine.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        """vLLM's /detokenize: token ids as text (special tokens kept)."""
+        parsed = parse_detokenize(await read_body(request), generator.model.config.vocab_size)
+        server.check_model(parsed.model)
+        return {"prompt": generator.tokenizer.decode(parsed.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict[str, Any]:
+        """vLLM's /tokenizer_info: what a remote-tokenizer client (lm-eval's local-completions) reads."""
+        server.authorize(request)
+        config = generator.model.config
+
+        def token(index: int | None) -> str | None:
+            return None if index is None else generator.tokenizer.id_to_token(index)
+
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": token(config.eos_token_id),
+            "bos_token": token(config.bos_token_id),
+            "pad_token": token(config.pad_token_id),
+            "chat_template": generator.chat_template,
+            "model_max_length": server.engine.max_model_len,
+            "vocab_size": generator.tokenizer.get_vocab_size(),
+        }
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         parsed = parse_chat(await read_body(request))
@@ -410,7 +483,11 @@ def _full_choice(server: Server, choice: Choice, request: GenerationRequest, cha
             logprobs = server.chat_logprobs(choice.logprobs)
         else:
             offsets = choice.text.content_offsets(choice.tokens)[: len(choice.logprobs)]
+            if choice.echo is not None:
+                offsets = [offset + len(choice.echo) for offset in offsets]
             logprobs = server.completion_logprobs(choice.logprobs, offsets)
+            if choice.echo is not None:  # the prompt's entries first
+                logprobs = {key: value + logprobs[key] for key, value in server.prompt_logprobs(choice).items()}
     out: dict[str, Any] = {"index": choice.index, "logprobs": logprobs, "finish_reason": _finish_reason(choice)}
     if chat and not parts.content and not parts.reasoning:
         # finish_reason stays OpenAI's "stop" (clients type it as an enum); the emptiness is stated beside it.
@@ -422,7 +499,7 @@ def _full_choice(server: Server, choice: Choice, request: GenerationRequest, cha
             message["reasoning_content"] = parts.reasoning
         out["message"] = message
     else:
-        out["text"] = parts.content
+        out["text"] = (choice.echo or "") + parts.content
     return out
 
 

@@ -85,6 +85,7 @@ class GenerationRequest:
 @dataclass
 class CompletionRequest(GenerationRequest):
     prompts: list[str | list[int]] = field(default_factory=list)
+    echo: bool = False  # the prompt before the completion, in text and (with logprobs) in log-probabilities
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens") -> dict[str, Any]:
+def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", fewest: int = 1) -> dict[str, Any]:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
@@ -176,7 +177,7 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens") 
         )
     except ValueError as error:  # ranges SamplingParams itself refuses (min_p = 1)
         raise APIError(400, str(error), code="invalid_value") from None
-    max_tokens = _integer(body, max_tokens_name, None, 1)
+    max_tokens = _integer(body, max_tokens_name, None, fewest)
     return dict(
         model=model,
         max_tokens=max_tokens,
@@ -191,8 +192,13 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens") 
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
-    """POST /v1/completions: prompt is a string, a list of strings, a list of token ids or a list of those."""
-    common = _common(body, COMPLETION_FIELDS)
+    """POST /v1/completions: prompt is a string, a list of strings, a list of token ids or a list of those.
+
+    echo: true returns the prompt before the completion, and with logprobs the prompt tokens' log-probabilities
+    (the first token's is null), so max_tokens may then be 0: the scoring request lm-eval's local-completions
+    sends for log-likelihood tasks."""
+    echo = _boolean(body, "echo")
+    common = _common(body, COMPLETION_FIELDS, fewest=0 if echo else 1)
     if "prompt" not in body:
         raise APIError(400, "missing required parameter 'prompt'", param="prompt", code="missing_required_parameter")
     prompt = body["prompt"]
@@ -208,14 +214,14 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
         raise invalid("prompt", "must be a string, a list of strings, a list of token ids, or a list of those")
     if any(p == "" for p in prompts):
         raise invalid("prompt", "must not be empty")
-    if _boolean(body, "echo"):
-        raise invalid("echo", "echo is not supported by moelm's server")
+    if echo and common["stream"]:
+        raise invalid("echo", "echo with stream: true is not supported by moelm's server")
     if body.get("suffix") is not None:
         raise invalid("suffix", "suffix (fill-in-the-middle) is not supported by moelm's server")
     if _integer(body, "best_of", 1, 1, 1) != 1:
         raise invalid("best_of", "only 1 is supported")
     logprobs = _integer(body, "logprobs", None, 0, 5)
-    return CompletionRequest(**common, logprobs=logprobs, prompts=prompts)
+    return CompletionRequest(**common, logprobs=logprobs, prompts=prompts, echo=echo)
 
 
 def _token_list(value: Any) -> bool:
@@ -234,16 +240,20 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise APIError(
             400, "missing required parameter 'messages'", param="messages", code="missing_required_parameter"
         )
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "must be a non-empty list of {role, content} objects")
-    parsed = [_message(i, m) for i, m in enumerate(messages)]
+    parsed = _messages(body)
     logprobs = None
     if _boolean(body, "logprobs"):
         logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:
         raise invalid("top_logprobs", "needs logprobs: true")
     return ChatRequest(**common, logprobs=logprobs, messages=parsed)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "must be a non-empty list of {role, content} objects")
+    return [_message(i, m) for i, m in enumerate(messages)]
 
 
 def _message(index: int, message: Any) -> dict[str, str]:
@@ -270,3 +280,54 @@ def _message(index: int, message: Any) -> dict[str, str]:
     if isinstance(message.get("reasoning_content"), str):
         out["reasoning"] = message["reasoning_content"]
     return out
+
+
+@dataclass
+class TokenizeRequest:
+    model: str | None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    add_generation_prompt: bool = True
+
+
+@dataclass
+class DetokenizeRequest:
+    model: str | None
+    tokens: list[int]
+
+
+def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
+    """POST /tokenize (vLLM's): {"prompt": str} or {"messages": [...]}; moelm's tokenizers add no special
+    tokens, so add_special_tokens is accepted and changes nothing."""
+    unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
+    if unknown:
+        raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid("model", f"must be a string, got {model!r}")
+    _boolean(body, "add_special_tokens", True)
+    if ("prompt" in body) == ("messages" in body):
+        raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt", code="invalid_value")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            raise invalid("prompt", "must be a string")
+        return TokenizeRequest(model, prompt=body["prompt"])
+    return TokenizeRequest(
+        model, messages=_messages(body), add_generation_prompt=_boolean(body, "add_generation_prompt", True)
+    )
+
+
+def parse_detokenize(body: dict[str, Any], vocab_size: int) -> DetokenizeRequest:
+    """POST /detokenize (vLLM's): {"tokens": [ids]}."""
+    unknown = sorted(set(body) - {"model", "tokens"})
+    if unknown:
+        raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid("model", f"must be a string, got {model!r}")
+    tokens = body.get("tokens")
+    if not _token_list(tokens) and tokens != []:
+        raise invalid("tokens", "must be a list of token ids")
+    if any(not 0 <= t < vocab_size for t in tokens):
+        raise invalid("tokens", f"token ids must be in [0, {vocab_size - 1}]")
+    return DetokenizeRequest(model, tokens)
