@@ -258,3 +258,59 @@ def test_greedy_generation_leaves_the_global_random_stream_alone():
     before = torch.get_rng_state()
     generate(model, torch.tensor([[3, 4, 5]]), 4)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def _run(engine: Engine, requests: list[EngineRequest]) -> None:
+    for request in requests:
+        engine.add(request)
+    with torch.inference_mode():
+        while engine.busy:
+            engine.step()
+
+
+def test_openai_penalties_and_logit_bias_in_a_batch_equal_the_formula_per_row():
+    """presence/frequency penalties (over the completion's own tokens) and logit_bias, in a batch with a plain
+    row: each row equals decoding it alone by full forwards with OpenAI's formula written out."""
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    prompts = [[5, 6, 5, 6], [7, 8, 9], [10, 11]]
+    rules = [
+        dict(presence_penalty=1.5, frequency_penalty=0.7),
+        dict(logit_bias={12: 5.0, 13: -100.0}, frequency_penalty=-0.5),
+        {},
+    ]
+    expected = []
+    for prompt, rule in zip(prompts, rules, strict=True):
+        ids, counts = list(prompt), torch.zeros(model.config.vocab_size)
+        with torch.no_grad():
+            for _ in range(8):
+                logits = model(torch.tensor([ids])).logits[0, -1].clone()
+                for token, bias in rule.get("logit_bias", {}).items():
+                    logits[token] += bias
+                logits -= rule.get("frequency_penalty", 0.0) * counts + rule.get("presence_penalty", 0.0) * (counts > 0)
+                ids.append(int(logits.argmax()))
+                counts[ids[-1]] += 1
+        expected.append(ids[len(prompt) :])
+    engine = Engine(model, [], max_batch=3)
+    results: list[list[int]] = [[], [], []]
+    requests = [
+        EngineRequest(prompt, 8, lambda e, row=row: e.token is not None and results[row].append(e.token), **rule)
+        for row, (prompt, rule) in enumerate(zip(prompts, rules, strict=True))
+    ]
+    _run(engine, requests)
+    assert results == expected
+    assert len(set(expected[0])) > 2  # the penalties changed what greedy repeats
+
+
+def test_min_tokens_bans_end_tokens_and_stop_token_ids_end_a_request():
+    model = MoELM(tiny_config(initializer_range=0.2)).eval()
+    events: list = []
+    eos = 1
+    forced = EngineRequest([5, 6], 10, events.append, logit_bias={eos: 100.0}, min_tokens=3)  # EOS as soon as allowed
+    _run(Engine(model, [eos], max_batch=1), [forced])
+    tokens = [e.token for e in events if e.token is not None]
+    assert tokens[-1] == eos and len(tokens) == 4 and eos not in tokens[:3]
+    assert events[-1].finish_reason == "stop"
+    events.clear()
+    stopped = EngineRequest([5, 6], 10, events.append, logit_bias={42: 100.0}, stop_token_ids=(42,))
+    _run(Engine(model, [eos], max_batch=1), [stopped])
+    assert [e.token for e in events if e.token is not None] == [42] and events[-1].finish_reason == "stop"

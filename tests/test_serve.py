@@ -166,6 +166,22 @@ def test_echo_returns_the_prompt_and_its_token_logprobs_from_the_model(server, g
     assert zero["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx([None, *scores], abs=1e-6)
 
 
+def test_logit_bias_min_tokens_and_stop_token_ids_reach_the_engine(client, generator):
+    forced = generator.tokenizer.encode(" fox").ids[0]
+    body = {"logit_bias": {str(forced): 100}, "stop_token_ids": [forced], "min_tokens": 2}
+    reply = client.completions.create(model="tiny", prompt="two", max_tokens=8, temperature=0, extra_body=body)
+    choice = reply.choices[0]
+    # the first two tokens cannot end the choice, so the forced token ends it at the third; as in vLLM, a
+    # stop token that is not a special token stays in the text
+    assert reply.usage.completion_tokens == 3 and choice.finish_reason == "stop"
+    assert choice.text.endswith(generator.tokenizer.decode([forced]))
+    penalised = client.completions.create(
+        model="tiny", prompt="the", max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0
+    )
+    plain = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0)
+    assert penalised.choices[0].text != plain.choices[0].text
+
+
 def test_tokenize_detokenize_and_tokenizer_info_speak_vllms_protocol(server, generator):
     ids = generator.tokenizer.encode("two plus two").ids
     tokenized = httpx.post(f"{server.url}/tokenize", json={"prompt": "two plus two"}).json()
@@ -249,7 +265,13 @@ MALFORMED = [
         "chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "max_completion_tokens": 1},
     ),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 1.0}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3.0}),
+    ("completions", {"prompt": "hi", "logit_bias": {"x": 1}}),
+    ("completions", {"prompt": "hi", "logit_bias": {"5": 101}}),
+    ("completions", {"prompt": "hi", "logit_bias": {"100000000": 1}}),  # outside the vocabulary
+    ("completions", {"prompt": "hi", "min_tokens": 5, "max_tokens": 2}),
+    ("completions", {"prompt": "hi", "stop_token_ids": [-1]}),
+    ("completions", {"prompt": "hi", "stop_token_ids": "1"}),
     ("chat/completions", {}),
 ]
 

@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from moelm.infer import rows as cache_rows
 from moelm.infer.compiled import CompiledDecode
+from moelm.infer.logit_rules import RowLogitRules
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.row_sampling import RowSettings
 from moelm.infer.sampling import SamplingParams
@@ -77,6 +78,12 @@ class EngineRequest:
     # None: none; k >= 0: each prompt token's log-probability given the tokens before it (from the second token
     # on) and the top k there, left in `prompt_logprobs_out` before the first event (vLLM's prompt_logprobs)
     prompt_logprobs: int | None = None
+    # OpenAI's logit rules (moelm.infer.logit_rules) and vLLM's extra end tokens
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens (load tests with fixed output lengths)
     # keep decoding to max_new_tokens after finishing (tokens unreported): processes that each generate rows
     # of one sharded model must all take the same number of steps, since every step runs collectives
@@ -158,6 +165,7 @@ class Engine:
             self.cache = KVCache(self.config, 1, MIN_COMPILED_SLOTS, dtype=self.dtype, device=device)
         self.settings = RowSettings(max_batch, device)
         self.seen: torch.Tensor | None = None  # [max_batch, V] tokens each row has seen (repetition penalty)
+        self.rules = RowLogitRules(max_batch, self.config.vocab_size, device)
         self.pending = torch.full((max_batch,), pad_token_id, dtype=torch.long, device=device)
         self.waiting: queue.Queue[EngineRequest] = queue.Queue(maxsize=max_waiting)
         self.running: list[EngineRequest] = []  # running[i] owns cache row i
@@ -315,6 +323,9 @@ class Engine:
             self.stats.prompt_tokens += len(request.prompt_ids)
             self.running.append(request)
             self.settings.assign(row, request.params, request.seed)
+            self.rules.assign(
+                row, request.logit_bias, request.presence_penalty, request.frequency_penalty, request.min_tokens
+            )
             if request.params.repetition_penalty != 1.0:  # HF's rule: prompt and completion tokens so far
                 self._seen()[row] = False
                 self._seen()[row, torch.tensor(request.prompt_ids, device=self.device)] = True
@@ -441,7 +452,9 @@ class Engine:
         rows = range(first, first + count)
         requests = [self.running[row] for row in rows]
         seen = None if self.seen is None else self.seen[first : first + count]
-        tokens = self.settings.sample(logits_BV, seen, first)
+        ends = [self._ends(r) if r.steps < r.min_tokens else () for r in requests]
+        tokens = self.settings.sample(self.rules.apply(logits_BV, first, ends), seen, first)
+        self.rules.record(first, tokens)
         self.pending[first : first + count] = tokens
         if self.seen is not None:
             self.seen[torch.arange(first, first + count, device=self.device), tokens] = True
@@ -460,8 +473,10 @@ class Engine:
             if request.logprobs is not None and logprobs is not None:
                 event.logprob = logprobs[i]
                 event.top_logprobs = top[i][: request.logprobs]
-            if (token in self.eos and not request.ignore_eos) or (
-                request.stop is not None and request.stop(request.new_tokens)
+            if (
+                (token in self.eos and not request.ignore_eos)
+                or token in request.stop_token_ids
+                or (request.stop is not None and request.stop(request.new_tokens))
             ):
                 event.finish_reason = FINISH_STOP
             elif request.steps >= request.max_new_tokens:
@@ -477,6 +492,10 @@ class Engine:
             request = self.running[row]
             self._release(row)
             self._report_finish(request, request.finish_reason)
+
+    def _ends(self, request: EngineRequest) -> tuple[int, ...]:
+        """The tokens that would end `request` (banned until its min_tokens)."""
+        return (*(() if request.ignore_eos else self.eos), *request.stop_token_ids)
 
     @staticmethod
     def _logprobs(logits_BV: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list[float], list[list]]:
@@ -513,6 +532,7 @@ class Engine:
             self.running[row] = self.running[last]
             self.pending[row] = self.pending[last]
             self.settings.move(last, row)
+            self.rules.move(last, row)
             if self.seen is not None:
                 self.seen[row] = self.seen[last]
         self.running.pop()

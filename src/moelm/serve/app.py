@@ -135,6 +135,14 @@ class Server:
                 code="model_not_found",
             )
 
+    def check_vocabulary(self, request: GenerationRequest) -> None:
+        """Token ids a request names (logit_bias keys, stop_token_ids) must be in the model's vocabulary."""
+        vocab = self.generator.model.config.vocab_size
+        for name, ids in (("logit_bias", list(request.logit_bias)), ("stop_token_ids", request.stop_token_ids)):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise invalid(name, f"token id {outside[0]} is outside the vocabulary [0, {vocab - 1}]")
+
     def token_budget(self, request: GenerationRequest, prompt_len: int, default: int | None) -> int:
         """max_tokens for a prompt of this length: the request's, else the default, within the model length."""
         limit = self.engine.max_model_len
@@ -182,6 +190,11 @@ class Server:
                     stop=choice.text.stopped if choice.text.stop else None,
                     logprobs=request.logprobs,
                     prompt_logprobs=request.logprobs if echo else None,
+                    logit_bias=request.logit_bias or None,
+                    presence_penalty=request.presence_penalty,
+                    frequency_penalty=request.frequency_penalty,
+                    min_tokens=min(request.min_tokens, budgets[p]),
+                    stop_token_ids=tuple(request.stop_token_ids),
                     ignore_eos=request.ignore_eos,
                 )
                 choices.append(choice)
@@ -351,6 +364,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
     async def completions(request: Request) -> Response:
         parsed = parse_completion(await read_body(request))
         server.check_model(parsed.model)
+        server.check_vocabulary(parsed)
         prompts = [await run_in_threadpool(_encode, generator, p) for p in parsed.prompts]
         budgets = [server.token_budget(parsed, len(p), COMPLETION_DEFAULT_MAX_TOKENS) for p in prompts]
         streams = [lambda: TextStream(generator, parsed.stop) for _ in prompts]
@@ -401,6 +415,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         parsed = parse_chat(await read_body(request))
         server.check_model(parsed.model)
+        server.check_vocabulary(parsed)
         try:
             text = generator.chat_prompt(parsed.messages)
         except ChatFormatError as error:

@@ -36,6 +36,9 @@ _COMMON = {
     "min_p",
     "repetition_penalty",
     "ignore_eos",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -80,6 +83,11 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # vLLM's: end tokens banned until this many were generated
+    stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: more tokens that end a choice
 
 
 @dataclass
@@ -155,9 +163,6 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", 
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model", f"must be a string, got {model!r}")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if _number(body, penalty, 0.0, -2.0, 2.0) != 0.0:
-            raise invalid(penalty, "is not supported by moelm's server (use repetition_penalty); only 0 is accepted")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise invalid("stream_options", "must be an object with the single key include_usage")
@@ -178,7 +183,15 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", 
     except ValueError as error:  # ranges SamplingParams itself refuses (min_p = 1)
         raise APIError(400, str(error), code="invalid_value") from None
     max_tokens = _integer(body, max_tokens_name, None, fewest)
+    min_tokens = _integer(body, "min_tokens", 0, 0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise invalid("min_tokens", f"{min_tokens} is more than {max_tokens_name}={max_tokens}")
     return dict(
+        logit_bias=_logit_bias(body),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        min_tokens=min_tokens,
+        stop_token_ids=_token_ids(body, "stop_token_ids"),
         model=model,
         max_tokens=max_tokens,
         params=params,
@@ -189,6 +202,34 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", 
         include_usage=include_usage,
         ignore_eos=_boolean(body, "ignore_eos"),
     )
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", "must be an object mapping token ids to biases")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise invalid("logit_bias", f"key {key!r} is not a token id") from None
+        if token < 0 or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise invalid("logit_bias", f"{key!r}: must map a token id >= 0 to a number in [-100, 100]")
+        out[token] = float(bias)
+    return out
+
+
+def _token_ids(body: dict, name: str) -> list[int]:
+    value = body.get(name)
+    if value is None or value == []:
+        return []
+    if not _token_list(value) or any(t < 0 for t in value):
+        raise invalid(name, "must be a list of token ids")
+    return list(value)
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
