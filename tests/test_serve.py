@@ -478,3 +478,75 @@ def test_serve_flags_reach_the_engine(model_dir, monkeypatch):
     plain, changed = engines
     assert plain.compiled is None and plain.prefix_cache is not None
     assert changed.compiled is not None and changed.compiled.model is changed.model and changed.prefix_cache is None
+
+
+def test_openapi_describes_exactly_the_fields_the_server_accepts(generator):
+    from moelm.serve import openapi, protocol
+
+    assert openapi.described_fields(openapi.COMPLETION_REQUEST) == protocol.COMPLETION_FIELDS
+    assert openapi.described_fields(openapi.CHAT_REQUEST) == protocol.CHAT_FIELDS
+    with TestClient(create_app(generator, ServerConfig("tiny"))) as http:
+        spec = http.get("/openapi.json").json()
+        assert http.get("/docs").status_code == 200
+    body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == openapi.COMPLETION_REQUEST
+    assert {"/v1/chat/completions", "/tokenize", "/detokenize", "/v1/models", "/version"} <= set(spec["paths"])
+
+
+def test_method_not_allowed_names_the_allowed_ones_and_small_protocol_endpoints(generator):
+    import moelm
+
+    with TestClient(create_app(generator, ServerConfig("tiny"))) as http:
+        wrong = http.get("/v1/completions")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        assert wrong.json()["error"]["type"] == "invalid_request_error"
+        assert http.get("/version").json() == {"version": moelm.__version__}
+        assert http.get("/v1/models/tiny").json()["id"] == "tiny"
+        assert http.get("/v1/models/other").status_code == 404
+        # JSON Schema's integers include integral floats
+        reply = http.post("/v1/completions", json={"prompt": "two", "max_tokens": 2.0, "n": 1.0, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 2
+        assert http.post("/v1/completions", json={"prompt": "two", "n": 1.5}).status_code == 400
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(generator):
+    """Requests generated from /openapi.json (schema-valid bodies, 60 per operation) never get a 5xx, and every
+    response's status, content type and body conform to what the schema documents."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (
+        allow_header_conformance,
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    running = RunningServer(create_app(generator, ServerConfig("tiny", max_batch=4)))
+    schema = schemathesis.openapi.from_url(f"{running.url}/openapi.json")
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+        allow_header_conformance,
+    ]
+    failures = []
+
+    def check(case) -> None:  # noqa: ANN001 - a schemathesis Case
+        case.call_and_validate(checks=checks)
+
+    try:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            strategy = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            checked = strategy(given(case=operation.as_strategy())(check))
+            try:
+                checked()
+            except Exception as error:  # noqa: BLE001 - every operation runs; failures are reported together
+                failures.append(f"{operation.label}: {error}")
+        assert httpx.get(f"{running.url}/health").status_code == 200
+    finally:
+        running.stop()
+    assert not failures, "\n".join(failures[:5])

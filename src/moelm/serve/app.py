@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import moelm
 from moelm.data.chat import ChatFormatError, render_chat
 from moelm.data.tokenizer import THINK_OPEN, token_label
 from moelm.infer.engine import (
@@ -38,6 +39,7 @@ from moelm.infer.engine import (
 )
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.text import IncrementalDetokenizer, TextGenerator
+from moelm.serve import openapi
 from moelm.serve.metrics import ServerMetrics
 from moelm.serve.protocol import (
     APIError,
@@ -314,7 +316,14 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         yield
         server.engine.stop()
 
-    app = FastAPI(title="moelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="moelm",
+        version=moelm.__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.server = server
 
     @app.exception_handler(APIError)
@@ -323,35 +332,53 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-        wrapped = APIError(error.status_code, str(error.detail), code="not_found" if error.status_code == 404 else None)
-        return JSONResponse(wrapped.body(), status_code=error.status_code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        wrapped = APIError(error.status_code, str(error.detail), code=code)
+        return JSONResponse(wrapped.body(), status_code=error.status_code, headers=error.headers)  # 405: Allow
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:
         wrapped = APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error")
         return JSONResponse(wrapped.body(), status_code=500)
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={200: {"description": "the engine runs (no body)"}},
+        openapi_extra=openapi.errors(503),
+    )
     async def health() -> Response:
         if not server.engine.alive:
             raise APIError(503, "the engine has stopped", code="engine_dead")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return PlainTextResponse(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        server.authorize(request)
-        card = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": config.model_name,
             "object": "model",
             "created": server.created,
             "owned_by": "moelm",
             "max_model_len": server.engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models", openapi_extra=openapi.errors(401))
+    async def models(request: Request) -> dict[str, Any]:
+        server.authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", openapi_extra=openapi.errors(401, 404))
+    async def model(request: Request, model_id: str) -> dict[str, Any]:
+        server.authorize(request)
+        server.check_model(model_id)
+        return model_card()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": moelm.__version__}
 
     async def read_body(request: Request) -> dict[str, Any]:
         server.authorize(request)
@@ -360,7 +387,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
             raise APIError(413, f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
         return parse_json(raw)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.generation(openapi.COMPLETION_REQUEST))
     async def completions(request: Request) -> Response:
         parsed = parse_completion(await read_body(request))
         server.check_model(parsed.model)
@@ -370,7 +397,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         streams = [lambda: TextStream(generator, parsed.stop) for _ in prompts]
         return await _respond(server, request, parsed, prompts, budgets, streams, chat=False)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi.tokenizer_route(openapi.TOKENIZE_REQUEST, openapi.TOKENIZE_RESPONSE))
     async def tokenize(request: Request) -> dict[str, Any]:
         """vLLM's /tokenize: a prompt (or chat messages, rendered with the template) as token ids."""
         parsed = parse_tokenize(await read_body(request))
@@ -385,14 +412,16 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         tokens = generator.tokenizer.encode(text).ids if text else []
         return {"count": len(tokens), "max_model_len": server.engine.max_model_len, "tokens": tokens}
 
-    @app.post("/detokenize")
+    @app.post(
+        "/detokenize", openapi_extra=openapi.tokenizer_route(openapi.DETOKENIZE_REQUEST, openapi.DETOKENIZE_RESPONSE)
+    )
     async def detokenize(request: Request) -> dict[str, Any]:
         """vLLM's /detokenize: token ids as text (special tokens kept)."""
         parsed = parse_detokenize(await read_body(request), generator.model.config.vocab_size)
         server.check_model(parsed.model)
         return {"prompt": generator.tokenizer.decode(parsed.tokens, skip_special_tokens=False)}
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", openapi_extra=openapi.errors(401))
     async def tokenizer_info(request: Request) -> dict[str, Any]:
         """vLLM's /tokenizer_info: what a remote-tokenizer client (lm-eval's local-completions) reads."""
         server.authorize(request)
@@ -411,7 +440,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
             "vocab_size": generator.tokenizer.get_vocab_size(),
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.generation(openapi.CHAT_REQUEST))
     async def chat_completions(request: Request) -> Response:
         parsed = parse_chat(await read_body(request))
         server.check_model(parsed.model)

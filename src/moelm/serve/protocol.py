@@ -57,6 +57,7 @@ class APIError(Exception):
             400: "invalid_request_error",
             401: "authentication_error",
             404: "not_found_error",
+            405: "invalid_request_error",
             413: "invalid_request_error",
             429: "rate_limit_error",
         }.get(self.status, "server_error")
@@ -128,6 +129,8 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int | N
     value = body.get(name, default)
     if value is None:
         return default
+    if _is_integer(value):  # JSON Schema's integers include 1.0
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"must be an integer, got {value!r}")
     if value < low or (high is not None and value > high):
@@ -229,7 +232,7 @@ def _token_ids(body: dict, name: str) -> list[int]:
         return []
     if not _token_list(value) or any(t < 0 for t in value):
         raise invalid(name, "must be a list of token ids")
-    return list(value)
+    return _as_ids(value)
 
 
 def parse_completion(body: dict[str, Any]) -> CompletionRequest:
@@ -245,12 +248,12 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     prompt = body["prompt"]
     if isinstance(prompt, str):
         prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [prompt]
+    elif _token_list(prompt):
+        prompts = [_as_ids(prompt)]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
     elif isinstance(prompt, list) and prompt and all(_token_list(p) for p in prompt):
-        prompts = list(prompt)
+        prompts = [_as_ids(p) for p in prompt]
     else:
         raise invalid("prompt", "must be a string, a list of strings, a list of token ids, or a list of those")
     if any(p == "" for p in prompts):
@@ -265,10 +268,19 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     return CompletionRequest(**common, logprobs=logprobs, prompts=prompts, echo=echo)
 
 
+def _is_integer(value: Any) -> bool:
+    """An integer as JSON Schema counts them: 3 or 3.0, never true / false."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
 def _token_list(value: Any) -> bool:
-    return (
-        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    )
+    return isinstance(value, list) and bool(value) and all(_is_integer(t) for t in value)
+
+
+def _as_ids(value: list) -> list[int]:
+    return [int(t) for t in value]
 
 
 def parse_chat(body: dict[str, Any]) -> ChatRequest:
@@ -369,6 +381,7 @@ def parse_detokenize(body: dict[str, Any], vocab_size: int) -> DetokenizeRequest
     tokens = body.get("tokens")
     if not _token_list(tokens) and tokens != []:
         raise invalid("tokens", "must be a list of token ids")
+    tokens = _as_ids(tokens)
     if any(not 0 <= t < vocab_size for t in tokens):
         raise invalid("tokens", f"token ids must be in [0, {vocab_size - 1}]")
     return DetokenizeRequest(model, tokens)
