@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * normed.to(x.dtype)).to(x.dtype)  # a float32 weight keeps a bf16 stream bf16
+        return self.weight * normed.to(x.dtype)
 
 
 class SwiGLU(nn.Module):
