@@ -37,6 +37,7 @@ from moelm.infer.logit_rules import RowLogitRules
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.row_sampling import RowSettings
 from moelm.infer.sampling import SamplingParams
+from moelm.infer.structured import Constraint, masked_logits
 from moelm.model.cache import CacheCapacityError, KVCache
 from moelm.model.router import Router
 from moelm.model.transformer import MoELM
@@ -84,6 +85,7 @@ class EngineRequest:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    constraint: Constraint | None = None  # structured output: only tokens its grammar allows (infer.structured)
     ignore_eos: bool = False  # run to max_new_tokens (load tests with fixed output lengths)
     # keep decoding to max_new_tokens after finishing (tokens unreported): processes that each generate rows
     # of one sharded model must all take the same number of steps, since every step runs collectives
@@ -453,7 +455,8 @@ class Engine:
         requests = [self.running[row] for row in rows]
         seen = None if self.seen is None else self.seen[first : first + count]
         ends = [self._ends(r) if r.steps < r.min_tokens else () for r in requests]
-        tokens = self.settings.sample(self.rules.apply(logits_BV, first, ends), seen, first)
+        adjusted = masked_logits(self.rules.apply(logits_BV, first, ends), [r.constraint for r in requests])
+        tokens = self.settings.sample(adjusted, seen, first)
         self.rules.record(first, tokens)
         self.pending[first : first + count] = tokens
         if self.seen is not None:
@@ -468,6 +471,8 @@ class Engine:
                     finished.append(row)
                 continue
             request.new_tokens.append(token)
+            if request.constraint is not None:
+                request.constraint.accept(token)
             self.stats.generation_tokens += 1
             event = TokenEvent(token)
             if request.logprobs is not None and logprobs is not None:
@@ -476,6 +481,7 @@ class Engine:
             if (
                 (token in self.eos and not request.ignore_eos)
                 or token in request.stop_token_ids
+                or (request.constraint is not None and request.constraint.finished)
                 or (request.stop is not None and request.stop(request.new_tokens))
             ):
                 event.finish_reason = FINISH_STOP

@@ -38,6 +38,7 @@ from moelm.infer.engine import (
     TokenEvent,
 )
 from moelm.infer.prefix_cache import PrefixCache
+from moelm.infer.structured import Constraint, GrammarError, GrammarFactory
 from moelm.infer.text import IncrementalDetokenizer, TextGenerator
 from moelm.serve import openapi
 from moelm.serve.metrics import ServerMetrics
@@ -113,6 +114,7 @@ class Server:
             prefix_cache=PrefixCache() if config.prefix_caching else None,
         )
         self.metrics = ServerMetrics(self.engine.expert_counts, config.model_name)
+        self.grammars: GrammarFactory | None = None  # structured output's tokenizer view, made on first use
         self.created = int(time.time())
         if not generator.chat_tuned:
             LOG.warning("the model has no chat template (never chat-tuned): chat replies may be empty")
@@ -136,6 +138,19 @@ class Server:
                 param="model",
                 code="model_not_found",
             )
+
+    def constraint(self, request: GenerationRequest) -> Constraint | None:
+        """A fresh grammar matcher for one choice of a structured-output request (400 for a bad grammar)."""
+        if request.grammar is None:
+            return None
+        try:
+            if self.grammars is None:  # built on first use: about a second, and only llguidance needs it
+                config = self.generator.model.config
+                ends = sorted(self.engine.eos)
+                self.grammars = GrammarFactory(self.generator.tokenizer.to_str(), config.vocab_size, ends)
+            return self.grammars.constraint(request.grammar)
+        except GrammarError as error:
+            raise invalid(request.grammar.source, str(error)) from None
 
     def check_vocabulary(self, request: GenerationRequest) -> None:
         """Token ids a request names (logit_bias keys, stop_token_ids) must be in the model's vocabulary."""
@@ -197,6 +212,7 @@ class Server:
                     frequency_penalty=request.frequency_penalty,
                     min_tokens=min(request.min_tokens, budgets[p]),
                     stop_token_ids=tuple(request.stop_token_ids),
+                    constraint=self.constraint(request),
                     ignore_eos=request.ignore_eos,
                 )
                 choices.append(choice)

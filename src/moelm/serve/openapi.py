@@ -63,6 +63,27 @@ _COMMON: dict[str, Any] = {
     },
     "min_tokens": _integer(0),
     "stop_token_ids": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}},
+    "response_format": {
+        "anyOf": [
+            {"type": "null"},
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+            {
+                "type": "object",
+                "required": ["type", "json_schema"],
+                "properties": {
+                    "type": {"const": "json_schema"},
+                    "json_schema": {
+                        "type": "object",
+                        "required": ["schema"],
+                        "properties": {"name": {"type": "string"}, "schema": {"type": "object"}},
+                    },
+                },
+            },
+        ]
+    },
+    "guided_json": {"type": ["object", "string", "null"]},
+    "guided_regex": {"type": ["string", "null"]},
+    "guided_choice": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}, "minItems": 1},
 }
 
 COMPLETION_REQUEST: dict[str, Any] = {

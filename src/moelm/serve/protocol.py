@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moelm.infer.sampling import SamplingParams
+from moelm.infer.structured import GrammarSpec
 
 MAX_N = 16
 MAX_STOP = 4
@@ -39,6 +40,10 @@ _COMMON = {
     "logit_bias",
     "min_tokens",
     "stop_token_ids",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -89,6 +94,7 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     min_tokens: int = 0  # vLLM's: end tokens banned until this many were generated
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: more tokens that end a choice
+    grammar: GrammarSpec | None = None  # structured output: response_format or vLLM's guided_* (one at most)
 
 
 @dataclass
@@ -190,6 +196,7 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", 
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid("min_tokens", f"{min_tokens} is more than {max_tokens_name}={max_tokens}")
     return dict(
+        grammar=_grammar(body),
         logit_bias=_logit_bias(body),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
@@ -205,6 +212,43 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", 
         include_usage=include_usage,
         ignore_eos=_boolean(body, "ignore_eos"),
     )
+
+
+def _grammar(body: dict) -> GrammarSpec | None:
+    """OpenAI's response_format (json_object, json_schema) or vLLM's guided_json / guided_regex / guided_choice."""
+    given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_choice") if body.get(name)]
+    if len(given) > 1:
+        raise invalid(given[1], f"give one of {given[0]} and {given[1]}, not both")
+    if not given:
+        return None
+    name, value = given[0], body[given[0]]
+    if name == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise invalid(name, "must be a JSON schema (an object, or a string holding one)") from None
+        if not isinstance(value, dict):
+            raise invalid(name, "must be a JSON schema (an object, or a string holding one)")
+        return GrammarSpec("json_schema", value, name)
+    if name == "guided_regex":
+        if not isinstance(value, str):
+            raise invalid(name, "must be a regular expression string")
+        return GrammarSpec("regex", value, name)
+    if name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise invalid(name, "must be a non-empty list of non-empty strings")
+        return GrammarSpec("choice", value, name)
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise invalid(name, "must be {type: text | json_object | json_schema}")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return GrammarSpec("json_object", None, name)
+    described = value.get("json_schema")
+    if not isinstance(described, dict) or not isinstance(described.get("schema"), dict):
+        raise invalid(name, "json_schema needs {json_schema: {name, schema: {...}}}")
+    return GrammarSpec("json_schema", described["schema"], name)
 
 
 def _logit_bias(body: dict) -> dict[int, float]:
