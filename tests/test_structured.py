@@ -123,3 +123,88 @@ def test_server_takes_response_format_and_guided_fields(tmp_path):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
         both = http.post("/v1/completions", json={"prompt": "the", "guided_regex": "a", "guided_choice": ["b"]})
         assert both.status_code == 400
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the forecast",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_openai_clients_tool_round_trip_forced_named_and_streamed(tmp_path):
+    """The official client's tool flow: a required call parses and matches the function's schema, its result goes
+    back as a tool message, and a named call streams as tool_calls deltas."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from conftest import RunningServer
+
+    from moelm.infer.text import TextGenerator
+    from moelm.serve.app import ServerConfig, create_app
+
+    save_tiny_model_with_tokenizer(tmp_path, max_position_embeddings=1024)
+    server = RunningServer(create_app(TextGenerator.from_pretrained(tmp_path), ServerConfig("tiny")))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "weather in Paris?"}]
+        reply = client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        result = {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+        follow = [*messages, choice.message.model_dump(exclude_none=True), result]
+        answer = client.chat.completions.create(model="tiny", messages=follow, tools=[WEATHER], max_tokens=5)
+        assert answer.choices[0].message.role == "assistant"
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=60, stream=True
+            )
+        )
+        deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(deltas) == 1 and deltas[0][0].function.name == "get_weather" and deltas[0][0].index == 0
+        jsonschema.validate(json.loads(deltas[0][0].function.arguments), WEATHER["function"]["parameters"])
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        none = client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=4, temperature=0
+        )
+        assert none.choices[0].message.tool_calls is None
+    finally:
+        server.stop()
+
+
+def test_tool_prompts_render_calls_and_results_and_auto_replies_parse_blocks():
+    from moelm.serve.tools import Tools, parse_reply, parse_tools, prompt_messages
+
+    tools = parse_tools({"tools": [WEATHER]})
+    assert tools.choice == "auto" and tools.active and not tools.forced
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "content": "rain"},
+    ]
+    turns = prompt_messages(history, tools)
+    assert turns[0]["role"] == "system" and '"get_weather"' in turns[0]["content"]
+    assert turns[2]["content"] == '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    assert turns[3] == {"role": "tool", "content": "rain"}
+    reply = 'Let me look. <tool_call> {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}} </tool_call>'
+    content, calls = parse_reply(reply, tools)
+    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "days": 2}
+    assert parse_reply("<tool_call>{not json}</tool_call>", tools) == ("<tool_call>{not json}</tool_call>", [])
+    assert parse_reply('<tool_call>{"name": "other", "arguments": {}}</tool_call>', tools)[1] == []
+    assert prompt_messages(history[:1], Tools([], "none")) == [{"role": "user", "content": "hi"}]

@@ -26,7 +26,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a function's result (moelm.serve.tools)
 CONFIG_FILE = "tokenizer_config.json"
 
 

@@ -40,7 +40,7 @@ from moelm.infer.engine import (
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.structured import Constraint, GrammarError, GrammarFactory
 from moelm.infer.text import IncrementalDetokenizer, TextGenerator
-from moelm.serve import openapi
+from moelm.serve import openapi, tools
 from moelm.serve.metrics import ServerMetrics
 from moelm.serve.protocol import (
     APIError,
@@ -461,8 +461,10 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         parsed = parse_chat(await read_body(request))
         server.check_model(parsed.model)
         server.check_vocabulary(parsed)
+        if parsed.tools is not None and parsed.tools.forced:
+            parsed.grammar = tools.call_grammar(parsed.tools)
         try:
-            text = generator.chat_prompt(parsed.messages)
+            text = generator.chat_prompt(tools.prompt_messages(parsed.messages, parsed.tools))
         except ChatFormatError as error:
             raise invalid("messages", str(error)) from None
         prompt = await run_in_threadpool(_encode, generator, text)
@@ -535,6 +537,15 @@ async def _wait_all(server: Server, http: Request, choices: list[Choice], queue:
             open_choices -= 1
 
 
+def _tool_calls(request: GenerationRequest, content: str) -> tuple[str | None, list] | None:
+    """(content, tool_calls) when a chat reply with tools on made calls; None otherwise."""
+    active = getattr(request, "tools", None)
+    if active is None or not active.active:
+        return None
+    rest, calls = tools.parse_reply(content, active)
+    return (rest, calls) if calls else None
+
+
 def _full_choice(server: Server, choice: Choice, request: GenerationRequest, chat: bool) -> dict[str, Any]:
     parts = choice.text.full(choice.tokens)
     logprobs = None
@@ -555,6 +566,10 @@ def _full_choice(server: Server, choice: Choice, request: GenerationRequest, cha
         LOG.warning("%s (%d token(s))", out["moelm_note"], len(choice.tokens))
     if chat:
         message: dict[str, Any] = {"role": "assistant", "content": parts.content}
+        calls = _tool_calls(request, parts.content)
+        if calls is not None:
+            message["content"], message["tool_calls"] = calls
+            out["finish_reason"] = "tool_calls"
         if parts.reasoning:
             message["reasoning_content"] = parts.reasoning
         out["message"] = message
@@ -605,6 +620,7 @@ async def _stream_events(
         entry.update(logprobs=logprobs, finish_reason=finish)
         return {**base, "choices": [entry], **usage_field}
 
+    holding = chat and getattr(request, "tools", None) is not None and request.tools.active
     try:
         if chat:
             for choice in choices:
@@ -622,6 +638,12 @@ async def _stream_events(
                 open_choices -= 1
                 continue
             final = event.finish_reason is not None
+            if holding:  # a reply that may be a tool call is sent whole, as calls or as text, when it ends
+                if final:
+                    open_choices -= 1
+                    for piece in _held_reply(choice, request, chunk):
+                        yield _sse(piece)
+                continue
             sent = len(choice.text.sent.content)  # where this chunk's text starts in the whole text
             parts = choice.text.delta(choice.tokens, final=final)
             events = [event] if event.logprob is not None else []
@@ -635,6 +657,27 @@ async def _stream_events(
         yield _sse("[DONE]")
     finally:
         server.cancel(choices)
+
+
+def _held_reply(choice: Choice, request: GenerationRequest, chunk: Callable) -> list[dict[str, Any]]:
+    """The chunks of a reply held back while it might be a tool call: its reasoning and text, or its calls as
+    OpenAI's tool_calls deltas (each call whole, with its index), then the finish chunk."""
+    parts = choice.text.full(choice.tokens)
+    calls = _tool_calls(request, parts.content)
+    pieces = []
+    if calls is None:
+        if parts.content or parts.reasoning:
+            pieces.append(chunk(choice, parts, [], None))
+        pieces.append(chunk(choice, None, [], _finish_reason(choice)))
+        return pieces
+    content, made = calls
+    if parts.reasoning or content:
+        pieces.append(chunk(choice, Parts(content=content or "", reasoning=parts.reasoning), [], None))
+    body = chunk(choice, None, [], None)
+    body["choices"][0]["delta"] = {"tool_calls": [{"index": i, **call} for i, call in enumerate(made)]}
+    pieces.append(body)
+    pieces.append(chunk(choice, None, [], "tool_calls"))
+    return pieces
 
 
 def serve(

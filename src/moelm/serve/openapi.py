@@ -112,9 +112,10 @@ _MESSAGE = {
     "required": ["role", "content"],
     "additionalProperties": False,
     "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {
             "anyOf": [
+                {"type": "null"},
                 {"type": "string"},
                 {
                     "type": "array",
@@ -128,6 +129,40 @@ _MESSAGE = {
         },
         "name": {"type": "string"},
         "reasoning_content": {"type": ["string", "null"]},
+        "tool_call_id": {"type": "string"},
+        "tool_calls": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "required": ["function"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name", "arguments"],
+                        "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+                    },
+                },
+            },
+        },
+    },
+}
+
+_TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+            },
+        },
     },
 }
 
@@ -141,6 +176,26 @@ CHAT_REQUEST: dict[str, Any] = {
         "max_completion_tokens": _integer(1),
         "logprobs": {"type": ["boolean", "null"]},
         "top_logprobs": _integer(0, MAX_TOP_LOGPROBS),
+        "tools": {"type": ["array", "null"], "items": _TOOL},
+        "tool_choice": {
+            "anyOf": [
+                {"type": "null"},
+                {"enum": ["auto", "none", "required"]},
+                {
+                    "type": "object",
+                    "required": ["type", "function"],
+                    "properties": {
+                        "type": {"const": "function"},
+                        "function": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}},
+                        },
+                    },
+                },
+            ]
+        },
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
     },
 }
 

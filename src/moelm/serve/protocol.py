@@ -18,7 +18,7 @@ from moelm.infer.structured import GrammarSpec
 MAX_N = 16
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _COMMON = {
     "model",
@@ -46,7 +46,15 @@ _COMMON = {
     "guided_choice",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+CHAT_FIELDS = _COMMON | {
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 
 
 class APIError(Exception):
@@ -105,7 +113,8 @@ class CompletionRequest(GenerationRequest):
 
 @dataclass
 class ChatRequest(GenerationRequest):
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: Any = None  # moelm.serve.tools.Tools, or None without tools
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -337,23 +346,29 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise APIError(
             400, "missing required parameter 'messages'", param="messages", code="missing_required_parameter"
         )
+    from moelm.serve.tools import parse_tools  # tools builds on this module's errors
+
     parsed = _messages(body)
+    tools = parse_tools(body)
+    _boolean(body, "parallel_tool_calls", True)
+    if tools is not None and tools.forced and common["grammar"] is not None:
+        raise invalid("tool_choice", f"a forced tool call cannot be combined with {common['grammar'].source}")
     logprobs = None
     if _boolean(body, "logprobs"):
         logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
     elif body.get("top_logprobs") is not None:
         raise invalid("top_logprobs", "needs logprobs: true")
-    return ChatRequest(**common, logprobs=logprobs, messages=parsed)
+    return ChatRequest(**common, logprobs=logprobs, messages=parsed, tools=tools)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of {role, content} objects")
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
-def _message(index: int, message: Any) -> dict[str, str]:
+def _message(index: int, message: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise invalid(where, "must be an object with role and content")
@@ -368,14 +383,43 @@ def _message(index: int, message: Any) -> dict[str, str]:
                 raise invalid(f"{where}.content", "parts must be {type: text, text: ...} (moelm models read text)")
             parts.append(part["text"])
         content = "".join(parts)
+    calls = _tool_calls(where, message.get("tool_calls")) if role == "assistant" else []
+    if content is None and calls:
+        content = ""
     if not isinstance(content, str):
         raise invalid(f"{where}.content", "must be a string or a list of text parts")
-    extra = sorted(set(message) - {"role", "content", "name", "reasoning_content"})
+    allowed = {"role", "content", "name", "reasoning_content"}
+    allowed |= {"tool_calls"} if role == "assistant" else {"tool_call_id"} if role == "tool" else set()
+    extra = sorted(set(message) - allowed)
     if extra:
         raise invalid(where, f"unrecognized key(s) {extra}")
-    out = {"role": "system" if role == "developer" else role, "content": content}
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise invalid(f"{where}.tool_call_id", "a tool message needs the id of the call it answers")
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    if calls:
+        out["tool_calls"] = calls
     if isinstance(message.get("reasoning_content"), str):
         out["reasoning"] = message["reasoning_content"]
+    return out
+
+
+def _tool_calls(where: str, calls: Any) -> list[dict[str, Any]]:
+    """An assistant turn's earlier tool calls as [{name, arguments (an object)}]."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise invalid(f"{where}.tool_calls", "must be a list of {id, type: function, function: {name, arguments}}")
+    out = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        try:
+            arguments = json.loads(function["arguments"]) if isinstance(function.get("arguments"), str) else None
+        except (ValueError, AttributeError):
+            arguments = None
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            raise invalid(f"{where}.tool_calls[{index}]", "needs function.name and function.arguments (a JSON object)")
+        out.append({"name": name, "arguments": arguments})
     return out
 
 
