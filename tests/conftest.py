@@ -108,6 +108,18 @@ TINY_RUN = [
 ]
 
 
+def reproducible_env() -> dict[str, str]:
+    """The environment for processes whose weights a test compares bit for bit across processes.
+
+    MKL's default dispatch (MKL_CBWR=AUTO, moelm's default) is not reproducible across processes here: measured
+    on this machine's CPUs under load, two fresh `moelm pretrain` runs with identical settings differed in the
+    last bits after their first step in 3 of 10 pairs, with AUTO, AUTO,STRICT or AVX512 alike, and in 0 of 10
+    with COMPATIBLE (which is 3-4x slower on GEMMs, so it is not the default)."""
+    import os
+
+    return {**os.environ, "MKL_CBWR": "COMPATIBLE"}
+
+
 def pretrain_command(out, steps, *extra):
     """`moelm pretrain` of the tiny recipe in a subprocess, saving every 5 steps."""
     args = [sys.executable, "-m", "moelm.cli", "pretrain", "--out", str(out)]

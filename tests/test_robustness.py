@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, pretrain_command, save_tiny_model_with_tokenizer
+from conftest import TINY_RUN, pretrain_command, reproducible_env, save_tiny_model_with_tokenizer
 from safetensors.torch import load_file
 
 from moelm import ConfigError, ModelConfig, MoELM
@@ -219,9 +219,12 @@ def _wait_for_metrics(out: Path, process: subprocess.Popen, timeout: float = 180
 
 def test_sigterm_saves_a_checkpoint_and_resume_is_bitwise_identical(tmp_path):
     steps = 30
-    subprocess.run(pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True)
+    env = reproducible_env()
+    subprocess.run(pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True, env=env)
     out = tmp_path / "stopped"
-    process = subprocess.Popen(pretrain_command(out, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        pretrain_command(out, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     _wait_for_metrics(out, process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
@@ -232,7 +235,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_bitwise_identical(tmp_path):
     step = int(line.split("at step ")[1].split()[0])
     assert 5 <= step < steps and (out / "checkpoints" / f"step-{step}" / "manifest.json").is_file()
     assert not (out / "model").exists()
-    subprocess.run([*pretrain_command(out, steps), "--resume"], check=True, capture_output=True)
+    subprocess.run([*pretrain_command(out, steps), "--resume"], check=True, capture_output=True, env=env)
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(out / "model" / "model.safetensors")
     assert all(straight[name].equal(resumed[name]) for name in straight)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import TINY_RUN, pretrain_command
+from conftest import TINY_RUN, pretrain_command, reproducible_env
 from safetensors.torch import load_file
 
 from moelm import ConfigError
@@ -68,10 +68,11 @@ def test_empty_corpus_is_a_clear_error(tmp_path, capsys):
 
 def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     steps = 20
-    subprocess.run(pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True)
+    env = reproducible_env()
+    subprocess.run(pretrain_command(tmp_path / "straight", steps), check=True, capture_output=True, env=env)
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(
-        pretrain_command(interrupted, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        pretrain_command(interrupted, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     deadline = time.time() + 120
     while time.time() < deadline and not (interrupted / "checkpoints" / "step-10").is_dir():
@@ -79,7 +80,7 @@ def test_sigkill_then_resume_gives_bitwise_identical_weights(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (interrupted / "model").exists(), "the run was meant to die before finishing"
-    subprocess.run([*pretrain_command(interrupted, steps), "--resume"], check=True, capture_output=True)
+    subprocess.run([*pretrain_command(interrupted, steps), "--resume"], check=True, capture_output=True, env=env)
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(interrupted / "model" / "model.safetensors")
     assert straight.keys() == resumed.keys()

@@ -10,9 +10,12 @@ import importlib
 import os
 from typing import Any
 
-# MKL's conditional numerical reproducibility: without it, MKL may pick kernels by the memory alignment of the
-# operands, so two processes (a straight run and one resumed from a bit-identical checkpoint) can differ in the
-# last bits. Set before torch loads MKL; a value the user exported wins.
+# MKL's conditional numerical reproducibility, AUTO: results independent of operand alignment at no measured
+# cost. It does not make two processes agree bit for bit on this project's CPUs: measured under load, two fresh
+# identical training runs differed in the last bits after one step in 3 of 10 pairs with AUTO (also AUTO,STRICT
+# and AVX512) and 0 of 10 with COMPATIBLE, which costs 3-4x on GEMMs. Export MKL_CBWR=COMPATIBLE for runs that
+# must resume bit for bit across processes (README, "Pre-training"). Set before torch loads MKL; an exported
+# value wins.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 __version__ = "0.1.0"
