@@ -14,6 +14,8 @@ from typing import Any
 
 from moelm.infer.sampling import SamplingParams
 from moelm.infer.structured import GrammarSpec
+from moelm.serve.errors import APIError, invalid
+from moelm.serve.tools import parse_tools
 
 MAX_N = 16
 MAX_STOP = 4
@@ -55,32 +57,6 @@ CHAT_FIELDS = _COMMON | {
     "tool_choice",
     "parallel_tool_calls",
 }
-
-
-class APIError(Exception):
-    """An error answered with `status` and the OpenAI envelope {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @property
-    def type(self) -> str:
-        return {
-            400: "invalid_request_error",
-            401: "authentication_error",
-            404: "not_found_error",
-            405: "invalid_request_error",
-            413: "invalid_request_error",
-            429: "rate_limit_error",
-        }.get(self.status, "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(param: str, message: str) -> APIError:
-    return APIError(400, f"invalid '{param}': {message}", param=param, code="invalid_value")
 
 
 @dataclass
@@ -346,8 +322,6 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise APIError(
             400, "missing required parameter 'messages'", param="messages", code="missing_required_parameter"
         )
-    from moelm.serve.tools import parse_tools  # tools builds on this module's errors
-
     parsed = _messages(body)
     tools = parse_tools(body)
     _boolean(body, "parallel_tool_calls", True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelm.infer.structured import GrammarSpec
-from moelm.serve.protocol import invalid
+from moelm.serve.errors import invalid
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
