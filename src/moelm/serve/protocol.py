@@ -150,13 +150,19 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", fewest: int = 1) -> dict[str, Any]:
+def _known_fields_and_model(body: dict, allowed: set[str]) -> str | None:
+    """The body's `model` (a string or absent), after refusing any field not in `allowed` by name."""
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model", f"must be a string, got {model!r}")
+    return model
+
+
+def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", fewest: int = 1) -> dict[str, Any]:
+    model = _known_fields_and_model(body, allowed)
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise invalid("stream_options", "must be an object with the single key include_usage")
@@ -414,12 +420,8 @@ class DetokenizeRequest:
 def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
     """POST /tokenize (vLLM's): {"prompt": str} or {"messages": [...]}; moelm's tokenizers add no special
     tokens, so add_special_tokens is accepted and changes nothing."""
-    unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"})
-    if unknown:
-        raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid("model", f"must be a string, got {model!r}")
+    fields = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
+    model = _known_fields_and_model(body, fields)
     _boolean(body, "add_special_tokens", True)
     if ("prompt" in body) == ("messages" in body):
         raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt", code="invalid_value")
@@ -434,12 +436,7 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
 
 def parse_detokenize(body: dict[str, Any], vocab_size: int) -> DetokenizeRequest:
     """POST /detokenize (vLLM's): {"tokens": [ids]}."""
-    unknown = sorted(set(body) - {"model", "tokens"})
-    if unknown:
-        raise APIError(400, f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid("model", f"must be a string, got {model!r}")
+    model = _known_fields_and_model(body, {"model", "tokens"})
     tokens = body.get("tokens")
     if not _token_list(tokens) and tokens != []:
         raise invalid("tokens", "must be a list of token ids")
