@@ -175,10 +175,9 @@ def test_logit_bias_min_tokens_and_stop_token_ids_reach_the_engine(client, gener
     # stop token that is not a special token stays in the text
     assert reply.usage.completion_tokens == 3 and choice.finish_reason == "stop"
     assert choice.text.endswith(generator.tokenizer.decode([forced]))
-    penalised = client.completions.create(
-        model="tiny", prompt="the", max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=2.0
-    )
-    plain = client.completions.create(model="tiny", prompt="the", max_tokens=12, temperature=0)
+    run = {"model": "tiny", "prompt": "the", "max_tokens": 16, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    penalised = client.completions.create(**run, frequency_penalty=2.0, presence_penalty=2.0)
+    plain = client.completions.create(**run)
     assert penalised.choices[0].text != plain.choices[0].text
 
 
@@ -215,7 +214,8 @@ def test_sixteen_concurrent_streams_each_equal_their_single_request_output(serve
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     before = metric(server.url, 'moelm_request_success_total{finished_reason="abort"')
-    body = {"model": "tiny", "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True}
+    # ignore_eos: the request must outlive the disconnect, whatever this random model says first
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 100, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
