@@ -181,6 +181,22 @@ def test_logit_bias_min_tokens_and_stop_token_ids_reach_the_engine(client, gener
     assert penalised.choices[0].text != plain.choices[0].text
 
 
+def test_include_stop_str_in_output_and_skip_special_tokens(client):
+    run = {"model": "tiny", "prompt": "the", "max_tokens": 16, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    whole = client.completions.create(**run).choices[0].text
+    stop = whole[4:6]
+    first = whole.index(stop)
+    cut = client.completions.create(**run, stop=[stop]).choices[0].text
+    kept = client.completions.create(**{**run, "extra_body": {"include_stop_str_in_output": True}}, stop=[stop])
+    assert cut == whole[:first] and kept.choices[0].text == whole[: first + len(stop)]
+    forced = {"logit_bias": {"0": 100}}  # "<s>", a special token
+    hidden = client.completions.create(model="tiny", prompt="the", max_tokens=2, extra_body=forced)
+    shown = client.completions.create(
+        model="tiny", prompt="the", max_tokens=2, extra_body={**forced, "skip_special_tokens": False}
+    )
+    assert hidden.choices[0].text == "" and shown.choices[0].text == "<s><s>"
+
+
 def test_tokenize_detokenize_and_tokenizer_info_speak_vllms_protocol(server, generator):
     ids = generator.tokenizer.encode("two plus two").ids
     tokenized = httpx.post(f"{server.url}/tokenize", json={"prompt": "two plus two"}).json()

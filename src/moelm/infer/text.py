@@ -238,10 +238,14 @@ class StopFinder:
         return self.cut
 
 
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string."""
-    cuts = [text.index(s) for s in stop_strings if s in text]
-    return text[: min(cuts)] if cuts else text
+def cut_at_stop(text: str, stop_strings: Sequence[str], include: bool = False) -> str:
+    """The text before the first occurrence of any stop string (through it, with include: vLLM's
+    include_stop_str_in_output; of stop strings starting at the same place, the longest)."""
+    found = [(text.index(s), -len(s)) for s in stop_strings if s in text]
+    if not found:
+        return text
+    start, minus_length = min(found)
+    return text[: start - minus_length] if include else text[:start]
 
 
 def render_thinking(text: str, show: bool, inside: bool, dim: bool = True) -> tuple[str, bool]:

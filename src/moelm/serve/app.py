@@ -410,7 +410,8 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         server.check_vocabulary(parsed)
         prompts = [await run_in_threadpool(_encode, generator, p) for p in parsed.prompts]
         budgets = [server.token_budget(parsed, len(p), COMPLETION_DEFAULT_MAX_TOKENS) for p in prompts]
-        streams = [lambda: TextStream(generator, parsed.stop) for _ in prompts]
+        text_options = _text_options(parsed)
+        streams = [lambda: TextStream(generator, parsed.stop, **text_options) for _ in prompts]
         return await _respond(server, request, parsed, prompts, budgets, streams, chat=False)
 
     @app.post("/tokenize", openapi_extra=openapi.tokenizer_route(openapi.TOKENIZE_REQUEST, openapi.TOKENIZE_RESPONSE))
@@ -470,10 +471,19 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         prompt = await run_in_threadpool(_encode, generator, text)
         budget = server.token_budget(parsed, len(prompt), None)
         starts_inside = text.rstrip().endswith(THINK_OPEN)
-        streams = [lambda: TextStream(generator, parsed.stop, split_reasoning=True, starts_in_reasoning=starts_inside)]
+        streams = [
+            lambda: TextStream(
+                generator, parsed.stop, split_reasoning=True, starts_in_reasoning=starts_inside, **_text_options(parsed)
+            )
+        ]
         return await _respond(server, request, parsed, [prompt], [budget], streams, chat=True)
 
     return app
+
+
+def _text_options(request: GenerationRequest) -> dict[str, bool]:
+    """How a choice's tokens become its text: vLLM's include_stop_str_in_output and skip_special_tokens."""
+    return {"include_stop": request.include_stop_str_in_output, "skip_special_tokens": request.skip_special_tokens}
 
 
 def _encode(generator: TextGenerator, prompt: str | list[int]) -> list[int]:

@@ -84,6 +84,8 @@ _COMMON: dict[str, Any] = {
     "guided_json": {"type": ["object", "string", "null"]},
     "guided_regex": {"type": ["string", "null"]},
     "guided_choice": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    "include_stop_str_in_output": {"type": ["boolean", "null"]},
+    "skip_special_tokens": {"type": ["boolean", "null"]},
 }
 
 COMPLETION_REQUEST: dict[str, Any] = {

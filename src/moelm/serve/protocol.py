@@ -46,6 +46,8 @@ _COMMON = {
     "guided_json",
     "guided_regex",
     "guided_choice",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 }
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
 CHAT_FIELDS = _COMMON | {
@@ -79,6 +81,8 @@ class GenerationRequest:
     min_tokens: int = 0  # vLLM's: end tokens banned until this many were generated
     stop_token_ids: list[int] = field(default_factory=list)  # vLLM's: more tokens that end a choice
     grammar: GrammarSpec | None = None  # structured output: response_format or vLLM's guided_* (one at most)
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends with the stop string that ended it
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens' text
 
 
 @dataclass
@@ -187,6 +191,8 @@ def _common(body: dict, allowed: set[str], max_tokens_name: str = "max_tokens", 
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid("min_tokens", f"{min_tokens} is more than {max_tokens_name}={max_tokens}")
     return dict(
+        include_stop_str_in_output=_boolean(body, "include_stop_str_in_output"),
+        skip_special_tokens=_boolean(body, "skip_special_tokens", True),
         grammar=_grammar(body),
         logit_bias=_logit_bias(body),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),

@@ -34,8 +34,8 @@ class _Reader:
     def __init__(self, stream: TextStream) -> None:
         self.stream = stream
         tokenizer, eos = stream.generator.tokenizer, stream.generator.eos_ids()
-        self.reasoning = IncrementalDetokenizer(tokenizer, True, eos)
-        self.content = IncrementalDetokenizer(tokenizer, True, eos)
+        self.reasoning = IncrementalDetokenizer(tokenizer, stream.skip_special_tokens, eos)
+        self.content = IncrementalDetokenizer(tokenizer, stream.skip_special_tokens, eos)
         self.inside = stream.starts_in_reasoning  # inside <think> ... </think>
         self.consumed = 0
         self.content_tokens: set[int] = set()  # positions of the tokens decoded into the content
@@ -73,9 +73,13 @@ class TextStream:
         stop: Sequence[str] = (),
         split_reasoning: bool = False,
         starts_in_reasoning: bool = False,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
     ) -> None:
         self.generator = generator
         self.stop = list(stop)
+        self.include_stop = include_stop  # vLLM's include_stop_str_in_output: the text ends with the stop string
+        self.skip_special_tokens = skip_special_tokens
         tokenizer = generator.tokenizer
         self.split_reasoning = split_reasoning
         self.open_id = tokenizer.token_to_id(THINK_OPEN) if split_reasoning else None
@@ -133,7 +137,7 @@ class TextStream:
         # are held back until </think> or the end decides them)
         reasoning = reader.reasoning.text.strip("\n")
         content = reader.content.text.lstrip("\n") if self.split_reasoning else reader.content.text
-        stopped = cut_at_stop(content, self.stop)
+        stopped = cut_at_stop(content, self.stop, include=self.include_stop)
         if final or len(stopped) < len(content):
             return Parts(reasoning, stopped)
         return Parts(reasoning, _without_stop_prefix(content, self.stop))
