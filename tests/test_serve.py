@@ -181,6 +181,18 @@ def test_logit_bias_min_tokens_and_stop_token_ids_reach_the_engine(client, gener
     assert penalised.choices[0].text != plain.choices[0].text
 
 
+def test_tokenize_add_special_tokens_runs_the_tokenizers_post_processor(tmp_path):
+    from tokenizers import processors
+
+    _, tokenizer = save_tiny_model_with_tokenizer(tmp_path)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with TestClient(create_app(TextGenerator.from_pretrained(tmp_path), ServerConfig("tiny"))) as http:
+        plain = http.post("/tokenize", json={"prompt": "two", "add_special_tokens": False}).json()["tokens"]
+        special = http.post("/tokenize", json={"prompt": "two"}).json()["tokens"]
+    assert special == [0, *plain]
+
+
 def test_include_stop_str_in_output_and_skip_special_tokens(client):
     run = {"model": "tiny", "prompt": "the", "max_tokens": 16, "temperature": 0, "extra_body": {"ignore_eos": True}}
     whole = client.completions.create(**run).choices[0].text

@@ -208,3 +208,7 @@ def test_tool_prompts_render_calls_and_results_and_auto_replies_parse_blocks():
     assert parse_reply("<tool_call>{not json}</tool_call>", tools) == ("<tool_call>{not json}</tool_call>", [])
     assert parse_reply('<tool_call>{"name": "other", "arguments": {}}</tool_call>', tools)[1] == []
     assert prompt_messages(history[:1], Tools([], "none")) == [{"role": "user", "content": "hi"}]
+    two = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>' * 2
+    assert len(parse_reply(two, tools)[1]) == 2
+    single = parse_tools({"tools": [WEATHER], "parallel_tool_calls": False})
+    assert len(parse_reply(two, single)[1]) == 1  # parallel_tool_calls: false keeps the first call

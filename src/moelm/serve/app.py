@@ -426,7 +426,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
                 raise invalid("messages", str(error)) from None
         else:
             text = parsed.prompt
-        tokens = generator.tokenizer.encode(text).ids if text else []
+        tokens = generator.tokenizer.encode(text, add_special_tokens=parsed.add_special_tokens).ids if text else []
         return {"count": len(tokens), "max_model_len": server.engine.max_model_len, "tokens": tokens}
 
     @app.post(

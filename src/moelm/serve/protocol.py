@@ -336,7 +336,6 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         )
     parsed = _messages(body)
     tools = parse_tools(body)
-    _boolean(body, "parallel_tool_calls", True)
     if tools is not None and tools.forced and common["grammar"] is not None:
         raise invalid("tool_choice", f"a forced tool call cannot be combined with {common['grammar'].source}")
     logprobs = None
@@ -415,6 +414,7 @@ class TokenizeRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # the tokenizer's post-processor (BOS and the like), where it has one
 
 
 @dataclass
@@ -424,20 +424,19 @@ class DetokenizeRequest:
 
 
 def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
-    """POST /tokenize (vLLM's): {"prompt": str} or {"messages": [...]}; moelm's tokenizers add no special
-    tokens, so add_special_tokens is accepted and changes nothing."""
+    """POST /tokenize (vLLM's): {"prompt": str} or {"messages": [...]}."""
     fields = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
     model = _known_fields_and_model(body, fields)
-    _boolean(body, "add_special_tokens", True)
+    special = _boolean(body, "add_special_tokens", True)
     if ("prompt" in body) == ("messages" in body):
         raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt", code="invalid_value")
     if "prompt" in body:
         if not isinstance(body["prompt"], str):
             raise invalid("prompt", "must be a string")
-        return TokenizeRequest(model, prompt=body["prompt"])
-    return TokenizeRequest(
-        model, messages=_messages(body), add_generation_prompt=_boolean(body, "add_generation_prompt", True)
-    )
+        return TokenizeRequest(model, prompt=body["prompt"], add_special_tokens=special)
+    generation = _boolean(body, "add_generation_prompt", True)
+    messages = _messages(body)
+    return TokenizeRequest(model, messages=messages, add_generation_prompt=generation, add_special_tokens=special)
 
 
 def parse_detokenize(body: dict[str, Any], vocab_size: int) -> DetokenizeRequest:

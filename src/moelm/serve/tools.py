@@ -30,6 +30,7 @@ class Tools:
 
     functions: list[dict[str, Any]]  # {name, description, parameters}
     choice: str = "auto"  # "auto" | "none" | "required" | a function's name
+    parallel: bool = True  # OpenAI's parallel_tool_calls: False keeps a reply's first call only
 
     @property
     def active(self) -> bool:
@@ -41,8 +42,12 @@ class Tools:
 
 
 def parse_tools(body: dict[str, Any]) -> Tools | None:
-    """`tools` and `tool_choice` checked into Tools (None when the request has no tools)."""
+    """`tools`, `tool_choice` and `parallel_tool_calls` checked into Tools (None when the request has no tools)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise invalid("parallel_tool_calls", f"must be true or false, got {parallel!r}")
+    parallel = parallel is not False
     if tools is None:
         if choice not in (None, "none"):
             raise invalid("tool_choice", "needs tools")
@@ -69,14 +74,14 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
     if len(set(names)) != len(names):
         raise invalid("tools", "function names must be unique")
     if choice is None:
-        return Tools(functions, "auto")
+        return Tools(functions, "auto", parallel)
     if choice in ("auto", "none", "required"):
-        return Tools(functions, choice)
+        return Tools(functions, choice, parallel)
     named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or named not in names:
         allowed = f"auto, none, required or {{type: function, function: {{name}}}} with a name of {names}"
         raise invalid("tool_choice", f"must be {allowed}")
-    return Tools(functions, named)
+    return Tools(functions, named, parallel)
 
 
 def prompt_messages(messages: list[dict[str, Any]], tools: Tools | None) -> list[dict[str, str]]:
@@ -131,6 +136,7 @@ def parse_reply(text: str, tools: Tools) -> tuple[str | None, list[dict[str, Any
     else:
         found = _CALL.findall(text)
         rest = _CALL.sub("", text).strip() if found else text
+        found = found if tools.parallel else found[:1]
     calls = []
     names = {f["name"] for f in tools.functions}
     for raw in found:
