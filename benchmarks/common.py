@@ -26,6 +26,17 @@ def copy_bandwidth(megabytes: int = 512) -> float:
     return 3 * 2 * src.numel() * 4 / (time.perf_counter() - start)
 
 
+def read_bandwidth(megabytes: int = 1024) -> float:
+    """Bytes per second read by a sum over a large tensor (no writes): a read-bound step's roofline denominator
+    (a copy's bandwidth, above, also writes)."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    data.sum()
+    start = time.perf_counter()
+    for _ in range(3):
+        data.sum()
+    return 3 * data.numel() * 4 / (time.perf_counter() - start)
+
+
 def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each step, timed round-robin (after `warmup` calls of each).
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import interleaved_medians
+from common import interleaved_medians, read_bandwidth
 
 from moelm import MoELM, load_config
 from moelm.data.tokenizer import load_tokenizer_file, save_tokenizer_file, train_tokenizer
@@ -39,24 +39,22 @@ PROMPTS = [
 ]
 
 
-def read_bandwidth(megabytes: int = 1024) -> float:
-    """Bytes per second read by a sum over a large tensor (no writes): the decode roofline's denominator."""
-    data = torch.ones(megabytes * 2**20 // 4)
-    data.sum()
-    start = time.perf_counter()
-    for _ in range(3):
-        data.sum()
-    return 3 * data.numel() * 4 / (time.perf_counter() - start)
-
-
 def moelm_variants(model_dir: Path) -> dict[str, MoELM]:
     """The moelm formats, each loaded from the same directory."""
     f32 = MoELM.from_pretrained(model_dir, mtp=False).eval()
     bf16 = MoELM.from_pretrained(model_dir, dtype=torch.bfloat16, mtp=False, float32_norms=True).eval()
     bf16.set_activation_dtype(torch.float32)  # what TextGenerator and the CLI load on a CPU
+    rounded_norms = MoELM.from_pretrained(model_dir, dtype=torch.bfloat16, mtp=False).eval()
+    rounded_norms.set_activation_dtype(torch.float32)  # the float32 stream with bf16 norm weights
     stream = MoELM.from_pretrained(model_dir, dtype=torch.bfloat16, mtp=False).eval()
     int8 = quantize_int8(MoELM.from_pretrained(model_dir, mtp=False).eval())
-    return {"moelm_f32": f32, "moelm_bf16": bf16, "moelm_bf16_stream": stream, "moelm_int8": int8}
+    return {
+        "moelm_f32": f32,
+        "moelm_bf16": bf16,
+        "moelm_bf16_bf16_norms": rounded_norms,
+        "moelm_bf16_stream": stream,
+        "moelm_int8": int8,
+    }
 
 
 def weight_bytes(model: MoELM) -> int:

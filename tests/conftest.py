@@ -121,7 +121,7 @@ def reproducible_env() -> dict[str, str]:
     MKL's default dispatch (MKL_CBWR=AUTO, moelm's default) is not reproducible across processes here: measured
     on this machine's CPUs under load, two fresh `moelm pretrain` runs with identical settings differed in the
     last bits after their first step in 3 of 10 pairs, with AUTO, AUTO,STRICT or AVX512 alike, and in 0 of 10
-    with COMPATIBLE (which is 3-4x slower on GEMMs, so it is not the default)."""
+    with COMPATIBLE (about 4x slower on GEMMs, so it is not the default; benchmarks/probes/mkl_reproducibility.py)."""
     import os
 
     return {**os.environ, "MKL_CBWR": "COMPATIBLE"}

@@ -13,7 +13,7 @@ from typing import Any
 # MKL's conditional numerical reproducibility, AUTO: results independent of operand alignment at no measured
 # cost. It does not make two processes agree bit for bit on this project's CPUs: measured under load, two fresh
 # identical training runs differed in the last bits after one step in 3 of 10 pairs with AUTO (also AUTO,STRICT
-# and AVX512) and 0 of 10 with COMPATIBLE, which costs 3-4x on GEMMs. Export MKL_CBWR=COMPATIBLE for runs that
+# and AVX512) and 0 of 10 with COMPATIBLE, which costs about 4x on GEMMs. Export MKL_CBWR=COMPATIBLE for runs that
 # must resume bit for bit across processes (README, "Pre-training"). Set before torch loads MKL; an exported
 # value wins.
 os.environ.setdefault("MKL_CBWR", "AUTO")
