@@ -41,6 +41,8 @@ class RoutedExperts(nn.Module):
         # Expert parallelism replaces this with a dispatcher that exchanges rows between ranks.
         self.dispatcher: TokenDispatcher = LocalDispatcher(self.num_experts)
         self._backends: dict[tuple, str] = {}
+        # Low-rank per-expert updates (moelm.model.lora.ExpertAdapter); None keeps the plain banks.
+        self.adapter: nn.Module | None = None
 
     def forward(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         local = isinstance(self.dispatcher, LocalDispatcher)  # expert parallelism holds only some experts here
@@ -58,7 +60,11 @@ class RoutedExperts(nn.Module):
 
     def float_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj, down_proj) as floating-point tensors: the parameters themselves, or int8 banks widened
-        with their scales for this call (int8 is a batch-1 decode format; prefill pays for the widening)."""
+        with their scales for this call (int8 is a batch-1 decode format; prefill pays for the widening), or the
+        banks plus an attached adapter's low-rank updates (merged per call: decode and a token or two only)."""
+        if self.adapter is not None:  # merged for this call: the paths that read weights per assignment
+            gate_up_delta, down_delta = self.adapter.delta_banks()
+            return self.gate_up_proj + gate_up_delta, self.down_proj + down_delta
         if self.gate_up_scale is None:
             return self.gate_up_proj, self.down_proj
         return (
@@ -131,11 +137,12 @@ class RoutedExperts(nn.Module):
         top_k = expert_ids_TK.shape[1]
         flat_ids = expert_ids_TK.flatten()
         rows_RH = x_TH.repeat_interleave(top_k, dim=0)
-        gate_up_RP = matvec(self.gate_up_proj[flat_ids], rows_RH)
+        gate_up_proj, down_proj = (self.gate_up_proj, self.down_proj) if self.adapter is None else self.float_banks()
+        gate_up_RP = matvec(gate_up_proj[flat_ids], rows_RH)
         if self.gate_up_scale is not None:  # int8 banks: the product of the integers, then each channel's scale
             gate_up_RP = gate_up_RP * self.gate_up_scale[flat_ids]
         gate, up = gate_up_RP.chunk(2, dim=-1)
-        out_RH = matvec(self.down_proj[flat_ids], F.silu(gate) * up)
+        out_RH = matvec(down_proj[flat_ids], F.silu(gate) * up)
         if self.down_scale is not None:
             out_RH = out_RH * self.down_scale[flat_ids]
         out_RH = out_RH.to(x_TH.dtype)
@@ -148,21 +155,40 @@ class RoutedExperts(nn.Module):
         def grouped(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return grouped_gemm.grouped_mm(rows, weight.transpose(1, 2), offsets)
 
-        gate_up_proj, down_proj = self.float_banks()
-        gate, up = weight_product(grouped, rows_RH, gate_up_proj).chunk(2, dim=-1)
-        return weight_product(grouped, F.silu(gate) * up, down_proj)
+        gate_up_proj, down_proj = self._base_banks()
+        gate_up = weight_product(grouped, rows_RH, gate_up_proj)
+        if self.adapter is not None:  # two rank-r grouped GEMMs beside the bank's one, each way
+            gate_up = gate_up + self.adapter.gate_up(rows_RH, grouped)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+        out = weight_product(grouped, hidden, down_proj)
+        if self.adapter is not None:
+            out = out + self.adapter.down(hidden, grouped)
+        return out
+
+    def _base_banks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The banks without any adapter (the slab paths add the adapter's low-rank products themselves)."""
+        if self.adapter is None:
+            return self.float_banks()
+        return self.gate_up_proj, self.down_proj
 
     def _loop(self, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         # unbind once: its backward stacks the per-expert gradients into one [E, ...] tensor, where indexing
         # the parameter per expert would allocate a full-size zero gradient for every expert.
-        gate_up_proj, down_proj = self.float_banks()
+        gate_up_proj, down_proj = self._base_banks()
         gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
+        adapter = self.adapter.per_expert() if self.adapter is not None else None  # unbound once, as the banks
         outputs = []
         for expert, rows in enumerate(rows_RH.split(counts_E.tolist())):
             if rows.shape[0] == 0:
                 continue
-            gate, up = linear(rows, gate_up_weights[expert]).chunk(2, dim=-1)
-            outputs.append(linear(F.silu(gate) * up, down_weights[expert]))
+            gate_up = linear(rows, gate_up_weights[expert])
+            if adapter is not None:
+                gate_up = gate_up + adapter.gate_up(expert, rows)
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+            out = linear(hidden, down_weights[expert])
+            outputs.append(out if adapter is None else out + adapter.down(expert, hidden))
         if not outputs:
             return rows_RH.new_zeros(rows_RH.shape)
         return torch.cat(outputs)

@@ -135,6 +135,11 @@ def save_pretrained(
     if quantization not in (None, "fp8"):
         raise ValueError(f"invalid quantization {quantization!r}: must be None or 'fp8'")
     max_shard_bytes = parse_size(max_shard_bytes)
+    if any(".adapter." in name for name in model.state_dict()):
+        raise CheckpointError(
+            "the model carries LoRA adapters: save them with moelm.model.peft_format.save_adapter, or merge them "
+            "first (moelm.model.lora.merge_lora, `moelm export --merge-lora`)"
+        )
     if any(p.dtype == torch.int8 for p in model.parameters()):
         raise CheckpointError("cannot save int8 weights (an inference-only format): save the model before quantizing")
     problems = model.config.hf_incompatibilities()

@@ -14,18 +14,23 @@ from moelm.model.kernels.cpu import linear
 
 class Linear(nn.Linear):
     """nn.Linear routed through `linear` so CPU bf16 models stay fast; same parameters and state dict, plus a
-    per-output-channel `weight_scale` once the weight is int8 (moelm.model.quantize)."""
+    per-output-channel `weight_scale` once the weight is int8 (moelm.model.quantize), and an optional low-rank
+    `adapter` whose output is added to the product (moelm.model.lora; None keeps the plain layer)."""
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Linear's signature
         super().__init__(*args, **kwargs)
         self.register_buffer("weight_scale", None)
+        self.adapter: nn.Module | None = None
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:  # random init of a meta tensor costs seconds of torch._refs import, for nothing
             super().reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_scale)
+        out = linear(x, self.weight, self.bias, self.weight_scale)
+        if self.adapter is not None:
+            out = out + self.adapter(x)
+        return out
 
 
 class Embedding(nn.Embedding):

@@ -18,7 +18,9 @@ from moelm.model.cache import KVCache
 from moelm.model.experts import RoutedExperts
 from moelm.model.hf import load_pretrained, save_pretrained
 from moelm.model.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU
+from moelm.model.lora import merge_lora
 from moelm.model.moe import MoE
+from moelm.model.peft_format import base_model_path, is_adapter_dir, load_adapter_into
 from moelm.model.router import Router, Routing
 
 # (input_ids [B, 1], cache) -> (logits [B, V], the token's latent_or_keys and rope_key_or_values entries [L, B, ...])
@@ -382,7 +384,20 @@ class MoELM(nn.Module):
         """Load an HF DeepseekV3 / DeepseekV2 (or moelm-saved) directory: config.json + safetensors, never
         pickles; mtp=False skips the MTP layers (inference does not run them). `options` are the run settings
         (default: MoEOptions(), or those an older moelm stored in the directory's config.json, with a note);
-        float32_norms keeps norm weights float32 under a half-precision `dtype` (see set_activation_dtype)."""
+        float32_norms keeps norm weights float32 under a half-precision `dtype` (see set_activation_dtype).
+        A PEFT LoRA directory (adapter_config.json) loads its base model with the adapters merged in."""
+        if is_adapter_dir(path):
+            model = load_pretrained(
+                cls,
+                base_model_path(path),
+                dtype=dtype,
+                device=device,
+                mtp=mtp,
+                options=options,
+                float32_norms=float32_norms,
+            )
+            load_adapter_into(model, path)
+            return merge_lora(model)
         return load_pretrained(
             cls, path, dtype=dtype, device=device, mtp=mtp, options=options, float32_norms=float32_norms
         )
