@@ -121,15 +121,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a training checkpoint (verified against its manifest) or a model directory as an HF model
-    directory, or as one GGUF file for llama.cpp."""
+    directory, or as one GGUF file for llama.cpp; a LoRA adapter (with --merge-lora) as its merged model."""
     import shutil
+    import tempfile
+
+    import torch
 
     from moelm.files import DamagedFileError, verify_manifest
+    from moelm.model.peft_format import is_adapter_dir
     from moelm.model.transformer import MoELM
+    from moelm.train.checkpoint import ADAPTER_DIR
 
     if args.checkpoint is not None:
         source = args.checkpoint / "model"
-        if not (source / "config.json").is_file():
+        if is_adapter_dir(args.checkpoint / ADAPTER_DIR):
+            source = args.checkpoint / ADAPTER_DIR
+        elif not (source / "config.json").is_file():
             raise ValueError(f"--checkpoint {args.checkpoint}: not a moelm checkpoint (expected {source}/config.json)")
         if (args.checkpoint / "manifest.json").is_file():
             try:
@@ -138,9 +145,22 @@ def cmd_export(args: argparse.Namespace) -> None:
                 raise ValueError(f"--checkpoint {args.checkpoint}: {error}") from None
     else:
         source = args.model
-        if not (source / "config.json").is_file():
+        if not (source / "config.json").is_file() and not is_adapter_dir(source):
             raise ValueError(f"--model {source}: not a model directory (expected {source}/config.json)")
+    adapter = is_adapter_dir(source)
+    if adapter and not args.merge_lora:
+        raise ValueError(
+            f"{source} is a LoRA adapter (adapter_config.json): pass --merge-lora to write its base model with the "
+            "adapters merged in"
+        )
+    if args.merge_lora and not adapter:
+        raise ValueError(f"--merge-lora: {source} is a plain model directory, not a LoRA adapter")
     if args.format == "gguf":
+        if adapter:  # llama.cpp reads plain weights: merge into a temporary directory first
+            with tempfile.TemporaryDirectory() as merged:
+                _write_hf(MoELM.from_pretrained(source, dtype=torch.float32), source, Path(merged), None, None)
+                _export_gguf(args, Path(merged))
+            return
         _export_gguf(args, source)
         return
     if args.outtype is not None:
@@ -148,14 +168,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
         raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace the model files in it")
     model = MoELM.from_pretrained(source, dtype=common.dtype(args.dtype))
-    model.save_pretrained(args.out, max_shard_bytes=args.max_shard_size, quantization=args.quantization)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, args.out / name)
+    _write_hf(model, source, args.out, args.max_shard_size, args.quantization)
     provenance = source.parent / "run.json" if args.checkpoint is not None else source / "run.json"
     if provenance.is_file() and provenance != args.out / "run.json":  # the recipe and versions behind the weights
         shutil.copyfile(provenance, args.out / "run.json")
     print(f"exported {args.checkpoint or source} to {args.out}")
+
+
+def _write_hf(model: MoELM, source: Path, out: Path, max_shard_size: str | None, quantization: str | None) -> None:
+    """The model as an HF directory with the source's tokenizer files beside it."""
+    import shutil
+
+    model.save_pretrained(out, max_shard_bytes=max_shard_size or "5GB", quantization=quantization)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
 
 
 def _export_gguf(args: argparse.Namespace, source: Path) -> None:
@@ -201,4 +228,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--dtype", choices=common.DTYPES, default=None, help="store the weights in this dtype")
     export.add_argument("--max-shard-size", default="5GB", help="split into shards of at most this size")
     export.add_argument("--quantization", choices=("fp8",), default=None, help="DeepSeek's block-scaled FP8")
+    export.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="the source is a LoRA adapter: write its base with the adapters merged",
+    )
     export.set_defaults(func=cmd_export)

@@ -35,7 +35,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.config, args.set)
     SFTTrainer(recipe, args.out, base_model=args.model).run(args.resume, args.overwrite, args.allow_recipe_change)
-    print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
+    print(_saved(recipe, args.out))
 
 
 def cmd_grpo(args: argparse.Namespace) -> None:
@@ -45,7 +45,17 @@ def cmd_grpo(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.config, args.set)
     GRPOTrainer(recipe, args.out, base_model=args.model).run(args.resume, args.overwrite, args.allow_recipe_change)
-    print(f"model saved to {args.out / 'model'}; metrics in {args.out / 'metrics.jsonl'}")
+    print(_saved(recipe, args.out))
+
+
+def _saved(recipe, out: Path) -> str:  # noqa: ANN001 - a Recipe
+    """Where a fine-tuning run left its result: the model, or for LoRA the adapter directory."""
+    if recipe.lora.rank:
+        return (
+            f"LoRA adapter saved to {out / 'adapter'} (PEFT format; --model {out / 'adapter'} runs it on its base, "
+            f"`moelm export --merge-lora` writes a plain model); metrics in {out / 'metrics.jsonl'}"
+        )
+    return f"model saved to {out / 'model'}; metrics in {out / 'metrics.jsonl'}"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

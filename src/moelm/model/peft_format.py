@@ -17,6 +17,7 @@ like a model directory (the base is read from `base_model_name_or_path`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -224,10 +225,12 @@ def _as_list(value: object) -> list[str]:
     return list(value)
 
 
-def load_adapter_into(model: MoELM, path: str | Path) -> LoraSpec:
-    """Attach the adapters of a PEFT directory to `model` (its base) and fill them from the file."""
+def load_adapter_into(model: MoELM, path: str | Path, dropout: float = 0.0) -> LoraSpec:
+    """Attach the adapters of a PEFT directory to `model` (its base) and fill them from the file; `dropout` is
+    the training setting the file does not carry (a resumed LoRA run passes its recipe's)."""
     path = Path(path)
     spec, raw = read_adapter_config(path)
+    spec = dataclasses.replace(spec, dropout=dropout)
     file = path / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(file))

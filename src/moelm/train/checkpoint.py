@@ -3,8 +3,9 @@
 Each checkpoint is written into a temporary directory, sealed with a `manifest.json` (size and SHA-256 of every
 file, written last) and renamed into place, so a crash mid-save never leaves a broken latest checkpoint, and a
 file damaged afterwards (a full disk, a copy cut short) is found before it is trusted. `model/` is an
-HF-compatible model directory (safetensors); `trainer.pt` holds the optimizer state, RNG states and data position
-as plain tensors and containers, loadable with `torch.load(weights_only=True)` (no pickled code).
+HF-compatible model directory (safetensors), or for a LoRA run `adapter/` a PEFT adapter directory;
+`trainer.pt` holds the optimizer state, RNG states and data position as plain tensors and containers, loadable
+with `torch.load(weights_only=True)` (no pickled code).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import torch
 
 from moelm.files import MANIFEST, DamagedFileError, verify_manifest, write_manifest
 from moelm.model.hf import CheckpointError
+from moelm.model.lora import LoraSpec
+from moelm.model.peft_format import save_adapter
 from moelm.model.transformer import MoELM
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer.pt"
+ADAPTER_DIR = "adapter"  # a LoRA run's weights: the adapters alone (moelm.model.peft_format)
 
 
 def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
@@ -43,18 +47,26 @@ def save_checkpoint(
     tokenizer_file: Path | None,
     keep_last: int,
     text_files: dict[str, str] | None = None,
+    adapter: tuple[LoraSpec, Path] | None = None,
 ) -> Path:
     """Write step-N atomically with its manifest, then drop all but the newest `keep_last` checkpoints.
 
-    `text_files` (name -> text, e.g. run.json) are written beside the trainer state, inside the manifest."""
+    `text_files` (name -> text, e.g. run.json) are written beside the trainer state, inside the manifest.
+    `adapter` (the LoRA spec and the base model directory) writes the model's adapters alone, as a PEFT directory
+    `adapter/`, in place of the full `model/`."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
+    if adapter is None:
+        weights = tmp / "model"
+        model.save_pretrained(weights)
+    else:
+        weights = tmp / ADAPTER_DIR
+        save_adapter(model, adapter[0], weights, adapter[1])
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / "model" / "tokenizer.json")
+        shutil.copyfile(tokenizer_file, weights / "tokenizer.json")
     torch.save(state, tmp / TRAINER_STATE)
     for name, text in (text_files or {}).items():
         (tmp / name).write_text(text)

@@ -25,6 +25,7 @@ from moelm.infer.compiled import CompiledDecode, compile_decode
 from moelm.infer.generate import left_pad, stream
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.sampling import SamplingParams
+from moelm.model.lora import lora_merged
 from moelm.model.replay import drift, moe_layers, replay_routing, routed_experts
 from moelm.model.transformer import MoELM
 from moelm.train.grpo_loss import clip_fractions, grpo_loss, k3_kl
@@ -90,7 +91,7 @@ class GRPOTrainer(SFTTrainer):
         seeds: list[int] | None,
     ) -> dict[str, Any]:
         """`per_prompt` completions of each prompt in one left-padded batch, with masks for the loss."""
-        grpo, model = self.recipe.grpo, self.model
+        model = self.model
         once = [self.tokenizer.encode(self.prompt_text(p)).ids for p in prompts]  # rendered and encoded once
         encoded = [ids for ids in once for _ in range(per_prompt)]
         ids, mask = left_pad(encoded, model.config.pad_token_id or 0)
@@ -98,7 +99,23 @@ class GRPOTrainer(SFTTrainer):
         ids, mask = ids.to(device), mask.to(device)
         was_training = model.training
         model.eval()
-        eos = model.config.eos_token_id
+        with lora_merged(model):  # the decode paths read weights directly: adapters folded in, then restored
+            new = self._decode(model, ids, mask, temperature, top_p, seeds)
+        ids, mask = ids.cpu(), mask.cpu()
+        model.train(was_training)
+        return self._completions(ids, mask, new)
+
+    def _decode(
+        self,
+        model: MoELM,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        temperature: float,
+        top_p: float,
+        seeds: list[int] | None,
+    ) -> torch.Tensor:
+        """The sampled completion tokens [rows, max_completion_tokens] on the CPU."""
+        grpo, eos = self.recipe.grpo, model.config.eos_token_id
         steps = stream(
             model,
             ids,
@@ -111,9 +128,11 @@ class GRPOTrainer(SFTTrainer):
             prefix_cache=PrefixCache(),  # the group's completions share its prompt: prefilled once
             run_to_end=self.context.distributed,  # ranks sample different rows: every rank takes every step
         )
-        new = torch.cat([step.tokens_BN for step in steps], dim=1).cpu()
-        ids, mask = ids.cpu(), mask.cpu()
-        model.train(was_training)
+        return torch.cat([step.tokens_BN for step in steps], dim=1).cpu()
+
+    def _completions(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
+        """Prompts plus completions, cut after each row's first EOS, with the masks the loss needs."""
+        eos = self.model.config.eos_token_id
         is_eos = new == eos
         ended = is_eos.any(dim=1)
         first_eos = torch.where(

@@ -1,4 +1,4 @@
-"""Training recipes: YAML with sections model, moe, data, optim, train, log, sft, grpo, parallel.
+"""Training recipes: YAML with sections model, moe, data, optim, train, log, sft, grpo, parallel, lora.
 
 Every key is a declared setting (`moelm.schema`): its type and constraint live on the field, cross-field rules are
 small named functions, and one function checks them all, so unknown keys and invalid values fail before anything
@@ -18,6 +18,9 @@ import yaml
 from moelm.config import RUN_OPTION_FIELDS, ConfigError, ModelConfig, MoEOptions, load_config, load_yaml
 from moelm.data.source_specs import GRPO_FORMATS, SFT_FORMATS, BuiltinSource, SourceSpec, parse_sources
 from moelm.data.tokenizer import MIN_VOCAB_SIZE
+from moelm.model.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
+from moelm.model.lora import TARGETS as LORA_TARGETS
+from moelm.model.lora import LoraSpec
 from moelm.schema import (
     DEVICE,
     NON_NEGATIVE,
@@ -200,6 +203,29 @@ class GRPOSection:
     RULES: ClassVar[tuple[Rule, ...]] = (_overlong_inside_limit,)
 
 
+LORA_TARGETS_ALLOWED = Constraint(
+    f"a non-empty list of {list(LORA_TARGETS)}", lambda v: bool(v) and set(v) <= set(LORA_TARGETS)
+)
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters for `moelm sft` / `moelm grpo` (moelm.model.lora): the base weights stay frozen, only
+    the adapters train, checkpoints and the result hold the adapters alone, in PEFT's directory format."""
+
+    rank: int = setting(0, check=NON_NEGATIVE_INT)  # 0: off (full fine-tuning)
+    alpha: float | None = setting(None, check=POSITIVE)  # scaling alpha / rank; null: alpha = rank (scaling 1)
+    dropout: float = setting(0.0, check=UNIT_OPEN_HIGH)  # on each adapter's input, training only
+    targets: list[str] = setting(factory=lambda: list(DEFAULT_LORA_TARGETS), check=LORA_TARGETS_ALLOWED)
+
+    def spec(self) -> LoraSpec | None:
+        """The adapters to attach, or None when LoRA is off."""
+        if self.rank == 0:
+            return None
+        alpha = self.alpha if self.alpha is not None else float(self.rank)
+        return LoraSpec(rank=self.rank, alpha=alpha, dropout=self.dropout, targets=tuple(self.targets))
+
+
 # ---------------------------------------------------------------------- rules across sections
 def _sequence_fits_positions(r: Recipe) -> Violation | None:
     limit = r.model.max_position_embeddings
@@ -231,6 +257,7 @@ SECTIONS: dict[str, type] = {
     "sft": SFTSection,
     "grpo": GRPOSection,
     "parallel": ParallelSection,
+    "lora": LoraSection,
 }
 
 
@@ -245,6 +272,7 @@ class Recipe:
     sft: SFTSection = field(default_factory=SFTSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     RULES: ClassVar[tuple[Rule, ...]] = (
         _sequence_fits_positions,

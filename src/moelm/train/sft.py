@@ -207,6 +207,9 @@ class SFTTrainer(Trainer):
     def chat_template(self) -> str:
         return load_chat_template(self.base_model)
 
+    def lora_base(self) -> Path:
+        return Path(self.base_model)
+
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
         model = MoELM.from_pretrained(self.base_model, dtype=torch.float32, options=self.recipe.moe)
         if model.config.vocab_size < tokenizer.get_vocab_size():

@@ -33,17 +33,28 @@ from moelm.data.sources import iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, save_tokenizer_file, special_id, train_tokenizer
 from moelm.dist.runtime import init_parallel
 from moelm.files import atomic_write_text
+from moelm.model.lora import attach_lora, lora_merged, lora_parameters, merge_lora
+from moelm.model.peft_format import load_adapter_into, save_adapter
 from moelm.model.transformer import MoELM
 from moelm.train.allocator import reuse_freed_memory
 from moelm.train.bias_balancer import BiasBalancer
-from moelm.train.checkpoint import load_latest, save_checkpoint
+from moelm.train.checkpoint import ADAPTER_DIR, load_latest, save_checkpoint
 from moelm.train.interrupt import StopOnSignal, TrainingInterrupted
 from moelm.train.provenance import RUN_FILE, check_resume, read_run_record, run_record, upgrade_recorded_recipe
 from moelm.train.recipe import Recipe
 from moelm.train.telemetry import CollapseMonitor, routing_metrics
 
 # What a run writes into its output directory; --overwrite clears these (the content-keyed data cache stays).
-RUN_ENTRIES = ("checkpoints", "model", "metrics.jsonl", "run.json", "recipe.json", "tokenizer.json", "tensorboard")
+RUN_ENTRIES = (
+    "checkpoints",
+    "model",
+    "adapter",
+    "metrics.jsonl",
+    "run.json",
+    "recipe.json",
+    "tokenizer.json",
+    "tensorboard",
+)
 
 
 class TrainingError(RuntimeError):
@@ -103,8 +114,12 @@ def learning_rate(step: int, recipe: Recipe) -> float:
 
 
 def measured_peak_flops(size: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of a float32 GEMM on this device: the denominator of MFU on machines without a spec sheet."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    """FLOP/s of a float32 GEMM on this device: the denominator of MFU on machines without a spec sheet.
+
+    The operands come from a generator of their own: drawing from the global one after a resume restored its
+    state would shift every later random draw (dropout masks, noisy gating) against the uninterrupted run."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -317,8 +332,11 @@ class Trainer:
                 f"train.batch_size={train.batch_size} must be a multiple of the world size {self.context.world_size}"
                 " (each rank reads an equal share of the global batch)"
             )
+        self.lora = recipe.lora.spec()
         self.model = self.build_model(self.tokenizer).train()
-        if latest is not None:
+        if self.lora is not None:
+            self._attach_lora(latest)
+        elif latest is not None:
             saved = MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32, options=self.recipe.moe)
             self.model.load_state_dict(saved.state_dict())
         self.model.to(self.context.device)
@@ -327,14 +345,16 @@ class Trainer:
         if self.context.distributed:
             self._parallelize()
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            lora_parameters(self.model) if self.lora is not None else self.model.parameters(),
             lr=recipe.optim.lr,
             betas=(recipe.optim.beta1, recipe.optim.beta2),
             weight_decay=recipe.optim.weight_decay,
             fused=None if self.context.distributed else True,  # sharded parameters take the foreach path
         )
         self.balancer = None
-        if recipe.moe.bias_update_rate > 0:
+        if recipe.moe.bias_update_rate > 0 and self.lora is not None:
+            self.echo("lora: moe.bias_update_rate ignored (the routing biases belong to the frozen base model)")
+        elif recipe.moe.bias_update_rate > 0:
             self.balancer = BiasBalancer(self.model, recipe.moe.bias_update_rate, recipe.moe.bias_update_centered)
             self.balancer.register(self.optimizer)
         self.state = TrainState()
@@ -347,6 +367,34 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
         self.monitor = CollapseMonitor()
         self.forward = torch.compile(self.model) if train.compile else self.model
+
+    def lora_base(self) -> Path | None:
+        """The base model directory LoRA adapters attach to; None where the trainer builds its own model."""
+        return None
+
+    def _attach_lora(self, latest: tuple[Path, dict[str, Any]] | None) -> None:
+        """Freeze the base model and attach the recipe's adapters: fresh (seeded), or the checkpoint's."""
+        if self.lora_base() is None:
+            raise ConfigError(
+                f"lora.rank={self.lora.rank}: LoRA adapts a base model (moelm sft, moelm grpo); pre-training trains "
+                "every weight (set lora.rank=0)"
+            )
+        if self.context.distributed:
+            raise ConfigError(
+                f"lora.rank={self.lora.rank} runs in one process (torchrun shards and checkpoints whole models only); "
+                "run without torchrun or set lora.rank=0"
+            )
+        if latest is not None:
+            load_adapter_into(self.model, latest[0] / ADAPTER_DIR, self.lora.dropout)
+        else:
+            torch.manual_seed(self.recipe.train.seed)
+            attach_lora(self.model, self.lora)
+        trainable = sum(p.numel() for p in lora_parameters(self.model))
+        total = sum(p.numel() for p in self.model.parameters())
+        self.echo(
+            f"lora: rank {self.lora.rank}, alpha {self.lora.alpha:g}, targets {', '.join(self.lora.targets)}: "
+            f"{trainable:,} trainable parameters ({trainable / total:.2%} of {total:,}); base weights frozen"
+        )
 
     def _check_recipe(self, latest: tuple[Path, dict[str, Any]] | None, allow_change: bool) -> list[dict[str, Any]]:
         """The recipe-change history to carry on: the checkpoint's, plus this resume's accepted changes."""
@@ -544,9 +592,10 @@ class Trainer:
         """Evaluation, samples, metrics and checkpoints that fall on this step."""
         train, step = self.recipe.train, self.state.step
         if step % train.eval_every == 0 or step == train.max_steps:
-            record.update(self.evaluate(self.model, self.batches))
-            if step < train.max_steps:
-                self.print_samples(self.model, self.tokenizer)
+            with lora_merged(self.model):  # generation reads weights directly: adapters folded in, then restored
+                record.update(self.evaluate(self.model, self.batches))
+                if step < train.max_steps:
+                    self.print_samples(self.model, self.tokenizer)
         if step % train.log_every == 0 or step == train.max_steps or step % train.eval_every == 0:
             # Router telemetry costs a host read per layer: gathered only for the steps that are written.
             record.update(routing_metrics(self.last_routing, self.model, per_expert=False))
@@ -560,12 +609,18 @@ class Trainer:
         model = self.model.eval()
         saved = self._full_model() if self.context.distributed else model
         if self.context.is_main:
-            saved.save_pretrained(self.out_dir / "model")
-            atomic_write_text(self.out_dir / "model" / RUN_FILE, self.run_json())
-            save_tokenizer_file(self.tokenizer, self.out_dir / "model" / "tokenizer.json")
+            if self.lora is not None:  # the adapters alone, in PEFT's format; the caller gets the merged model
+                target = self.out_dir / ADAPTER_DIR
+                save_adapter(saved, self.lora, target, self.lora_base())
+                merge_lora(saved)
+            else:
+                target = self.out_dir / "model"
+                saved.save_pretrained(target)
+            atomic_write_text(target / RUN_FILE, self.run_json())
+            save_tokenizer_file(self.tokenizer, target / "tokenizer.json")
             bos = saved.config.bos_token_id
             bos_token = self.tokenizer.id_to_token(bos) if bos is not None else None
-            save_chat_template(self.out_dir / "model", self.chat_template(), bos_token)
+            save_chat_template(target, self.chat_template(), bos_token)
             self._print_samples(saved, self.tokenizer)
         return saved if self.context.is_main else model
 
@@ -655,6 +710,7 @@ class Trainer:
                 self.tokenizer_file,
                 self.recipe.train.keep_last,
                 {RUN_FILE: self.run_json()},
+                adapter=(self.lora, self.lora_base()) if self.lora is not None else None,
             )
         if self.context.distributed:
             import torch.distributed as dist

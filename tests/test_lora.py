@@ -1,0 +1,253 @@
+"""LoRA: adapters on attention, shared / dense SwiGLUs and routed experts; PEFT's directory format checked against
+peft itself on transformers' DeepseekV3; LoRA fine-tuning, adapter-only checkpoints, exact resume, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from moelm import MoELM, MoEOptions
+from moelm.config import ConfigError
+from moelm.data.builtin import builtin_corpus
+from moelm.data.tokenizer import train_tokenizer
+from moelm.model.hf import CheckpointError
+from moelm.model.lora import (
+    TARGETS,
+    LoraSpec,
+    attach_lora,
+    lora_merged,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+)
+from moelm.model.peft_format import AdapterError, load_adapter_into, save_adapter
+
+ALL = LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
+
+
+def adapted_model(config=None, backend: str = "auto", seed: int = 0) -> MoELM:
+    """A tiny model with every kind of adapter and non-zero B factors (a fresh adapter is an exact no-op)."""
+    torch.manual_seed(seed)
+    model = MoELM(config or tiny_config(n_shared_experts=1), MoEOptions(expert_backend=backend))
+    attach_lora(model, ALL)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, 0.05)
+    return model
+
+
+def test_fresh_adapters_change_nothing_and_only_they_train():
+    torch.manual_seed(0)
+    model = MoELM(tiny_config(n_shared_experts=1))
+    ids = torch.randint(0, 97, (2, 12))
+    before = model(ids).logits
+    trainable = attach_lora(model, ALL)
+    assert torch.equal(model(ids).logits, before)
+    kinds = {name.split(".adapter.")[0].rsplit(".", 1)[-1] for name in lora_state_dict(model)}
+    assert {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "experts", "gate_up_proj", "down_proj"} <= kinds
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model(ids, labels=ids).loss.backward()
+    adapter_ids = {id(p) for p in lora_parameters(model)}
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == (id(parameter) in adapter_ids), name
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_adapted_forward_equals_merged_weights(backend):
+    model = adapted_model(backend=backend).train()
+    ids = torch.randint(0, 97, (3, 10))
+    adapted = model(ids).logits.detach()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad(), lora_merged(model):
+        merged = model(ids).logits
+        assert not lora_state_dict(model)  # the adapters are folded in for the block
+    assert (adapted - merged).abs().max() < 1e-5
+    for name, tensor in model.state_dict().items():  # restored bitwise, adapters back
+        assert torch.equal(tensor, base[name]), name
+    plain = merge_lora(model)
+    assert not lora_state_dict(plain)
+    assert (plain(ids).logits - adapted).abs().max() < 1e-5
+
+
+def test_decode_paths_read_the_adapted_experts():
+    """A token or two goes through the gathered expert path, which reads the banks directly."""
+    model = adapted_model().eval()
+    x = torch.randn(2, 32)
+    layer = model.layers[1].mlp
+    routing = layer.gate(x)
+    with torch.no_grad():
+        gathered = layer.experts(x, routing)  # <= 4 assignments, no grad: the per-assignment path
+        rows, counts, plan = layer.experts.dispatcher.dispatch(x, routing)
+        slabs = layer.experts.dispatcher.combine(layer.experts.compute(rows, counts), plan, x, routing)
+    assert (gathered - slabs).abs().max() < 1e-6
+
+
+def test_adapted_model_refuses_a_plain_save(tmp_path):
+    with pytest.raises(CheckpointError, match="LoRA adapters"):
+        adapted_model().save_pretrained(tmp_path / "m")
+
+
+def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import DeepseekV3ForCausalLM
+
+    config = tiny_config(n_shared_experts=1, q_lora_rank=24)
+    torch.manual_seed(1)
+    base = MoELM(config).eval()
+    base.save_pretrained(tmp_path / "base")
+    model = adapted_model(config, seed=1).eval()
+    model.load_state_dict(base.state_dict(), strict=False)  # the same base weights under the adapters
+    save_adapter(model, ALL, tmp_path / "adapter", tmp_path / "base")
+    ids = torch.randint(0, config.vocab_size, (2, 14))
+    with torch.no_grad():
+        ours = model(ids).logits
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+        assert (hf(ids).logits - base(ids).logits).abs().max() < 1e-4
+        peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        theirs = peft_model(ids).logits
+    assert (theirs - ours).abs().max() < 1e-4
+    config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config_json["peft_type"] == "LORA" and config_json["r"] == 4 and config_json["lora_alpha"] == 8.0
+    # moelm reads its own file back to the same tensors, and from_pretrained merges it onto the base
+    reread = MoELM.from_pretrained(tmp_path / "base")
+    load_adapter_into(reread, tmp_path / "adapter")
+    for name, tensor in lora_state_dict(model).items():
+        assert torch.equal(tensor, lora_state_dict(reread)[name]), name
+    merged = MoELM.from_pretrained(tmp_path / "adapter")
+    assert (merged(ids).logits - ours).abs().max() < 1e-5
+
+
+def test_adapter_directory_errors_name_the_problem(tmp_path):
+    model = adapted_model()
+    base = tmp_path / "base"
+    MoELM(model.config).save_pretrained(base)
+    save_adapter(model, ALL, tmp_path / "adapter", base)
+    shutil.rmtree(base)
+    with pytest.raises(AdapterError, match="base_model_name_or_path"):
+        MoELM.from_pretrained(tmp_path / "adapter")
+    other = MoELM(tiny_config(n_shared_experts=1, num_hidden_layers=3))
+    with pytest.raises(AdapterError, match="matches no layer|no tensor"):
+        load_adapter_into(other, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    raw = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**raw, "use_dora": True}))
+    with pytest.raises(AdapterError, match="use_dora"):
+        load_adapter_into(MoELM(model.config), tmp_path / "adapter")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([r.text for r in builtin_corpus(300, seed=3)], vocab_size=600)
+
+
+def lora_recipe(*extra: str):
+    from moelm.train.recipe import load_recipe
+
+    return load_recipe(
+        None,
+        [
+            "sft.sources=[{format: builtin, num_records: 300, domains: [math, logic]}]",
+            "sft.val_examples=4",
+            "sft.max_new_tokens=4",
+            "data.seq_len=96",
+            "train.max_steps=6",
+            "train.batch_size=4",
+            "train.save_every=3",
+            "train.eval_every=3",
+            "optim.lr=0.01",
+            "log.progress=false",
+            "lora.rank=4",
+            *(() if "nodrop" in extra else ("lora.dropout=0.1",)),
+            "lora.targets=[attention, experts, shared_experts, dense_mlp]",
+            *extra,
+        ],
+    )
+
+
+def test_lora_sft_trains_adapters_only_checkpoints_them_and_resumes_exactly(tmp_path, tokenizer):
+    from moelm.train.sft import SFTTrainer
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    MoELM(tiny_config(vocab_size=tokenizer.get_vocab_size(), eos_token_id=1, n_shared_experts=1)).save_pretrained(base)
+    tokenizer.save(str(base / "tokenizer.json"))
+    base_weights = {k: v.clone() for k, v in MoELM.from_pretrained(base).state_dict().items()}
+    recipe = lora_recipe()
+    kwargs = {"echo": lambda _: None, "base_model": base}
+    straight_trainer = SFTTrainer(recipe, tmp_path / "straight", **kwargs)
+    straight_adapters = None
+    straight_trainer.run()
+    out = tmp_path / "straight"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "model").exists()
+    assert (out / "adapter" / "tokenizer.json").is_file()
+    for step in (3, 6):
+        checkpoint = out / "checkpoints" / f"step-{step}"
+        assert (checkpoint / "adapter" / "adapter_config.json").is_file() and not (checkpoint / "model").exists()
+    tuned = MoELM.from_pretrained(out / "adapter")  # the base plus the trained adapters, merged
+    assert any(not torch.equal(v, base_weights[k]) for k, v in tuned.state_dict().items())
+    reloaded = MoELM.from_pretrained(base)
+    straight_adapters = lora_state_dict(_with_adapter(reloaded, out / "adapter"))
+    # killed after step 3, resumed: the adapters end bitwise where the straight run's end
+    interrupted = tmp_path / "interrupted"
+    SFTTrainer(recipe, interrupted, **kwargs).run()
+    shutil.rmtree(interrupted / "checkpoints" / "step-6")
+    shutil.rmtree(interrupted / "adapter")
+    SFTTrainer(recipe, interrupted, **kwargs).run(resume=True)
+    resumed = lora_state_dict(_with_adapter(MoELM.from_pretrained(base), interrupted / "adapter"))
+    for name, tensor in straight_adapters.items():
+        assert torch.equal(tensor, resumed[name]), name
+    for name, tensor in MoELM.from_pretrained(base).state_dict().items():  # the base files are untouched
+        assert torch.equal(tensor, base_weights[name]), name
+
+
+def _with_adapter(model: MoELM, path) -> MoELM:
+    load_adapter_into(model, path)
+    return model
+
+
+def test_lora_refuses_pretraining_and_bad_values(tmp_path):
+    from moelm.train.recipe import load_recipe
+    from moelm.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="lora.targets"):
+        load_recipe(None, ["lora.targets=[mlp]"])
+    with pytest.raises(ConfigError, match="lora.rank"):
+        load_recipe(None, ["lora.rank=-1"])
+    recipe = load_recipe(
+        None, ["lora.rank=4", "train.max_steps=1", "data.builtin_records=50", "data.seq_len=32", "log.progress=false"]
+    )
+    with pytest.raises(ConfigError, match="lora.rank=4: LoRA adapts a base model"):
+        Trainer(recipe, tmp_path / "out", echo=lambda _: None).run()
+
+
+def test_export_merge_lora_writes_the_plain_model(tmp_path):
+    model = adapted_model()
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    plain_base = MoELM(model.config)
+    plain_base.save_pretrained(base)
+    model.load_state_dict(plain_base.state_dict(), strict=False)
+    save_adapter(model, ALL, tmp_path / "adapter", base)
+
+    def export(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "moelm", "export", *args], capture_output=True, text=True, timeout=120
+        )
+
+    refused = export("--model", str(tmp_path / "adapter"), "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "--merge-lora" in refused.stderr and "Traceback" not in refused.stderr
+    done = export("--model", str(tmp_path / "adapter"), "--merge-lora", "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr
+    ids = torch.randint(0, 97, (2, 9))
+    merged = MoELM.from_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    with torch.no_grad():
+        assert (merged(ids).logits - model.eval()(ids).logits).abs().max() < 1e-5
