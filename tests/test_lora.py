@@ -251,3 +251,46 @@ def test_export_merge_lora_writes_the_plain_model(tmp_path):
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     with torch.no_grad():
         assert (merged(ids).logits - model.eval()(ids).logits).abs().max() < 1e-5
+
+
+def test_server_serves_adapters_by_the_requests_model(tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from conftest import RunningServer, save_tiny_model_with_tokenizer
+
+    from moelm.infer.text import TextGenerator
+    from moelm.serve.app import ServerConfig, create_app
+
+    base_dir = tmp_path / "base"
+    base_model, tokenizer = save_tiny_model_with_tokenizer(base_dir)
+    model = MoELM(base_model.config)
+    model.load_state_dict(base_model.state_dict())
+    torch.manual_seed(3)
+    attach_lora(model, ALL)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, 0.5)
+    save_adapter(model, ALL, tmp_path / "adapter", base_dir)
+    tokenizer.save(str(tmp_path / "adapter" / "tokenizer.json"))
+    prompt, tokens = "the quick brown", 10
+    base_text = "".join(TextGenerator.from_pretrained(base_dir).stream(prompt, tokens))
+    adapted_text = "".join(TextGenerator.from_pretrained(tmp_path / "adapter").stream(prompt, tokens))
+    assert base_text != adapted_text  # the adapter changes what the model says
+    config = ServerConfig("tiny", adapters={"math": tmp_path / "adapter"})
+    running = RunningServer(create_app(TextGenerator.from_pretrained(base_dir), config))
+    try:
+
+        def complete(name: str) -> httpx.Response:
+            body = {"model": name, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+            return httpx.post(f"{running.url}/v1/completions", json=body, timeout=60)
+
+        assert complete("tiny").json()["choices"][0]["text"] == base_text
+        reply = complete("math").json()
+        assert reply["choices"][0]["text"] == adapted_text and reply["model"] == "math"
+        missing = complete("nope")
+        assert missing.status_code == 404 and "'math'" in missing.json()["error"]["message"]
+        cards = httpx.get(f"{running.url}/v1/models").json()["data"]
+        assert [c["id"] for c in cards] == ["tiny", "math"] and cards[1]["parent"] == "tiny"
+    finally:
+        running.stop()

@@ -115,9 +115,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
         prefix_caching=not args.no_prefix_caching,
+        adapters=_adapters(args.lora, args.served_model_name or args.model.resolve().name),
     )
     print(f"moelm: serving {args.model} as '{config.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(generator, config, args.host, args.port, args.log_level)
+
+
+def _adapters(items: list[str], base_name: str) -> dict[str, Path]:
+    """--lora NAME=DIR values as a mapping, each directory checked to be a LoRA adapter."""
+    from moelm.model.peft_format import is_adapter_dir
+
+    adapters: dict[str, Path] = {}
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora {item!r}: expected NAME=DIR (the name requests send as model, an adapter dir)")
+        if name == base_name or name in adapters:
+            raise ValueError(f"--lora {item!r}: the name {name!r} is already served")
+        if not is_adapter_dir(directory):
+            raise ValueError(f"--lora {item!r}: {directory} is not a LoRA adapter directory (no adapter_config.json)")
+        adapters[name] = Path(directory)
+    return adapters
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -150,6 +168,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.add_argument("--max-batch", type=common.POSITIVE_INT, default=16, help="requests decoded together")
     server.add_argument("--max-model-len", type=common.POSITIVE_INT, default=None, help="prompt + completion tokens")
     server.add_argument("--max-waiting", type=common.POSITIVE_INT, default=256, help="queued requests before 429")
+    server.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve a LoRA adapter of the model as NAME (repeatable; a request's model picks it)",
+    )
     server.add_argument(
         "--compile",
         action="store_true",

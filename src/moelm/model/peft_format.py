@@ -280,3 +280,14 @@ def base_model_path(path: str | Path) -> Path:
     raise AdapterError(
         f"{path / ADAPTER_CONFIG}: base model {base!r} (base_model_name_or_path) is not a model directory here"
     )
+
+
+def adapted_copy(model: MoELM, path: str | Path) -> MoELM:
+    """A copy of `model` with the adapter in `path` merged in (the model itself is left as it is)."""
+    import copy
+
+    from moelm.model.lora import merge_lora
+
+    adapted = copy.deepcopy(model)
+    load_adapter_into(adapted, path)
+    return merge_lora(adapted).eval()

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +41,8 @@ from moelm.infer.engine import (
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.structured import Constraint, GrammarError, GrammarFactory
 from moelm.infer.text import IncrementalDetokenizer, TextGenerator
+from moelm.model.peft_format import adapted_copy
+from moelm.model.transformer import MoELM
 from moelm.serve import openapi, tools
 from moelm.serve.metrics import ServerMetrics
 from moelm.serve.protocol import (
@@ -74,6 +77,8 @@ class ServerConfig:
     max_model_len: int | None = None
     max_waiting: int = 256
     prefix_caching: bool = True  # reuse the cache entries of prompt blocks seen before (vLLM's default too)
+    # LoRA adapters served beside the base, by the name a request's `model` gives: name -> adapter directory
+    adapters: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Choice:
     prompt_tokens: int
     text: TextStream
     engine_request: EngineRequest | None = None
+    engine: Engine | None = None  # the engine of the model (base or adapter) the request named
     prompt_ids: list[int] = field(default_factory=list)
     echo: str | None = None  # echo: the prompt's text, returned before the completion
     keep_tokens: bool = True  # False for max_tokens 0 (echo only): the one token the engine samples is dropped
@@ -101,23 +107,32 @@ class Server:
     def __init__(self, generator: TextGenerator, config: ServerConfig) -> None:
         self.generator = generator
         self.config = config
-        self.engine = Engine(
-            generator.model,
-            generator.eos_ids(),
-            max_batch=config.max_batch,
-            max_model_len=config.max_model_len,
-            max_waiting=config.max_waiting,
-            on_finish=lambda request, reason: self.metrics.finished_request(reason),
-            on_step=lambda stats: self.metrics.engine_step(stats),
-            compiled=generator.compiled,
-            count_experts=True,
-            prefix_cache=PrefixCache() if config.prefix_caching else None,
-        )
+        self.engine = self._engine(config.model_name, generator.model, generator.compiled, count_experts=True)
+        # One engine per adapter over its own merged copy of the base (vLLM batches adapters over one shared
+        # base; here each adapter costs a copy of the weights and decodes in its own thread).
+        self.engines = {config.model_name: self.engine}
+        for name, directory in config.adapters.items():
+            self.engines[name] = self._engine(name, adapted_copy(generator.model, directory), None, count_experts=False)
         self.metrics = ServerMetrics(self.engine.expert_counts, config.model_name)
         self.grammars: GrammarFactory | None = None  # structured output's tokenizer view, made on first use
         self.created = int(time.time())
         if not generator.chat_tuned:
             LOG.warning("the model has no chat template (never chat-tuned): chat replies may be empty")
+
+    def _engine(self, name: str, model: MoELM, compiled: Any, count_experts: bool) -> Engine:
+        config = self.config
+        return Engine(
+            model,
+            self.generator.eos_ids(),
+            max_batch=config.max_batch,
+            max_model_len=config.max_model_len,
+            max_waiting=config.max_waiting,
+            on_finish=lambda request, reason: self.metrics.finished_request(reason),
+            on_step=lambda stats: self.metrics.engine_step(stats, name),
+            compiled=compiled,
+            count_experts=count_experts,
+            prefix_cache=PrefixCache() if config.prefix_caching else None,
+        )
 
     # ------------------------------------------------------------------ checks
     def authorize(self, request: Request) -> None:
@@ -130,14 +145,20 @@ class Server:
                 401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
             )
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.model_name:
+    def check_model(self, name: str | None) -> Engine:
+        """The engine of the model a request names (the base when it names none); 404 for an unknown name."""
+        if name is None:
+            return self.engine
+        engine = self.engines.get(name)
+        if engine is None:
+            served = ", ".join(f"'{n}'" for n in self.engines)
             raise APIError(
                 404,
-                f"the model '{name}' does not exist; this server serves '{self.config.model_name}'",
+                f"the model '{name}' does not exist; this server serves {served}",
                 param="model",
                 code="model_not_found",
             )
+        return engine
 
     def constraint(self, request: GenerationRequest) -> Constraint | None:
         """A fresh grammar matcher for one choice of a structured-output request (400 for a bad grammar)."""
@@ -191,11 +212,12 @@ class Server:
         loop = asyncio.get_running_loop()
         choices: list[Choice] = []
         echo = isinstance(request, CompletionRequest) and request.echo
+        engine = self.check_model(request.model)
         for p, prompt in enumerate(prompts):
             echoed = self.echo_text(request.prompts[p], prompt) if echo else None
             for k in range(request.n):
                 index = p * request.n + k
-                choice = Choice(index, len(prompt), streams[p](), prompt_ids=prompt, echo=echoed)
+                choice = Choice(index, len(prompt), streams[p](), prompt_ids=prompt, echo=echoed, engine=engine)
                 choice.keep_tokens = budgets[p] > 0
                 seed = None if request.seed is None else (request.seed + k) % 2**63
                 choice.engine_request = EngineRequest(
@@ -218,7 +240,7 @@ class Server:
                 choices.append(choice)
         try:
             for choice in choices:
-                self.engine.submit(choice.engine_request)
+                engine.submit(choice.engine_request)
         except EngineOverloadedError as error:
             self.cancel(choices)
             raise APIError(429, f"server overloaded: {error}; retry later", code="overloaded") from None
@@ -248,7 +270,7 @@ class Server:
     def cancel(self, choices: list[Choice]) -> None:
         for choice in choices:
             if choice.finish_reason is None and choice.engine_request is not None:
-                self.engine.cancel(choice.engine_request)
+                (choice.engine or self.engine).cancel(choice.engine_request)
 
     def echo_text(self, prompt: str | list[int], ids: list[int]) -> str:
         """The prompt as echoed: a text prompt as given, token ids as their text."""
@@ -328,9 +350,11 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        server.engine.start()
+        for engine in server.engines.values():
+            engine.start()
         yield
-        server.engine.stop()
+        for engine in server.engines.values():
+            engine.stop()
 
     app = FastAPI(
         title="moelm",
@@ -364,7 +388,7 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
         openapi_extra=openapi.errors(503),
     )
     async def health() -> Response:
-        if not server.engine.alive:
+        if not all(engine.alive for engine in server.engines.values()):
             raise APIError(503, "the engine has stopped", code="engine_dead")
         return Response(status_code=200)
 
@@ -372,25 +396,28 @@ def create_app(generator: TextGenerator, config: ServerConfig) -> FastAPI:
     async def metrics() -> Response:
         return PlainTextResponse(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
-    def model_card() -> dict[str, Any]:
-        return {
-            "id": config.model_name,
+    def model_card(name: str) -> dict[str, Any]:
+        card = {
+            "id": name,
             "object": "model",
             "created": server.created,
             "owned_by": "moelm",
             "max_model_len": server.engine.max_model_len,
         }
+        if name in config.adapters:  # vLLM's card for a LoRA adapter: its directory and the base it adapts
+            card.update(root=str(config.adapters[name]), parent=config.model_name)
+        return card
 
     @app.get("/v1/models", openapi_extra=openapi.errors(401))
     async def models(request: Request) -> dict[str, Any]:
         server.authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in server.engines]}
 
     @app.get("/v1/models/{model_id:path}", openapi_extra=openapi.errors(401, 404))
     async def model(request: Request, model_id: str) -> dict[str, Any]:
         server.authorize(request)
         server.check_model(model_id)
-        return model_card()
+        return model_card(model_id)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -525,7 +552,7 @@ async def _respond(
         "id": response_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
-        "model": server.config.model_name,
+        "model": request.model or server.config.model_name,
         "choices": [_full_choice(server, c, request, chat) for c in choices],
         "usage": _usage(prompt_tokens, choices),
     }
@@ -602,7 +629,7 @@ async def _stream_events(
         "id": response_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": created,
-        "model": server.config.model_name,
+        "model": request.model or server.config.model_name,
     }
     usage_field = {"usage": None} if request.include_usage else {}
 

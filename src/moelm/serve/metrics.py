@@ -7,6 +7,7 @@ when /metrics is scraped, so the decode loop pays nothing for them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -65,26 +66,25 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(_ExpertTokens(expert_counts))
-        self._last = EngineStats()
+        self._last: dict[str, EngineStats] = {}  # each engine's counters at its previous step
 
     def finished_request(self, reason: str) -> None:
         self.finished.labels(self.model_name, reason).inc()
 
-    def engine_step(self, stats: EngineStats) -> None:
-        """Called by the engine thread after each iteration."""
-        self.running.set(stats.running)
-        self.waiting.set(stats.waiting)
-        self.cache_usage.set(stats.cache_slots_used / max(stats.cache_slots_total, 1))
-        self.prompt_tokens.inc(stats.prompt_tokens - self._last.prompt_tokens)
-        self.generation_tokens.inc(stats.generation_tokens - self._last.generation_tokens)
-        self.prefix_queries.inc(stats.prefix_queried_tokens - self._last.prefix_queried_tokens)
-        self.prefix_hits.inc(stats.prefix_hit_tokens - self._last.prefix_hit_tokens)
-        self._last = EngineStats(
-            prompt_tokens=stats.prompt_tokens,
-            generation_tokens=stats.generation_tokens,
-            prefix_queried_tokens=stats.prefix_queried_tokens,
-            prefix_hit_tokens=stats.prefix_hit_tokens,
-        )
+    def engine_step(self, stats: EngineStats, source: str = "base") -> None:
+        """Called by an engine thread after each iteration; `source` names the engine (one per served adapter):
+        counters add each engine's own progress, gauges show the sum over engines."""
+        last = self._last.get(source, EngineStats())
+        self.prompt_tokens.inc(stats.prompt_tokens - last.prompt_tokens)
+        self.generation_tokens.inc(stats.generation_tokens - last.generation_tokens)
+        self.prefix_queries.inc(stats.prefix_queried_tokens - last.prefix_queried_tokens)
+        self.prefix_hits.inc(stats.prefix_hit_tokens - last.prefix_hit_tokens)
+        self._last[source] = dataclasses.replace(stats)  # the engine updates its stats object in place
+        latest = list(self._last.values())
+        self.running.set(sum(s.running for s in latest))
+        self.waiting.set(sum(s.waiting for s in latest))
+        used, total = sum(s.cache_slots_used for s in latest), sum(s.cache_slots_total for s in latest)
+        self.cache_usage.set(used / max(total, 1))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
