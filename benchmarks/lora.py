@@ -100,7 +100,7 @@ def sft_accuracy(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     scores = {}
     with tempfile.TemporaryDirectory() as scratch:
         for variant in ("full", "lora"):
-            recipe = stage_recipe("sft", args.sft_steps, args.seed)
+            recipe = stage_recipe("sft", args.sft_steps, args.seed).replace(log={"progress": False})
             if variant == "lora":
                 lora = {"rank": args.rank, "alpha": 2.0 * args.rank, "targets": TARGETS.split(",")}
                 recipe = recipe.replace(lora=lora, optim={"lr": args.lora_lr})
