@@ -113,17 +113,21 @@ def learning_rate(step: int, recipe: Recipe) -> float:
     return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def measured_peak_flops(size: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of a float32 GEMM on this device: the denominator of MFU on machines without a spec sheet.
+def measured_peak_flops(size: int = 1024, repeats: int = 3, device: torch.device | str = "cpu") -> float:
+    """FLOP/s of a float32 GEMM on `device` (the one training runs on): the denominator of MFU on machines
+    without a spec sheet.
 
     The operands come from a generator of their own: drawing from the global one after a resume restored its
     state would shift every later random draw (dropout masks, noisy gating) against the uninterrupted run."""
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     a @ b
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize()
     return repeats * 2 * size**3 / (time.perf_counter() - start)
 
 
@@ -363,7 +367,7 @@ class Trainer:
             self._resume(latest)
         if self.context.is_main:
             atomic_write_text(self.out_dir / RUN_FILE, self.run_json())
-        self.peak_flops = measured_peak_flops()
+        self.peak_flops = measured_peak_flops(device=self.context.device)
         self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
         self.monitor = CollapseMonitor()
         self.forward = torch.compile(self.model) if train.compile else self.model
@@ -521,9 +525,9 @@ class Trainer:
         for inputs, batch_metrics in micro_batches:
             batch_metrics = dict(batch_metrics)
             tokens += batch_metrics.pop("tokens")
-            inputs = {k: v.to(self.context.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            if distributed:
+            if distributed:  # this rank's rows first: only they travel to the device
                 inputs = shard_batch(inputs, self.context)
+            inputs = {k: v.to(self.context.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             with autocast:
                 if distributed and "token_weight" in inspect.signature(loss_fn).parameters:
                     loss, loss_metrics, routing = loss_fn(self.forward, inputs, token_share(self.context))
