@@ -176,16 +176,52 @@ def test_openai_clients_tool_round_trip_forced_named_and_streamed(tmp_path):
                 model="tiny", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=60, stream=True
             )
         )
-        deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-        assert len(deltas) == 1 and deltas[0][0].function.name == "get_weather" and deltas[0][0].index == 0
-        jsonschema.validate(json.loads(deltas[0][0].function.arguments), WEATHER["function"]["parameters"])
+        deltas = [
+            d for c in chunks if c.choices and c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls
+        ]
+        assert deltas[0].function.name == "get_weather" and deltas[0].id and {d.index for d in deltas} == {0}
+        assert len(deltas) > 2  # the arguments arrive in pieces as they are generated
+        arguments = "".join(d.function.arguments or "" for d in deltas)
+        jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        whole = client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER], tool_choice=named, max_tokens=60, temperature=0
+        )
+        streamed = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            tools=[WEATHER],
+            tool_choice=named,
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+        )
+        pieces = [
+            d for c in streamed if c.choices and c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls
+        ]
+        streamed_arguments = json.loads("".join(d.function.arguments or "" for d in pieces))
+        assert streamed_arguments == json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
         none = client.chat.completions.create(
             model="tiny", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=4, temperature=0
         )
         assert none.choices[0].message.tool_calls is None
     finally:
         server.stop()
+
+
+def test_call_scanner_finds_the_top_level_name_and_arguments_as_they_grow():
+    from moelm.serve.tools import ForcedCallStream, scan_call
+
+    text = '{"arguments":{"name":"x","q":"}{\\""},"name":"get_weather"}'
+    name, (start, end) = scan_call(text)
+    assert name == "get_weather" and json.loads(text[start:end]) == {"name": "x", "q": '}{"'}
+    assert scan_call('{"name":"get_wea') == (None, None)
+    assert scan_call('{"name":"f","arguments":{"a":[1,') == ("f", (24, None))
+    stream, deltas = ForcedCallStream(), []
+    for piece in ['{"na', 'me":"f",', '"arguments":{"a"', ":[1,2]}", "}"]:
+        deltas += stream.feed(piece)
+    assert deltas[0]["function"] == {"name": "f", "arguments": ""} and stream.complete
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"a":[1,2]}'
 
 
 def test_tool_prompts_render_calls_and_results_and_auto_replies_parse_blocks():

@@ -658,6 +658,7 @@ async def _stream_events(
         return {**base, "choices": [entry], **usage_field}
 
     holding = chat and getattr(request, "tools", None) is not None and request.tools.active
+    calls = {c.index: tools.ForcedCallStream() for c in choices} if holding and request.tools.forced else {}
     try:
         if chat:
             for choice in choices:
@@ -675,6 +676,21 @@ async def _stream_events(
                 open_choices -= 1
                 continue
             final = event.finish_reason is not None
+            if calls:  # a forced call: its name, then its arguments' text as it is generated
+                streamer = calls[choice.index]
+                for entry in streamer.feed(choice.text.delta(choice.tokens, final=final).content):
+                    body = chunk(choice, None, [], None)
+                    body["choices"][0]["delta"] = {"tool_calls": [entry]}
+                    yield _sse(body)
+                if final:
+                    open_choices -= 1
+                    if not streamer.named:  # nothing parsed as a call (cut short): the text, as a held reply
+                        for piece in _held_reply(choice, request, chunk):
+                            yield _sse(piece)
+                    else:
+                        finish = "tool_calls" if streamer.complete else _finish_reason(choice)
+                        yield _sse(chunk(choice, None, [], finish))
+                continue
             if holding:  # a reply that may be a tool call is sent whole, as calls or as text, when it ends
                 if final:
                     open_choices -= 1

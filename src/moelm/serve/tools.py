@@ -154,3 +154,73 @@ def parse_reply(text: str, tools: Tools) -> tuple[str | None, list[dict[str, Any
             }
         )
     return (rest or None), calls
+
+
+class ForcedCallStream:
+    """A forced reply, one grammar-constrained call object, as OpenAI's streamed tool_calls deltas: the call's id
+    and name once the name is complete, then the arguments object's text as it is generated (vLLM streams its
+    calls so). An auto reply may hold malformed blocks that must stay text, so it is still sent when it ends."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.id = f"call_{uuid.uuid4().hex[:24]}"
+        self.named = False
+        self.complete = False  # the arguments object has closed
+        self._sent = 0  # characters of the arguments' text sent so far
+
+    def feed(self, delta: str) -> list[dict[str, Any]]:
+        """The tool_calls delta entries that `delta` (the reply's next text) completes."""
+        self.text += delta
+        name, arguments = scan_call(self.text)
+        out: list[dict[str, Any]] = []
+        if not self.named:
+            if name is None:  # the arguments may come first: held until the name is known
+                return out
+            self.named = True
+            out.append({"index": 0, "id": self.id, "type": "function", "function": {"name": name, "arguments": ""}})
+        if arguments is not None:
+            start, end = arguments
+            confirmed = self.text[start:end]
+            self.complete = end is not None
+            if len(confirmed) > self._sent:
+                out.append({"index": 0, "function": {"arguments": confirmed[self._sent :]}})
+                self._sent = len(confirmed)
+        return out
+
+
+def scan_call(text: str) -> tuple[str | None, tuple[int, int | None] | None]:
+    """The top-level `name` (once its string has closed) and the span of the `arguments` value (its end None while
+    it is open) of a call object's text so far; a string-aware scan, so keys inside the arguments never count."""
+    name: str | None = None
+    arguments: list[int | None] | None = None
+    depth, key, expecting = 0, None, "key"
+    in_string = escaped = False
+    string_start = 0
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if depth == 1 and expecting == "key":
+                    key = json.loads(text[string_start : index + 1])
+                elif depth == 1 and key == "name":
+                    name = json.loads(text[string_start : index + 1])
+            continue
+        if char == '"':
+            in_string, string_start = True, index
+        elif char in "{[":
+            depth += 1
+            if depth == 2 and key == "arguments" and expecting == "value" and arguments is None:
+                arguments = [index, None]
+        elif char in "}]":
+            depth -= 1
+            if depth == 1 and arguments is not None and arguments[1] is None:
+                arguments[1] = index + 1
+        elif depth == 1 and char == ":":
+            expecting = "value"
+        elif depth == 1 and char == ",":
+            expecting, key = "key", None
+    return name, (arguments[0], arguments[1]) if arguments is not None else None
