@@ -294,3 +294,36 @@ def test_server_serves_adapters_by_the_requests_model(tmp_path):
         assert [c["id"] for c in cards] == ["tiny", "math"] and cards[1]["parent"] == "tiny"
     finally:
         running.stop()
+
+
+def test_lora_grpo_raises_the_reward_and_writes_only_the_adapter(tmp_path):
+    from conftest import addition_task
+
+    from moelm.train.grpo import GRPOTrainer
+    from moelm.train.recipe import load_recipe
+
+    overrides = addition_task(tmp_path)
+    # A frozen random head of the usual small init bounds the logits too tightly for any adapter to move them;
+    # a base with a larger init is one an adapter can steer (full fine-tuning trains the head itself).
+    torch.manual_seed(0)
+    MoELM(MoELM.from_pretrained(tmp_path / "base").config.replace(initializer_range=0.2)).save_pretrained(
+        tmp_path / "base"
+    )
+    overrides = [
+        *overrides,
+        "train.max_steps=40",
+        "train.log_every=1",
+        "train.eval_every=40",
+        "lora.rank=8",
+        "optim.lr=3e-2",
+        "grpo.beta=0.04",  # the reference is the frozen base, held beside the adapted policy
+    ]
+    run = tmp_path / "run"
+    GRPOTrainer(load_recipe(None, overrides), run, echo=lambda _: None, base_model=tmp_path / "base").run()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["reward"] for r in records[:10]) / 10
+    last = sum(r["reward"] for r in records[-10:]) / 10
+    assert last >= first + 0.1, (first, last)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "model").exists()
+    trained = lora_state_dict(_with_adapter(MoELM.from_pretrained(tmp_path / "base"), run / "adapter"))
+    assert any(name.endswith("_B") and tensor.abs().max() > 0 for name, tensor in trained.items())
