@@ -41,6 +41,19 @@ VARIANTS: dict[str, dict] = {
         "sources": MATH,
     },
     "shipped_300_steps": {"steps": 300},  # the budget the 15-minute main job leaves room for
+    "lora_math_r16_lr1e-3_300_steps": {
+        "lora": {"rank": 16, "alpha": 32.0},
+        "optim": {"lr": 1e-3},
+        "grpo": {"beta": 0.0},
+        "sources": MATH,
+        "steps": 300,
+    },
+    "lora_math_r16_lr3e-3": {
+        "lora": {"rank": 16, "alpha": 32.0},
+        "optim": {"lr": 3e-3},
+        "grpo": {"beta": 0.0},
+        "sources": MATH,
+    },
 }
 
 
