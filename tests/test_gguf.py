@@ -160,3 +160,40 @@ def test_llama_cpp_runs_the_file_with_moelm_logits(tmp_path, overrides, outtype)
         assert theirs_text == mine
     else:
         assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_small_preset_with_moelm_logits_and_greedy_text(tmp_path):
+    """The `small` preset's shape (q-LoRA, 64 experts, shared experts, a dense first layer) through llama.cpp: f32
+    logits within 1e-4 and 64 equal greedy tokens."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    from moelm.config import load_config
+
+    local = (
+        "vocab_size",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "max_position_embeddings",
+        "initializer_range",
+    )
+    shape = {k: v for k, v in load_config("small").to_dict().items() if k not in local}
+    torch.manual_seed(0)
+    model, tokenizer = save_tiny_model_with_tokenizer(tmp_path, max_position_embeddings=256, **shape)
+    export_gguf(tmp_path, tmp_path / "m.gguf", "f32")
+    llm = load_with_llama_cpp(tmp_path / "m.gguf", n_ctx=256, logits_all=True, n_threads=2)
+    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog two plus two").ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-4 * max(1.0, np.abs(ours).max())
+    llm.reset()
+    theirs_text = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        theirs_text.append(token)
+        if len(theirs_text) == 64:
+            break
+    with torch.no_grad():
+        mine = generate(model, torch.tensor([ids]), max_new_tokens=64)[0, len(ids) :].tolist()
+    assert theirs_text == mine
