@@ -327,3 +327,28 @@ def test_lora_grpo_raises_the_reward_and_writes_only_the_adapter(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "model").exists()
     trained = lora_state_dict(_with_adapter(MoELM.from_pretrained(tmp_path / "base"), run / "adapter"))
     assert any(name.endswith("_B") and tensor.abs().max() > 0 for name, tensor in trained.items())
+
+
+def test_export_merge_lora_as_gguf_writes_the_merged_weights(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.cli import main
+
+    base, tokenizer = save_tiny_model_with_tokenizer(tmp_path / "base")
+    model = MoELM(base.config)
+    model.load_state_dict(base.state_dict())
+    attach_lora(model, ALL)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, 0.3)
+    save_adapter(model, ALL, tmp_path / "adapter", tmp_path / "base")
+    argv = ["export", "--model", str(tmp_path / "adapter"), "--merge-lora", "--format", "gguf"]
+    assert main([*argv, "--out", str(tmp_path / "m.gguf")]) == 2  # no tokenizer.json beside the adapter
+    tokenizer.save(str(tmp_path / "adapter" / "tokenizer.json"))
+    assert main([*argv, "--out", str(tmp_path / "m.gguf")]) == 0
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}["blk.1.attn_output.weight"]
+    merged = merge_lora(model).layers[1].self_attn.o_proj.weight
+    values = torch.from_numpy(stored.data.copy()).reshape(merged.shape)
+    assert torch.allclose(values, merged) and not torch.allclose(values, base.layers[1].self_attn.o_proj.weight)

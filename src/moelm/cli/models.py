@@ -157,9 +157,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise ValueError(f"--merge-lora: {source} is a plain model directory, not a LoRA adapter")
     if args.format == "gguf":
         if adapter:  # llama.cpp reads plain weights: merge into a temporary directory first
+            if not (source / "tokenizer.json").is_file():
+                raise ValueError(f"{source}: no tokenizer.json (a GGUF file carries its vocabulary)")
             with tempfile.TemporaryDirectory() as merged:
                 _write_hf(MoELM.from_pretrained(source, dtype=torch.float32), source, Path(merged), None, None)
-                _export_gguf(args, Path(merged))
+                _export_gguf(args, Path(merged), label=f"{source} (merged)")
             return
         _export_gguf(args, source)
         return
@@ -185,7 +187,7 @@ def _write_hf(model: MoELM, source: Path, out: Path, max_shard_size: str | None,
             shutil.copyfile(source / name, out / name)
 
 
-def _export_gguf(args: argparse.Namespace, source: Path) -> None:
+def _export_gguf(args: argparse.Namespace, source: Path, label: str | None = None) -> None:
     from moelm.model.gguf_export import export_gguf
 
     if args.dtype is not None or args.quantization is not None:
@@ -197,7 +199,7 @@ def _export_gguf(args: argparse.Namespace, source: Path) -> None:
     result = export_gguf(source, args.out, args.outtype or "f32")
     for note in result.notes:
         print(f"note: {note}")
-    print(f"exported {source} to {args.out} ({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)")
+    print(f"exported {label or source} to {args.out} ({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)")
 
 
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # moelm.model.gguf_export.OUTTYPES, kept import-free
