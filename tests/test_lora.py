@@ -89,6 +89,25 @@ def test_decode_paths_read_the_adapted_experts():
     assert (gathered - slabs).abs().max() < 1e-6
 
 
+def test_generation_with_attached_adapters_equals_the_merged_model():
+    """Decoding reads weights directly (MLA's absorbed kv_b, the gathered experts): an attached adapter must
+    reach those paths too, so greedy text is the merged model's without merging first."""
+    from moelm.infer.generate import generate
+
+    model = adapted_model(tiny_config(n_shared_experts=1, q_lora_rank=24), seed=2).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_B"):
+                parameter.mul_(10.0)  # large enough that an ignored adapter changes the text
+    prompt = torch.randint(0, 97, (2, 6))
+    attached = generate(model, prompt, max_new_tokens=12)
+    with lora_merged(model):
+        merged = generate(model, prompt, max_new_tokens=12)
+    plain = MoELM(model.config)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".adapter." not in k})
+    assert torch.equal(attached, merged) and not torch.equal(attached, generate(plain.eval(), prompt, 12))
+
+
 def test_adapted_model_refuses_a_plain_save(tmp_path):
     with pytest.raises(CheckpointError, match="LoRA adapters"):
         adapted_model().save_pretrained(tmp_path / "m")

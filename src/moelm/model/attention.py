@@ -166,7 +166,7 @@ class MultiHeadLatentAttention(nn.Module):
 
         own: a single query's own (latent [B, 1, R], rotated key [B, 1, r]) when they are not in the cache
         yet; scored as one extra, always visible, key."""
-        w_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_b = self.kv_b_proj.effective_weight().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
         w_uk_NdC, w_uv_NvC = w_b[:, : self.qk_nope_head_dim], w_b[:, self.qk_nope_head_dim :]
         q_latent_BNTC = weight_product(_absorb_key, q_nope_BTNd, w_uk_NdC)
         q_pe_BNTr = q_pe_BTNr.transpose(1, 2)

@@ -32,6 +32,13 @@ class Linear(nn.Linear):
             out = out + self.adapter(x)
         return out
 
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer multiplies by: with an adapter, the weight plus its low-rank update (for code
+        that reads the weight itself instead of calling the layer, as MLA's absorbed decode does)."""
+        if self.adapter is None:
+            return self.weight
+        return self.weight + self.adapter.delta().to(self.weight.dtype)
+
 
 class Embedding(nn.Embedding):
     """nn.Embedding that skips its random init on the meta device (loading builds there, then reads weights)."""

@@ -7,9 +7,11 @@ one grouped GEMM per factor (the bank's own GEMM is unchanged); a fused gate/up 
 SwiGLU gets one pair per half, as transformers' separate gate_proj / up_proj each get theirs in PEFT.
 
 Adapters hang off the layers they adapt (`Linear.adapter`, `RoutedExperts.adapter`), so the base model's state
-dict and HF names are untouched and an adapter's tensors are named by the module they adapt. Inference runs on
-merged weights: `merge_lora` for good, `lora_merged` for a block of generation inside training (it restores the
-exact base weights afterwards, so resumed training stays bitwise the same).
+dict and HF names are untouched and an adapter's tensors are named by the module they adapt. Every path of an
+adapted model, decode included (`Linear.effective_weight`, merged expert banks), computes the adapted function;
+decoding is cheaper on merged weights, so `merge_lora` folds the adapters in for good and `lora_merged` for a block
+of generation inside training (it restores the exact base weights afterwards, so resumed training stays bitwise
+the same).
 """
 
 from __future__ import annotations

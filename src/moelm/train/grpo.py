@@ -99,7 +99,7 @@ class GRPOTrainer(SFTTrainer):
         ids, mask = ids.to(device), mask.to(device)
         was_training = model.training
         model.eval()
-        with lora_merged(model):  # the decode paths read weights directly: adapters folded in, then restored
+        with lora_merged(model):  # adapters folded in once for the rollout (not per decode step), then restored
             new = self._decode(model, ids, mask, temperature, top_p, seeds)
         ids, mask = ids.cpu(), mask.cpu()
         model.train(was_training)

@@ -596,7 +596,7 @@ class Trainer:
         """Evaluation, samples, metrics and checkpoints that fall on this step."""
         train, step = self.recipe.train, self.state.step
         if step % train.eval_every == 0 or step == train.max_steps:
-            with lora_merged(self.model):  # generation reads weights directly: adapters folded in, then restored
+            with lora_merged(self.model):  # adapters folded in once for generation (not per step), then restored
                 record.update(self.evaluate(self.model, self.batches))
                 if step < train.max_steps:
                     self.print_samples(self.model, self.tokenizer)
