@@ -144,6 +144,21 @@ def test_peft_loads_the_adapter_onto_transformers_with_equal_logits(tmp_path):
     assert (merged(ids).logits - ours).abs().max() < 1e-5
 
 
+def test_adapter_config_names_only_the_kinds_the_model_has(tmp_path):
+    torch.manual_seed(0)
+    model = MoELM(tiny_config(n_shared_experts=0))
+    attach_lora(model, ALL)  # shared_experts asked for, but the model has none
+    save_adapter(model, ALL, tmp_path / "adapter", None)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert not any("shared_experts" in name for name in written["target_parameters"])
+    assert (
+        "mlp.experts.gate_up_proj" in written["target_parameters"]
+        and "mlp.gate_proj.weight" in written["target_parameters"]
+    )
+    reread = MoELM(model.config)
+    assert load_adapter_into(reread, tmp_path / "adapter").targets == ("attention", "experts", "dense_mlp")
+
+
 def test_adapter_directory_errors_name_the_problem(tmp_path):
     model = adapted_model()
     base = tmp_path / "base"

@@ -17,6 +17,7 @@ like a model directory (the base is read from `base_model_name_or_path`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from moelm.files import atomic_path, atomic_write_text
 from moelm.model.experts import RoutedExperts
-from moelm.model.lora import LoraSpec, adapted_modules, attach_lora, load_lora_state_dict, target_of
+from moelm.model.lora import LoraSpec, adapted_modules, attach_lora, load_lora_state_dict, merge_lora, target_of
 
 if TYPE_CHECKING:
     from moelm.model.transformer import MoELM
@@ -41,6 +42,8 @@ PEFT_VERSION = "0.21.2"  # the PEFT release these files were checked against (te
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 SHARED_PARAMETERS = [f"mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")]
 DENSE_PARAMETERS = [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+# the target kinds PEFT names by parameter, and those parameters (attention is by module name)
+PARAMETER_TARGETS = {"experts": EXPERT_PARAMETERS, "shared_experts": SHARED_PARAMETERS, "dense_mlp": DENSE_PARAMETERS}
 
 
 class AdapterError(ValueError):
@@ -57,11 +60,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 Pack = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def _peft_layout(name: str, module: torch.nn.Module) -> tuple[dict[str, tuple], Pack]:
-    """For one adapted module: PEFT key -> (moelm tensor, how to cut it from ours), and how to rebuild ours.
-
-    Returns (to_peft, from_peft): to_peft maps each PEFT key to a function of our adapter's tensors;
-    from_peft rebuilds our tensors from the PEFT tensors."""
+def _peft_layout(name: str, module: torch.nn.Module) -> tuple[dict[str, Callable], Pack]:
+    """For one adapted module, (to_peft, from_peft): to_peft maps each PEFT key to a function of our adapter's
+    tensors that cuts that key's tensor from them; from_peft rebuilds our adapter's tensors from PEFT's."""
     hf = f"{PEFT_PREFIX}model.{name}"
     if isinstance(module, RoutedExperts):
         num = module.num_experts
@@ -129,14 +130,12 @@ def peft_state_dict(model: MoELM) -> dict[str, torch.Tensor]:
 
 
 def peft_config(model: MoELM, spec: LoraSpec, base_model: str | None) -> dict:
-    """adapter_config.json for the attached adapters (the fields PEFT's LoraConfig reads; defaults elsewhere)."""
+    """adapter_config.json for the attached adapters (the fields PEFT's LoraConfig reads; defaults elsewhere).
+    Targets come from the layers that carry adapters, so a target kind the model lacks (no shared experts, no
+    dense layer) is never named."""
+    kinds = {target_of(name) for name, _ in adapted_modules(model)}
     modules = sorted({name.rsplit(".", 1)[-1] for name, _ in adapted_modules(model) if target_of(name) == "attention"})
-    parameters = []
-    for kind, names in (("experts", EXPERT_PARAMETERS), ("shared_experts", SHARED_PARAMETERS)):
-        if kind in spec.targets:
-            parameters += names
-    if "dense_mlp" in spec.targets and any(target_of(n) == "dense_mlp" for n, _ in adapted_modules(model)):
-        parameters += DENSE_PARAMETERS
+    parameters = [name for kind, names in PARAMETER_TARGETS.items() if kind in kinds for name in names]
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -200,11 +199,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoraSpec, dict]:
     targets = []
     if modules:
         targets.append("attention")
-    for kind, names in (
-        ("experts", EXPERT_PARAMETERS),
-        ("shared_experts", SHARED_PARAMETERS),
-        ("dense_mlp", DENSE_PARAMETERS),
-    ):
+    for kind, names in PARAMETER_TARGETS.items():
         if set(names) <= parameters:
             targets.append(kind)
             parameters -= set(names)
@@ -284,10 +279,6 @@ def base_model_path(path: str | Path) -> Path:
 
 def adapted_copy(model: MoELM, path: str | Path) -> MoELM:
     """A copy of `model` with the adapter in `path` merged in (the model itself is left as it is)."""
-    import copy
-
-    from moelm.model.lora import merge_lora
-
     adapted = copy.deepcopy(model)
     load_adapter_into(adapted, path)
     return merge_lora(adapted).eval()
