@@ -199,9 +199,9 @@ def lora_recipe(*extra: str):
             "optim.lr=0.01",
             "log.progress=false",
             "lora.rank=4",
-            *(() if "nodrop" in extra else ("lora.dropout=0.1",)),
+            *(() if "nodrop" in extra or any(e.startswith("lora.dropout") for e in extra) else ("lora.dropout=0.1",)),
             "lora.targets=[attention, experts, shared_experts, dense_mlp]",
-            *extra,
+            *(e for e in extra if e != "nodrop"),
         ],
     )
 
@@ -386,3 +386,38 @@ def test_export_merge_lora_as_gguf_writes_the_merged_weights(tmp_path):
     merged = merge_lora(model).layers[1].self_attn.o_proj.weight
     values = torch.from_numpy(stored.data.copy()).reshape(merged.shape)
     assert torch.allclose(values, merged) and not torch.allclose(values, base.layers[1].self_attn.o_proj.weight)
+
+
+def test_lora_recipe_keys_reach_the_trainers_adapters(tmp_path, tokenizer):
+    """lora.alpha sets the scaling, lora.targets which layers are adapted, lora.dropout makes the adapted forward
+    stochastic in training (and only there)."""
+    from moelm.model.lora import adapted_modules
+    from moelm.train.sft import SFTTrainer
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    MoELM(tiny_config(vocab_size=tokenizer.get_vocab_size(), eos_token_id=1, n_shared_experts=1)).save_pretrained(base)
+    tokenizer.save(str(base / "tokenizer.json"))
+
+    def adapters(*extra: str) -> SFTTrainer:
+        trainer = SFTTrainer(lora_recipe(*extra), tmp_path / f"out{len(extra)}", echo=lambda _: None, base_model=base)
+        trainer.setup()
+        return trainer
+
+    trainer = adapters("nodrop", "lora.alpha=32", "lora.targets=[experts]")
+    adapted = dict(adapted_modules(trainer.model))
+    assert set(adapted) == {"layers.1.mlp.experts"} and adapted["layers.1.mlp.experts"].adapter.scaling == 8.0
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, 0.1)
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 10))
+    model = trainer.model.train()
+    assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout asked: deterministic
+    dropped = adapters("lora.dropout=0.5").model.train()
+    with torch.no_grad():
+        for name, parameter in dropped.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, 0.1)
+    assert not torch.equal(dropped(ids).logits, dropped(ids).logits)
+    assert torch.equal(dropped.eval()(ids).logits, dropped(ids).logits)
