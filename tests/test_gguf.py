@@ -112,6 +112,19 @@ def test_export_command_writes_gguf_and_refuses_what_it_cannot_write(tmp_path, c
     assert not (tmp_path / "g.gguf").exists()
 
 
+def assert_same_greedy_text(llm, model, ids: list[int], tokens: int) -> None:  # noqa: ANN001 - llama_cpp.Llama
+    """llama.cpp's greedy continuation of `ids` equals moelm's over `tokens` tokens."""
+    llm.reset()
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        theirs.append(token)
+        if len(theirs) == tokens:
+            break
+    with torch.no_grad():
+        mine = generate(model, torch.tensor([ids]), max_new_tokens=tokens)[0, len(ids) :].tolist()
+    assert theirs == mine
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "outtype"),
@@ -149,15 +162,7 @@ def test_llama_cpp_runs_the_file_with_moelm_logits(tmp_path, overrides, outtype)
         ours = model.eval()(torch.tensor([ids])).logits[0].numpy()
     if outtype == "f32":
         assert np.abs(theirs - ours).max() < 1e-4 * max(1.0, np.abs(ours).max())
-        llm.reset()
-        theirs_text = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # llama.cpp's greedy continuation
-            theirs_text.append(token)
-            if len(theirs_text) == 24:
-                break
-        with torch.no_grad():
-            mine = generate(model, torch.tensor([ids]), max_new_tokens=24)[0, len(ids) :].tolist()
-        assert theirs_text == mine
+        assert_same_greedy_text(llm, model, ids, 24)
     else:
         assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
 
@@ -188,12 +193,29 @@ def test_llama_cpp_runs_the_small_preset_with_moelm_logits_and_greedy_text(tmp_p
     with torch.no_grad():
         ours = model.eval()(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(theirs - ours).max() < 1e-4 * max(1.0, np.abs(ours).max())
-    llm.reset()
-    theirs_text = []
-    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-        theirs_text.append(token)
-        if len(theirs_text) == 64:
-            break
+    assert_same_greedy_text(llm, model, ids, 64)
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_a_merged_lora_adapter_with_the_adapted_logits(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    from moelm.model.lora import TARGETS, LoraSpec, attach_lora
+    from moelm.model.peft_format import save_adapter
+
+    base, tokenizer = save_tiny_model_with_tokenizer(tmp_path / "base", max_position_embeddings=128)
+    spec = LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
+    attach_lora(base, spec)
     with torch.no_grad():
-        mine = generate(model, torch.tensor([ids]), max_new_tokens=64)[0, len(ids) :].tolist()
-    assert theirs_text == mine
+        for name, parameter in base.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, 0.3)
+    save_adapter(base, spec, tmp_path / "adapter", tmp_path / "base")
+    tokenizer.save(str(tmp_path / "adapter" / "tokenizer.json"))
+    argv = ["export", "--model", str(tmp_path / "adapter"), "--merge-lora", "--format", "gguf"]
+    assert main([*argv, "--out", str(tmp_path / "m.gguf")]) == 0
+    llm = load_with_llama_cpp(tmp_path / "m.gguf", n_ctx=128, logits_all=True, n_threads=2)
+    ids = tokenizer.encode("the quick brown fox jumps").ids
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = base.eval()(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(np.array(llm.scores[: len(ids)]) - ours).max() < 1e-4 * max(1.0, np.abs(ours).max())
