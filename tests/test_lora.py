@@ -421,3 +421,20 @@ def test_lora_recipe_keys_reach_the_trainers_adapters(tmp_path, tokenizer):
                 parameter.normal_(0.0, 0.1)
     assert not torch.equal(dropped(ids).logits, dropped(ids).logits)
     assert torch.equal(dropped.eval()(ids).logits, dropped(ids).logits)
+
+
+def test_serve_lora_flag_errors_name_the_value(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from conftest import save_tiny_model_with_tokenizer
+
+    from moelm.cli import main
+
+    save_tiny_model_with_tokenizer(tmp_path / "base")
+    for value, message in (
+        ("math", "expected NAME=DIR"),
+        (f"math={tmp_path / 'base'}", "is not a LoRA adapter directory"),
+        (f"base={tmp_path / 'base'}", "is already served"),
+    ):
+        assert main(["serve", "--model", str(tmp_path / "base"), "--lora", value]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
