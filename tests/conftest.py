@@ -226,3 +226,12 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def randomize_lora_b(model, std: float) -> None:  # noqa: ANN001 - an MoELM with adapters
+    """Draw every adapter's B factor from N(0, std): a fresh adapter (B = 0) is an exact no-op, so tests that need
+    the adapters to change the function set B themselves."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_B"):
+                parameter.normal_(0.0, std)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model_with_tokenizer
+from conftest import randomize_lora_b, save_tiny_model_with_tokenizer
 
 from moelm.cli import main
 from moelm.infer.generate import generate
@@ -205,10 +205,7 @@ def test_llama_cpp_runs_a_merged_lora_adapter_with_the_adapted_logits(tmp_path):
     base, tokenizer = save_tiny_model_with_tokenizer(tmp_path / "base", max_position_embeddings=128)
     spec = LoraSpec(rank=4, alpha=8.0, targets=TARGETS)
     attach_lora(base, spec)
-    with torch.no_grad():
-        for name, parameter in base.named_parameters():
-            if name.endswith("_B"):
-                parameter.normal_(0.0, 0.3)
+    randomize_lora_b(base, 0.3)
     save_adapter(base, spec, tmp_path / "adapter", tmp_path / "base")
     tokenizer.save(str(tmp_path / "adapter" / "tokenizer.json"))
     argv = ["export", "--model", str(tmp_path / "adapter"), "--merge-lora", "--format", "gguf"]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import randomize_lora_b, tiny_config
 
 from moelm import MoELM, MoEOptions
 from moelm.config import ConfigError
@@ -36,10 +36,7 @@ def adapted_model(config=None, backend: str = "auto", seed: int = 0) -> MoELM:
     torch.manual_seed(seed)
     model = MoELM(config or tiny_config(n_shared_experts=1), MoEOptions(expert_backend=backend))
     attach_lora(model, ALL)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("_B"):
-                parameter.normal_(0.0, 0.05)
+    randomize_lora_b(model, 0.05)
     return model
 
 
@@ -301,10 +298,7 @@ def test_server_serves_adapters_by_the_requests_model(tmp_path):
     model.load_state_dict(base_model.state_dict())
     torch.manual_seed(3)
     attach_lora(model, ALL)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("_B"):
-                parameter.normal_(0.0, 0.5)
+    randomize_lora_b(model, 0.5)
     save_adapter(model, ALL, tmp_path / "adapter", base_dir)
     tokenizer.save(str(tmp_path / "adapter" / "tokenizer.json"))
     prompt, tokens = "the quick brown", 10
@@ -373,10 +367,7 @@ def test_export_merge_lora_as_gguf_writes_the_merged_weights(tmp_path):
     model = MoELM(base.config)
     model.load_state_dict(base.state_dict())
     attach_lora(model, ALL)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("_B"):
-                parameter.normal_(0.0, 0.3)
+    randomize_lora_b(model, 0.3)
     save_adapter(model, ALL, tmp_path / "adapter", tmp_path / "base")
     argv = ["export", "--model", str(tmp_path / "adapter"), "--merge-lora", "--format", "gguf"]
     assert main([*argv, "--out", str(tmp_path / "m.gguf")]) == 2  # no tokenizer.json beside the adapter
@@ -407,18 +398,12 @@ def test_lora_recipe_keys_reach_the_trainers_adapters(tmp_path, tokenizer):
     trainer = adapters("nodrop", "lora.alpha=32", "lora.targets=[experts]")
     adapted = dict(adapted_modules(trainer.model))
     assert set(adapted) == {"layers.1.mlp.experts"} and adapted["layers.1.mlp.experts"].adapter.scaling == 8.0
-    with torch.no_grad():
-        for name, parameter in trainer.model.named_parameters():
-            if name.endswith("_B"):
-                parameter.normal_(0.0, 0.1)
+    randomize_lora_b(trainer.model, 0.1)
     ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 10))
     model = trainer.model.train()
     assert torch.equal(model(ids).logits, model(ids).logits)  # no dropout asked: deterministic
     dropped = adapters("lora.dropout=0.5").model.train()
-    with torch.no_grad():
-        for name, parameter in dropped.named_parameters():
-            if name.endswith("_B"):
-                parameter.normal_(0.0, 0.1)
+    randomize_lora_b(dropped, 0.1)
     assert not torch.equal(dropped(ids).logits, dropped(ids).logits)
     assert torch.equal(dropped.eval()(ids).logits, dropped(ids).logits)
 
