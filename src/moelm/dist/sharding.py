@@ -6,10 +6,14 @@ all ranks does that for dense parameters; routed-expert weights already receive 
 routed to them through the all-to-all backward, so they are summed over the ranks holding the same experts and
 divided by W as well (FSDP2's gradient divide factor, or an explicit all-reduce without FSDP).
 
-Checkpoints hold the full, unsharded state in the single-process layout (a model directory plus the optimizer's
-state per parameter), gathered by every rank and written by rank 0. Any world size reads them back: parameters
-are loaded before sharding, optimizer moments are cut the way their parameters were. A run therefore resumes on
-1, 2 or 4 ranks from a checkpoint written on any of them.
+Under bf16 training the FSDP units gather bfloat16 parameters and reduce float32 gradients into float32 master
+weights (FSDP2's MixedPrecisionPolicy); routers keep float32 parameters in their own units (routing decisions
+are made in float32, as in one process).
+
+Every tensor is cut along dimension 0 only (expert blocks, FSDP shards), so `local_rows` can say where a rank's
+piece sits in the whole: seeded init fills just those rows, and sharded checkpoints (moelm.dist.checkpoint) name
+them. The full-state helpers below serve older checkpoints (a model directory plus the one-process optimizer
+state) and the sample generation of a distributed run.
 """
 
 from __future__ import annotations
@@ -18,25 +22,52 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moelm.dist.expert_parallel import is_expert_parameter
 from moelm.dist.runtime import ParallelContext
 from moelm.model.experts import RoutedExperts
+from moelm.model.init import LocalRows
+from moelm.model.router import Router
 
 
-def apply_fsdp(model: nn.Module, context: ParallelContext) -> None:
-    """FSDP2 over the meshes: routed experts over their replica ranks, each block and the root over all ranks."""
+def apply_fsdp(model: nn.Module, context: ParallelContext, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 over the meshes: routed experts over their replica ranks, each block and the root over all ranks.
+
+    param_dtype (bf16 training): the dtype parameters are gathered in; gradients are reduced in float32 into
+    float32 shards. Forward inputs are not cast, so the residual stream stays what autocast makes it, as in one
+    process."""
     reshard = context.reshard_after_forward
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    float32 = MixedPrecisionPolicy(cast_forward_inputs=False)
     for module in model.modules():
         if isinstance(module, RoutedExperts):
-            fully_shard(module, mesh=context.expert_mesh["expert_replica"], reshard_after_forward=reshard)
+            fully_shard(
+                module, mesh=context.expert_mesh["expert_replica"], reshard_after_forward=reshard, mp_policy=policy
+            )
             module.set_gradient_divide_factor(float(context.world_size))
+        elif isinstance(module, Router) and param_dtype is not None:
+            fully_shard(module, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=float32)
     # MTP: only its transformer block is a unit; its norms and projection are also used outside its forward.
     for block in [*model.layers, *(module.block for module in model.mtp)]:
-        fully_shard(block, mesh=context.dense_mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=context.dense_mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=policy)
+    fully_shard(model, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+def local_rows(name: str, tensor: torch.Tensor, context: ParallelContext) -> LocalRows:
+    """Where this rank's piece of parameter (or optimizer moment) `name` sits in the whole tensor."""
+    local, start, shape = tensor, 0, tensor.shape
+    if isinstance(tensor, DTensor):
+        local = tensor.to_local()
+        if local.dim():
+            _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+            start = offset[0]
+    if context.expert_degree > 1 and is_expert_parameter(name):
+        start += context.ep_rank * shape[0]
+        shape = torch.Size((shape[0] * context.expert_degree, *shape[1:]))
+    return LocalRows(local.data if isinstance(local, nn.Parameter) else local, shape, start)
 
 
 def average_gradients(model: nn.Module, context: ParallelContext) -> None:

@@ -155,34 +155,53 @@ def save_pretrained(
     if quantization == "fp8":
         for name in [n for n, t in tensors.items() if fp8.is_quantized_weight(n, t)]:
             tensors[name], tensors[name + fp8.SCALE_SUFFIX] = fp8.quantize(tensors[name], block)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    write_hf_tensors(
+        path, [(n, t.numel() * t.element_size()) for n, t in tensors.items()], tensors.__getitem__, max_shard_bytes
+    )
+    write_hf_config(
+        path,
+        model.config,
+        model.embed_tokens.weight.dtype,
+        fp8.quantization_config(block) if quantization == "fp8" else None,
+    )
+
+
+def write_hf_tensors(
+    path: Path, entries: list[tuple[str, int]], fetch: Callable[[str], torch.Tensor], max_shard_bytes: int
+) -> None:
+    """safetensors shards of at most max_shard_bytes (and an index when there are several) for `entries`
+    (HF name, bytes), asking `fetch` for each tensor in order while its shard is written: a caller that reads
+    tensors one at a time from disk (a sharded training checkpoint) holds one shard in memory, not the model."""
+    shards: list[list[str]] = [[]]
     shard_bytes = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
+    for name, size in entries:
         if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             shard_bytes = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         shard_bytes += size
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
         stale.unlink(missing_ok=True)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_save(shards[0], path / SINGLE_FILE, metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, path / filename, metadata)
-            weight_map.update(dict.fromkeys(shard, filename))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
-    config = model.config.to_hf_dict()
-    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    if quantization == "fp8":
-        config["quantization_config"] = fp8.quantization_config(block)
-    atomic_write_text(path / "config.json", json.dumps(config, indent=2))
+        _atomic_save({name: fetch(name) for name in shards[0]}, path / SINGLE_FILE, metadata)
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save({name: fetch(name) for name in names}, path / filename, metadata)
+        weight_map.update(dict.fromkeys(names, filename))
+    index = {"metadata": {"total_size": sum(size for _, size in entries)}, "weight_map": weight_map}
+    atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2))
+
+
+def write_hf_config(path: Path, config: ModelConfig, dtype: torch.dtype, quantization: dict | None = None) -> None:
+    """config.json of an HF directory whose weights are stored in `dtype`."""
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if quantization is not None:
+        hf_config["quantization_config"] = quantization
+    atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:

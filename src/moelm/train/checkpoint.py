@@ -6,6 +6,11 @@ file damaged afterwards (a full disk, a copy cut short) is found before it is tr
 HF-compatible model directory (safetensors), or for a LoRA run `adapter/` a PEFT adapter directory;
 `trainer.pt` holds the optimizer state, RNG states and data position as plain tensors and containers, loadable
 with `torch.load(weights_only=True)` (no pickled code).
+
+A run under torchrun writes a sharded checkpoint instead: `shards/` (torch.distributed.checkpoint, each rank its
+own pieces of weights and optimizer moments, moelm.dist.checkpoint) beside `config.json`, and a `trainer.pt`
+without the optimizer. Every rank writes into the same temporary directory; rank 0 seals and renames it once
+all have finished, so a rank that dies mid-save leaves the previous checkpoint the latest.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import Any
 
 import torch
 
+from moelm.dist.checkpoint import CONFIG_FILE, SHARDS_DIR
+from moelm.dist.strategy import ParallelStrategy
 from moelm.files import MANIFEST, DamagedFileError, verify_manifest, write_manifest
-from moelm.model.hf import CheckpointError
+from moelm.model.hf import CheckpointError, write_hf_config
 from moelm.model.lora import LoraSpec
 from moelm.model.peft_format import save_adapter
 from moelm.model.transformer import MoELM
@@ -54,17 +61,68 @@ def save_checkpoint(
     `text_files` (name -> text, e.g. run.json) are written beside the trainer state, inside the manifest.
     `adapter` (the LoRA spec and the base model directory) writes the model's adapters alone, as a PEFT directory
     `adapter/`, in place of the full `model/`."""
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_tmp(out_dir, step, os.getpid())
     if adapter is None:
         weights = tmp / "model"
         model.save_pretrained(weights)
     else:
         weights = tmp / ADAPTER_DIR
         save_adapter(model, adapter[0], weights, adapter[1])
+    return _seal(out_dir, step, tmp, weights, state, tokenizer_file, keep_last, text_files)
+
+
+def save_sharded_checkpoint(
+    out_dir: Path,
+    step: int,
+    strategy: ParallelStrategy,
+    model: MoELM,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tokenizer_file: Path | None,
+    keep_last: int,
+    text_files: dict[str, str] | None = None,
+) -> Path:
+    """step-N as a sharded checkpoint (every rank calls this; `state` is rank 0's trainer state)."""
+    tmp = out_dir / "checkpoints" / f".tmp-step-{step}-sharded"
+    if strategy.is_main:
+        _fresh_tmp(out_dir, step, "sharded")
+    strategy.barrier()
+    strategy.save_shards(tmp / SHARDS_DIR, model, optimizer)
+    strategy.barrier()
+    final = out_dir / "checkpoints" / f"step-{step}"
+    if strategy.is_main:
+        write_hf_config(tmp, model.config, torch.float32)
+        final = _seal(out_dir, step, tmp, tmp, state, tokenizer_file, keep_last, text_files)
+    strategy.barrier()
+    return final
+
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint written under torchrun (DCP shards) rather than a model directory."""
+    return (path / SHARDS_DIR).is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def _fresh_tmp(out_dir: Path, step: int, tag: object) -> Path:
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}-{tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _seal(
+    out_dir: Path,
+    step: int,
+    tmp: Path,
+    weights: Path,
+    state: dict[str, Any],
+    tokenizer_file: Path | None,
+    keep_last: int,
+    text_files: dict[str, str] | None,
+) -> Path:
+    """The trainer state, tokenizer and text files into `tmp`, the manifest last, then the rename into place."""
+    final = out_dir / "checkpoints" / f"step-{step}"
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, weights / "tokenizer.json")
     torch.save(state, tmp / TRAINER_STATE)

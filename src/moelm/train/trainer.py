@@ -31,14 +31,15 @@ from moelm.data.chat import DEFAULT_CHAT_TEMPLATE, save_chat_template
 from moelm.data.pretraining import CorpusSpec, packed_batches
 from moelm.data.sources import iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, save_tokenizer_file, special_id, train_tokenizer
-from moelm.dist.runtime import init_parallel
+from moelm.dist.checkpoint import SHARDS_DIR
+from moelm.dist.strategy import ParallelStrategy
 from moelm.files import atomic_write_text
 from moelm.model.lora import attach_lora, lora_merged, lora_parameters, merge_lora
 from moelm.model.peft_format import load_adapter_into, save_adapter
 from moelm.model.transformer import MoELM
 from moelm.train.allocator import reuse_freed_memory
 from moelm.train.bias_balancer import BiasBalancer
-from moelm.train.checkpoint import ADAPTER_DIR, load_latest, save_checkpoint
+from moelm.train.checkpoint import ADAPTER_DIR, is_sharded, load_latest, save_checkpoint, save_sharded_checkpoint
 from moelm.train.interrupt import StopOnSignal, TrainingInterrupted
 from moelm.train.provenance import RUN_FILE, check_resume, read_run_record, run_record, upgrade_recorded_recipe
 from moelm.train.recipe import Recipe
@@ -271,8 +272,10 @@ class Trainer:
             eos_token_id=special_id(tokenizer, EOS),
             pad_token_id=special_id(tokenizer, "<pad>"),
         )
+        # Built on the meta device: the parallel strategy gives each rank its own shards their seeded values.
         torch.manual_seed(self.recipe.train.seed)
-        return MoELM(config, self.recipe.moe)
+        with torch.device("meta"):
+            return MoELM(config, self.recipe.moe)
 
     # ------------------------------------------------------------------ run
     def run(self, resume: bool = False, overwrite: bool = False, allow_recipe_change: bool = False) -> MoELM:
@@ -297,7 +300,7 @@ class Trainer:
             train = self.recipe.train
             progress = _Progress(train.max_steps, self.state.step, self.recipe.log.progress and self.context.is_main)
             while self.state.step < train.max_steps:
-                requested = self._agreed_stop(stop.requested)
+                requested = self.parallel.agreed_stop(stop.requested)
                 if requested is not None:
                     progress.close()
                     self._stop(requested)
@@ -317,7 +320,7 @@ class Trainer:
         self.recipe_changes = self._check_recipe(latest, allow_recipe_change)
         if train.reuse_freed_memory:
             reuse_freed_memory()
-        self.context = init_parallel(
+        self.parallel = ParallelStrategy.launch(
             train.device,
             parallel.expert_degree,
             parallel.fsdp,
@@ -325,35 +328,25 @@ class Trainer:
             parallel.backend,
             parallel.timeout_s,
             recipe.model.n_routed_experts,
+            train.dtype,
         )
+        self.context = self.parallel.context
         if not self.context.is_main:
             self.echo = lambda _line: None  # rank 0 alone prints, logs and writes
-        with self._main_rank_first():  # tokenizer files and the data cache are written once, then read
+        with self.parallel.main_first():  # tokenizer files and the data cache are written once, then read
             self.tokenizer = self.prepare_tokenizer()
             self.batches = self.prepare_batches(self.tokenizer)
-        if self.context.distributed and train.batch_size % self.context.world_size:
-            raise ValueError(
-                f"train.batch_size={train.batch_size} must be a multiple of the world size {self.context.world_size}"
-                " (each rank reads an equal share of the global batch)"
-            )
+        self.parallel.check_batch_size(train.batch_size)
         self.lora = recipe.lora.spec()
-        self.model = self.build_model(self.tokenizer).train()
-        if self.lora is not None:
-            self._attach_lora(latest)
-        elif latest is not None:
-            saved = MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32, options=self.recipe.moe)
-            self.model.load_state_dict(saved.state_dict())
-        self.model.to(self.context.device)
+        self.model = self._build(latest)
         if self.context.device.type != "cpu":  # batch sources build CPU tensors: they follow the model
             self.model.register_forward_pre_hook(_inputs_to(self.context.device), with_kwargs=True)
-        if self.context.distributed:
-            self._parallelize()
         self.optimizer = torch.optim.AdamW(
             lora_parameters(self.model) if self.lora is not None else self.model.parameters(),
             lr=recipe.optim.lr,
             betas=(recipe.optim.beta1, recipe.optim.beta2),
             weight_decay=recipe.optim.weight_decay,
-            fused=None if self.context.distributed else True,  # sharded parameters take the foreach path
+            **self.parallel.optimizer_options(),
         )
         self.balancer = None
         if recipe.moe.bias_update_rate > 0 and self.lora is not None:
@@ -371,6 +364,24 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
         self.monitor = CollapseMonitor()
         self.forward = torch.compile(self.model) if train.compile else self.model
+
+    def _build(self, latest: tuple[Path, dict[str, Any]] | None) -> MoELM:
+        """The model laid out over the ranks: seeded shards for a fresh pre-training model (built on meta),
+        otherwise the loaded model (a base, or an older full-state checkpoint) distributed. A sharded
+        checkpoint's values are read later, with the optimizer's (`_resume`)."""
+        model = self.build_model(self.tokenizer).train()
+        if self.lora is not None:
+            self.model = model
+            self._attach_lora(latest)
+        elif latest is not None and not is_sharded(latest[0]):
+            saved = MoELM.from_pretrained(latest[0] / "model", dtype=torch.float32, options=self.recipe.moe)
+            if model.embed_tokens.weight.is_meta:
+                model = saved.train()
+            else:
+                model.load_state_dict(saved.state_dict())
+        if model.embed_tokens.weight.is_meta:
+            return self.parallel.materialize(model, self.recipe.train.seed)
+        return self.parallel.distribute(model)
 
     def lora_base(self) -> Path | None:
         """The base model directory LoRA adapters attach to; None where the trainer builds its own model."""
@@ -441,12 +452,10 @@ class Trainer:
                 self._truncate_metrics(0)
             return
         path, state = latest
-        if self.context.distributed:
-            from moelm.dist.sharding import load_full_optimizer_state
-
-            load_full_optimizer_state(self.optimizer, self.model, state["optimizer"], self.context)
+        if is_sharded(path):
+            self.parallel.load_shards(path / SHARDS_DIR, self.model, self.optimizer)
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.parallel.load_full_optimizer_state(self.optimizer, self.model, state["optimizer"])
         rank_states = state.get("rank_rng_states")
         if rank_states is not None and len(rank_states) == self.context.world_size:
             torch.set_rng_state(rank_states[self.context.rank])
@@ -458,46 +467,6 @@ class Trainer:
         if self.context.is_main:
             self._truncate_metrics(self.state.step)
         self.echo(f"resumed from {path} at step {self.state.step}")
-
-    def _parallelize(self) -> None:
-        """Split the routed experts over the expert group, then shard with FSDP2 (see moelm.dist)."""
-        from moelm.dist.expert_parallel import shard_experts
-        from moelm.dist.sharding import apply_fsdp
-
-        context = self.context
-        if context.expert_degree > 1:
-            shard_experts(self.model, context.ep_group, context.expert_degree, context.ep_rank)
-        if context.fsdp:
-            apply_fsdp(self.model, context)
-
-    def _main_rank_first(self):  # noqa: ANN202 - a context manager
-        """Rank 0 runs the block first (it may write files), the others after it (they read them)."""
-        import contextlib
-
-        import torch.distributed as dist
-
-        @contextlib.contextmanager
-        def ordered():  # noqa: ANN202
-            if not self.context.distributed:
-                yield
-                return
-            if not self.context.is_main:
-                dist.barrier()
-            yield
-            if self.context.is_main:
-                dist.barrier()
-
-        return ordered()
-
-    def _agreed_stop(self, requested: int | None) -> int | None:
-        """A signal seen by any rank stops every rank at the same step (else the collectives would hang)."""
-        if not self.context.distributed:
-            return requested
-        import torch.distributed as dist
-
-        flag = torch.tensor([requested or 0], device=self.context.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag) or None
 
     def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn = language_model_loss) -> dict | None:
         """One optimizer step over the micro-batches (gradients accumulated, then clipped).
@@ -519,18 +488,16 @@ class Trainer:
         )
         routing: dict = {}
         self.begin_step(micro_batches)
-        distributed = self.context.distributed
-        if distributed:
-            from moelm.dist.sharding import average_gradients, clip_grad_norm, reduce_mean, shard_batch, token_share
+        token_weight = self.parallel.token_weight()
+        if "token_weight" not in inspect.signature(loss_fn).parameters:
+            token_weight = None
         for inputs, batch_metrics in micro_batches:
             batch_metrics = dict(batch_metrics)
             tokens += batch_metrics.pop("tokens")
-            if distributed:  # this rank's rows first: only they travel to the device
-                inputs = shard_batch(inputs, self.context)
-            inputs = {k: v.to(self.context.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            inputs = self.parallel.local_batch(inputs)  # this rank's rows, cut before they travel to the device
             with autocast:
-                if distributed and "token_weight" in inspect.signature(loss_fn).parameters:
-                    loss, loss_metrics, routing = loss_fn(self.forward, inputs, token_share(self.context))
+                if token_weight is not None:
+                    loss, loss_metrics, routing = loss_fn(self.forward, inputs, token_weight)
                 else:
                     loss, loss_metrics, routing = loss_fn(self.forward, inputs)
             (loss / len(micro_batches)).backward()
@@ -538,13 +505,9 @@ class Trainer:
                 self.balancer.observe(routing)
             for name, value in {**loss_metrics, **batch_metrics}.items():
                 totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
-        if distributed:
-            totals = reduce_mean(totals, self.context)
-            if not self.context.fsdp:
-                average_gradients(self.model, self.context)
-            grad_norm = clip_grad_norm(self.model, recipe.optim.grad_clip, self.context)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
+        totals = self.parallel.reduce_metrics(totals)
+        self.parallel.reduce_gradients(self.model)
+        grad_norm = self.parallel.clip_grad_norm(self.model, recipe.optim.grad_clip)
         if not (math.isfinite(totals["loss"]) and torch.isfinite(grad_norm)):
             self._skip_non_finite()
             return None
@@ -556,12 +519,7 @@ class Trainer:
         self.last_routing = routing
         elapsed = time.perf_counter() - start
         tokens_per_s = tokens / elapsed
-        exchange = {}
-        if distributed and self.context.expert_degree > 1:
-            from moelm.dist.expert_parallel import take_exchange_stats
-
-            stats = take_exchange_stats(self.model)
-            exchange = {"dist/a2a_bytes_sent": stats.bytes_sent, "dist/a2a_time_share": stats.seconds / elapsed}
+        exchange = self.parallel.exchange_metrics(self.model, elapsed)
         return {
             "step": state.step,
             **totals,
@@ -609,37 +567,39 @@ class Trainer:
             self.save()
 
     def finish(self) -> MoELM:
-        """Save OUT/model (weights, tokenizer, chat template) and print the final samples."""
+        """Save OUT/model (weights, tokenizer, chat template) and print the final samples; returns the model
+        (under torchrun each rank's sharded model: OUT/model is streamed from the last sharded checkpoint, one
+        tensor at a time, so no rank gathers the whole model to write it)."""
         model = self.model.eval()
-        saved = self._full_model() if self.context.distributed else model
-        if self.context.is_main:
-            if self.lora is not None:  # the adapters alone, in PEFT's format; the caller gets the merged model
-                target = self.out_dir / ADAPTER_DIR
-                save_adapter(saved, self.lora, target, self.lora_base())
-                merge_lora(saved)
-            else:
+        if self.parallel.sharded_checkpoints:
+            if self.saved_step != self.state.step:
+                self.save()
+            if self.context.is_main:
+                from moelm.dist.checkpoint import export_hf
+
                 target = self.out_dir / "model"
-                saved.save_pretrained(target)
-            atomic_write_text(target / RUN_FILE, self.run_json())
-            save_tokenizer_file(self.tokenizer, target / "tokenizer.json")
-            bos = saved.config.bos_token_id
-            bos_token = self.tokenizer.id_to_token(bos) if bos is not None else None
-            save_chat_template(target, self.chat_template(), bos_token)
-            self._print_samples(saved, self.tokenizer)
-        return saved if self.context.is_main else model
+                export_hf(self.out_dir / "checkpoints" / f"step-{self.saved_step}", target)
+                self._describe_model_dir(target, model)
+            self.print_samples(model, self.tokenizer)
+            return model
+        if self.lora is not None:  # the adapters alone, in PEFT's format; the caller gets the merged model
+            target = self.out_dir / ADAPTER_DIR
+            save_adapter(model, self.lora, target, self.lora_base())
+            merge_lora(model)
+        else:
+            target = self.out_dir / "model"
+            model.save_pretrained(target)
+        self._describe_model_dir(target, model)
+        self._print_samples(model, self.tokenizer)
+        return model
 
-    def _full_model(self) -> MoELM:
-        """An unsharded copy of the model on the CPU (every rank takes part in the gathers)."""
-        from moelm.dist.sharding import full_model_state
-
-        state = full_model_state(self.model, self.context)
-        with torch.device("meta"):
-            full = MoELM(self.model.config, self.model.options)
-        full.load_state_dict(state, assign=True)
-        if full.config.tie_word_embeddings:
-            full.lm_head.weight = full.embed_tokens.weight
-        full.rotary = type(full.rotary)(full.config, full.rotary.inv_freq.shape[0] * 2)
-        return full.eval()
+    def _describe_model_dir(self, target: Path, model: MoELM) -> None:
+        """run.json, tokenizer and chat template beside the saved weights."""
+        atomic_write_text(target / RUN_FILE, self.run_json())
+        save_tokenizer_file(self.tokenizer, target / "tokenizer.json")
+        bos = model.config.bos_token_id
+        bos_token = self.tokenizer.id_to_token(bos) if bos is not None else None
+        save_chat_template(target, self.chat_template(), bos_token)
 
     def _stop(self, signum: int) -> None:
         """Checkpoint the last finished step (unless it is saved already) and raise TrainingInterrupted."""
@@ -655,10 +615,7 @@ class Trainer:
         model.eval()
         metrics = batches.evaluate(model)
         model.train(was_training)
-        if self.context.distributed and self.context.fsdp:
-            from moelm.dist.sharding import reshard_all
-
-            reshard_all(model)
+        self.parallel.reshard(model)
         return metrics
 
     def print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
@@ -666,12 +623,9 @@ class Trainer:
         copy, since sharded layers cannot run in inference mode and generation lengths differ per prompt)."""
         if not self.recipe.log.sample_prompts or not self.recipe.log.sample_tokens:
             return
-        if self.context.distributed:
-            full = self._full_model()
-            if self.context.is_main:
-                self._print_samples(full, tokenizer)
-            return
-        self._print_samples(model, tokenizer)
+        full = self.parallel.full_model(model)
+        if self.context.is_main:
+            self._print_samples(full, tokenizer)
 
     def _print_samples(self, model: MoELM, tokenizer) -> None:  # noqa: ANN001
         from moelm.infer.text import TextGenerator
@@ -685,41 +639,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ io
     def save(self) -> None:
-        """A checkpoint of the current step: weights, optimizer, RNG and TrainState (under torchrun: the full,
-        unsharded state in the one-process layout, gathered by every rank and written by rank 0)."""
-        model, optimizer_state = self.model, self.optimizer.state_dict()
-        rank_rng_states = [torch.get_rng_state()]
-        if self.context.distributed:
-            import torch.distributed as dist
-
-            from moelm.dist.sharding import full_optimizer_state
-
-            model = self._full_model()
-            optimizer_state = full_optimizer_state(self.optimizer, self.model, self.context)
-            rank_rng_states = [None] * self.context.world_size
-            dist.all_gather_object(rank_rng_states, torch.get_rng_state())
+        """A checkpoint of the current step: weights, optimizer, RNG and TrainState (under torchrun a sharded
+        checkpoint, each rank writing its own pieces; see moelm.train.checkpoint)."""
         state = {
             **self.state.to_checkpoint(),
-            "optimizer": optimizer_state,
             "torch_rng": torch.get_rng_state(),
-            "rank_rng_states": rank_rng_states,
+            "rank_rng_states": self.parallel.rank_rng_states(),
             **self.extra_state(),
         }
-        if self.context.is_main:
-            save_checkpoint(
+        texts, keep = {RUN_FILE: self.run_json()}, self.recipe.train.keep_last
+        if self.parallel.sharded_checkpoints:
+            save_sharded_checkpoint(
                 self.out_dir,
                 self.state.step,
-                model,
+                self.parallel,
+                self.model,
+                self.optimizer,
                 state,
                 self.tokenizer_file,
-                self.recipe.train.keep_last,
-                {RUN_FILE: self.run_json()},
-                adapter=(self.lora, self.lora_base()) if self.lora is not None else None,
+                keep,
+                texts,
             )
-        if self.context.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            adapter = (self.lora, self.lora_base()) if self.lora is not None else None
+            save_checkpoint(
+                self.out_dir, self.state.step, self.model, state, self.tokenizer_file, keep, texts, adapter=adapter
+            )
         self.saved_step = self.state.step
 
     def _log(self, record: dict[str, float]) -> None:
