@@ -1,5 +1,6 @@
 """Run under torchrun (or alone) by test_dist.py: a held-out evaluation, then one optimizer step of the tiny
-recipe; writes rank 0's view of the full (unsharded) gradients, the step's loss and the routing biases after it."""
+recipe; writes rank 0's view of the full (unsharded) initial weights and gradients, the step's loss, the routing
+biases after it and the dtype the first block's attention weight had inside its forward."""
 
 from __future__ import annotations
 
@@ -19,12 +20,21 @@ def main(out: str, result: str, *overrides: str) -> None:
     trainer = Trainer(recipe, Path(out), echo=lambda line: None)
     trainer.setup()
     grads = capture_gradients(trainer)
+    initial = {k: v.clone() for k, v in trainer.parallel.full_model(trainer.model).state_dict().items()}
+    seen = {}
+    block = trainer.model.layers[0]
+
+    def record_dtype(module, _args) -> None:  # noqa: ANN001
+        seen.setdefault("dtype", str(module.self_attn.o_proj.weight.dtype))
+
+    block.register_forward_pre_hook(record_dtype)
     trainer.evaluate(trainer.model, trainer.batches)  # a forward outside training first, as runs do
     batch = [trainer.batches.train_batch(i) for i in range(recipe.train.grad_accum)]
     record = trainer.train_step(batch, trainer.loss)
     biases = {n: b.clone() for n, b in trainer.model.named_buffers() if n.endswith("e_score_correction_bias")}
     if trainer.context.is_main:
-        torch.save({"grads": grads, "loss": record["loss"], "grad_norm": record["grad_norm"], "biases": biases}, result)
+        saved = {"grads": grads, "loss": record["loss"], "grad_norm": record["grad_norm"], "biases": biases}
+        torch.save({**saved, "initial": initial, "gathered_dtype": seen["dtype"]}, result)
 
 
 if __name__ == "__main__":

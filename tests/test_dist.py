@@ -17,6 +17,12 @@ from moelm.devices import DeviceError, resolve_device
 from moelm.dist.runtime import ParallelSetupError, init_parallel
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(ranks: int) -> list[str]:
+    return [*TORCHRUN[:-1], str(ranks)]
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -27,7 +33,7 @@ def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 def pretrain(out, steps: int, *extra: str, ranks: int = 1, resume: bool = False) -> subprocess.CompletedProcess:
     command = pretrain_command(out, steps, "train.save_every=2", *extra) + (["--resume"] if resume else [])
     if ranks > 1:
-        command = [*TORCHRUN, "-m", "moelm", *command[3:]]
+        command = [*torchrun(ranks), "-m", "moelm", *command[3:]]
     result = run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -55,7 +61,7 @@ STEP = ["moe.bias_update_rate=0.01", "train.grad_accum=2"]
 def one_step(tmp_path, name: str, *overrides: str, ranks: int = 1) -> dict:
     result = tmp_path / f"{name}.pt"
     command = [WORKER, str(tmp_path / name), str(result), *STEP, *overrides]
-    command = [*TORCHRUN, *command] if ranks > 1 else [sys.executable, *command]
+    command = [*torchrun(ranks), *command] if ranks > 1 else [sys.executable, *command]
     completed = run(command)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return torch.load(result, weights_only=True)
@@ -91,6 +97,32 @@ def test_one_step_on_two_ranks_has_the_gradients_of_one_process(single_step, tmp
         torch.testing.assert_close(step["biases"][name], bias, atol=0, rtol=0, msg=name)
 
 
+def test_four_ranks_start_from_the_weights_of_one_process_and_take_its_step(single_step, tmp_path):
+    """Built on meta and seeded per tensor: FSDP x EP2 on 4 ranks draws each rank's shards only, and the gathered
+    initial weights equal the one-process model bit for bit; the step's gradients equal the one-process step."""
+    step = one_step(tmp_path, "four", "parallel.expert_degree=2", "parallel.fsdp=true", ranks=4)
+    assert step["initial"].keys() == single_step["initial"].keys()
+    for name, value in single_step["initial"].items():
+        assert torch.equal(step["initial"][name], value), name
+    assert step["loss"] == pytest.approx(single_step["loss"], rel=1e-5)
+    for name, grad in single_step["grads"].items():
+        torch.testing.assert_close(step["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_bf16_fsdp_gathers_bf16_parameters_and_matches_one_process(tmp_path):
+    """train.dtype=bfloat16: FSDP2's MixedPrecisionPolicy gathers bf16 weights (the block sees bf16 inside its
+    forward) and reduces float32 gradients into float32 shards; the step equals one process under autocast."""
+    single = one_step(tmp_path, "one", "train.dtype=bfloat16")
+    two = one_step(tmp_path, "two", "train.dtype=bfloat16", "parallel.fsdp=true", "parallel.expert_degree=2", ranks=2)
+    assert single["gathered_dtype"] == "torch.float32"  # one process: float32 master weights, autocast casts
+    assert two["gathered_dtype"] == "torch.bfloat16"
+    assert two["loss"] == pytest.approx(single["loss"], rel=1e-3)
+    assert two["grad_norm"] == pytest.approx(single["grad_norm"], rel=2e-2)
+    for name, grad in single["grads"].items():
+        assert two["grads"][name].dtype == torch.float32
+        torch.testing.assert_close(two["grads"][name], grad, atol=2e-3, rtol=5e-2, msg=name)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The reference run for the checkpoint tests: 4 steps in one process."""
@@ -107,15 +139,105 @@ def test_four_steps_on_two_ranks_end_at_the_loss_of_one_process(single, tmp_path
 
 
 def test_checkpoints_reshard_between_two_ranks_and_one(single, tmp_path):
-    """Saved on 2 ranks at step 2, resumed on 1 (and the reverse): the run ends where the one-process run does."""
+    """Saved on 2 ranks at step 2 (sharded), resumed on 1; saved in one process (a model directory), resumed on 4
+    ranks: both runs end where the one-process run does."""
     two_then_one = tmp_path / "a"
     pretrain(two_then_one, 2, "moe.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2)
     pretrain(two_then_one, 4, "moe.bias_update_rate=0.01", "train.log_every=1", resume=True)
     assert_same_model(two_then_one / "model", single / "model")
-    one_then_two = tmp_path / "b"
-    pretrain(one_then_two, 2, "moe.bias_update_rate=0.01")
-    pretrain(one_then_two, 4, "moe.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=2, resume=True)
-    assert_same_model(one_then_two / "model", single / "model")
+    one_then_four = tmp_path / "b"
+    pretrain(one_then_four, 2, "moe.bias_update_rate=0.01")
+    pretrain(one_then_four, 4, "moe.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=4, resume=True)
+    assert_same_model(one_then_four / "model", single / "model")
+
+
+DCP_WORKER = str(Path(__file__).with_name("dcp_worker.py"))
+BIAS = "moe.bias_update_rate=0.01"
+
+
+def test_sharded_checkpoints_reshard_from_four_ranks_to_two_to_one(single, tmp_path):
+    """Each rank writes its own shards (no model directory in the checkpoint); FSDP x EP2 on 4 ranks resumes on 2
+    ranks without expert parallelism, then in one process, and ends at the one-process weights. The step-4
+    checkpoint exports, one tensor at a time, to the one-process model."""
+    out = tmp_path / "run"
+    pretrain(out, 2, BIAS, "parallel.expert_degree=2", ranks=4)
+    step_2 = out / "checkpoints" / "step-2"
+    assert (step_2 / "shards" / ".metadata").is_file() and not (step_2 / "model").exists()
+    assert len(list((step_2 / "shards").glob("*.distcp"))) == 4
+    pretrain(out, 4, BIAS, "parallel.fsdp=true", ranks=2, resume=True)
+    exported = tmp_path / "exported"
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "moelm",
+            "export",
+            "--checkpoint",
+            str(out / "checkpoints" / "step-4"),
+            "--out",
+            str(exported),
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_model(exported, single / "model")
+    assert (exported / "tokenizer.json").is_file()
+    pretrain(out, 6, BIAS, resume=True)
+    reference = tmp_path / "reference"
+    pretrain(reference, 6, BIAS)
+    assert_same_model(out / "model", reference / "model")
+
+
+def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint_resumable(single, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        *TORCHRUN,
+        DCP_WORKER,
+        "die-in-save",
+        str(out),
+        "4",
+        "4",
+        BIAS,
+        "train.save_every=2",
+        "parallel.timeout_s=20",
+    ]
+    assert run(command).returncode != 0
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "step-2" in checkpoints and "step-4" not in checkpoints, checkpoints
+    pretrain(out, 4, BIAS, ranks=2, resume=True)
+    assert_same_model(out / "model", single / "model")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
+def test_rank_zero_memory_during_a_four_rank_save_and_load_stays_below_its_share(tmp_path):
+    """Rank 0's resident memory rises by at most 0.4x the full training state while 4 ranks save a sharded
+    checkpoint and load it back (a gathered save needed the whole state, 1x, on rank 0)."""
+    result = tmp_path / "memory.json"
+    size = [
+        "model.hidden_size=256",
+        "model.moe_intermediate_size=256",
+        "model.intermediate_size=512",
+        "model.num_hidden_layers=4",
+        "model.kv_lora_rank=64",
+        "train.batch_size=4",
+        "data.seq_len=32",
+    ]
+    command = [
+        *torchrun(4),
+        DCP_WORKER,
+        "memory",
+        str(tmp_path / "run"),
+        str(result),
+        *size,
+        "parallel.fsdp=true",
+        "parallel.expert_degree=2",
+    ]
+    completed = run(command, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    measured = json.loads(result.read_text())
+    assert measured["full_state"] > 64 * 2**20, measured  # large enough that the sampling noise is small
+    assert measured["gathered"] >= 0.8 * measured["full_state"], measured  # the sampler sees a gathered state
+    assert measured["save"] <= 0.4 * measured["full_state"], measured
+    assert measured["load"] <= 0.4 * measured["full_state"], measured
 
 
 def test_expert_degree_that_does_not_divide_fails_on_every_rank_with_one_line(tmp_path):

@@ -130,8 +130,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from moelm.files import DamagedFileError, verify_manifest
     from moelm.model.peft_format import is_adapter_dir
     from moelm.model.transformer import MoELM
-    from moelm.train.checkpoint import ADAPTER_DIR
+    from moelm.train.checkpoint import ADAPTER_DIR, is_sharded
 
+    if args.checkpoint is not None and is_sharded(args.checkpoint):
+        _export_sharded(args)
+        return
     if args.checkpoint is not None:
         source = args.checkpoint / "model"
         if is_adapter_dir(args.checkpoint / ADAPTER_DIR):
@@ -175,6 +178,31 @@ def cmd_export(args: argparse.Namespace) -> None:
     if provenance.is_file() and provenance != args.out / "run.json":  # the recipe and versions behind the weights
         shutil.copyfile(provenance, args.out / "run.json")
     print(f"exported {args.checkpoint or source} to {args.out}")
+
+
+def _export_sharded(args: argparse.Namespace) -> None:
+    """A sharded (torchrun) checkpoint as an HF directory, read one tensor at a time."""
+    import shutil
+
+    from moelm.dist.checkpoint import export_hf
+    from moelm.files import DamagedFileError, verify_manifest
+
+    if args.format != "hf" or args.quantization is not None or args.merge_lora:
+        raise ValueError(
+            f"--checkpoint {args.checkpoint} is sharded (written under torchrun): export it as an HF directory first "
+            "(--format hf, no --quantization), then export that directory with --model"
+        )
+    try:
+        verify_manifest(args.checkpoint)
+    except DamagedFileError as error:
+        raise ValueError(f"--checkpoint {args.checkpoint}: {error}") from None
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace the model files in it")
+    export_hf(args.checkpoint, args.out, args.max_shard_size or "5GB", common.dtype(args.dtype))
+    for name in ("tokenizer.json", "run.json"):
+        if (args.checkpoint / name).is_file():
+            shutil.copyfile(args.checkpoint / name, args.out / name)
+    print(f"exported {args.checkpoint} to {args.out}")
 
 
 def _write_hf(model: MoELM, source: Path, out: Path, max_shard_size: str | None, quantization: str | None) -> None:

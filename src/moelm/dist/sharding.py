@@ -4,7 +4,7 @@ Gradients must equal the single-process step on the global batch. Each rank's lo
 so every gradient is the sum of the ranks' contributions divided by the world size W: FSDP's reduce-scatter over
 all ranks does that for dense parameters; routed-expert weights already receive the gradient of every token
 routed to them through the all-to-all backward, so they are summed over the ranks holding the same experts and
-divided by W as well (FSDP2's gradient divide factor, or an explicit all-reduce without FSDP).
+divided by W as well (FSDP's average over the replica ranks, then 1/P; or an explicit all-reduce without FSDP).
 
 Under bf16 training the FSDP units gather bfloat16 parameters and reduce float32 gradients into float32 master
 weights (FSDP2's MixedPrecisionPolicy); routers keep float32 parameters in their own units (routing decisions
@@ -47,7 +47,6 @@ def apply_fsdp(model: nn.Module, context: ParallelContext, param_dtype: torch.dt
             fully_shard(
                 module, mesh=context.expert_mesh["expert_replica"], reshard_after_forward=reshard, mp_policy=policy
             )
-            module.set_gradient_divide_factor(float(context.world_size))
         elif isinstance(module, Router) and param_dtype is not None:
             fully_shard(module, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=float32)
     # MTP: only its transformer block is a unit; its norms and projection are also used outside its forward.
@@ -68,6 +67,17 @@ def local_rows(name: str, tensor: torch.Tensor, context: ParallelContext) -> Loc
         start += context.ep_rank * shape[0]
         shape = torch.Size((shape[0] * context.expert_degree, *shape[1:]))
     return LocalRows(local.data if isinstance(local, nn.Parameter) else local, shape, start)
+
+
+def finish_expert_gradients(model: nn.Module, context: ParallelContext) -> None:
+    """With FSDP: expert gradients arrive averaged over their replica ranks (W/P of them); the one-process
+    gradient divides their sum by W, so they are scaled by 1/P. (FSDP2's own gradient divide factor would do
+    this in the reduce-scatter, but takes a pre-multiplied sum that gloo does not implement.)"""
+    if context.expert_degree == 1:
+        return
+    for name, param in model.named_parameters():
+        if param.grad is not None and is_expert_parameter(name):
+            param.grad.div_(context.expert_degree)
 
 
 def average_gradients(model: nn.Module, context: ParallelContext) -> None:

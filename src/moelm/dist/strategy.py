@@ -122,10 +122,15 @@ class ParallelStrategy:
         return token_share(self.context)
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        """Plain data parallelism averages gradients here; FSDP reduce-scattered them in the backward."""
-        if self.distributed and not self.context.fsdp:
-            from moelm.dist.sharding import average_gradients
+        """Gradients as one process would have them: plain data parallelism all-reduces here; FSDP reduce-scattered
+        them in the backward (expert gradients get their last factor here)."""
+        if not self.distributed:
+            return
+        from moelm.dist.sharding import average_gradients, finish_expert_gradients
 
+        if self.context.fsdp:
+            finish_expert_gradients(model, self.context)
+        else:
             average_gradients(model, self.context)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
