@@ -10,6 +10,7 @@ import torch
 
 from moelm.data.builtin import DOMAINS, builtin_corpus
 from moelm.data.packing import batch_inputs, pack_documents_to_files
+from moelm.model.transformer import same_document
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -83,7 +84,8 @@ def test_packing_restarts_positions_and_masks_across_documents():
     batch = batch_inputs(tokens, docs)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 0, 1, 2]]
     assert batch["labels"].tolist() == [[5, 6, 7, 1, -100], [9, 1, -100, 11, 12]]
-    mask = batch["attention_mask"][0]
+    assert batch["document_ids"].shape == tokens.shape  # ids per position travel, not a [B, T, T] mask
+    mask = same_document(batch["document_ids"])[0]
     assert not mask[4, :4].any() and mask[:4, :4].all()
 
 
@@ -96,9 +98,27 @@ def test_packed_documents_do_not_see_each_other():
     tokens, docs = pack_documents([[5, 6, 7, 8], [9, 10, 11, 12, 13]], seq_len=10, eos_id=1)
     batch = batch_inputs(tokens, docs)
     with torch.no_grad():
-        packed = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        packed = model(batch["input_ids"], document_ids=batch["document_ids"], position_ids=batch["position_ids"])
         alone = model(torch.tensor([[9, 10, 11, 12, 13]])).logits
     torch.testing.assert_close(packed.logits[:, 5:10], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_document_ids_give_the_model_what_an_explicit_block_mask_gives():
+    """The mask the model builds from document ids equals a [B, T, T] mask passed in: logits, LM and MTP loss."""
+    from conftest import tiny_config
+
+    from moelm import MoELM
+
+    model = MoELM(tiny_config(num_nextn_predict_layers=1)).eval()
+    tokens, docs = pack_documents([[5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15, 16]], seq_len=7, eos_id=1)
+    batch = batch_inputs(tokens, docs)
+    explicit = {**batch, "attention_mask": same_document(batch["document_ids"])}
+    del explicit["document_ids"]
+    with torch.no_grad():
+        from_ids, from_mask = model(**batch), model(**explicit)
+    torch.testing.assert_close(from_ids.logits, from_mask.logits, atol=0, rtol=0)
+    assert from_ids.lm_loss.item() == from_mask.lm_loss.item()
+    assert from_ids.mtp_loss.item() == from_mask.mtp_loss.item()
 
 
 def test_mtp_targets_never_cross_a_document_boundary():

@@ -73,7 +73,9 @@ def pack_documents_to_files(
 
 
 def batch_inputs(tokens: np.ndarray, docs: np.ndarray) -> dict[str, torch.Tensor]:
-    """Model inputs for packed rows: ids, labels (boundary-masked), per-document positions, block mask."""
+    """Model inputs for packed rows: ids, labels (boundary-masked), per-document positions and the document of
+    each position (the model builds the block-diagonal mask on its device: a [B, T] row of ids travels and is
+    cut per rank, where a [B, T, T] mask would be T times larger)."""
     input_ids = torch.from_numpy(np.array(tokens, dtype=np.int64))  # copies rows out of a memory map
     doc_in = torch.from_numpy(np.array(docs, dtype=np.int64))
     labels = input_ids.clone()  # HF convention: the model shifts, logits[t] predicts labels[t + 1]
@@ -85,5 +87,4 @@ def batch_inputs(tokens: np.ndarray, docs: np.ndarray) -> dict[str, torch.Tensor
     index = torch.arange(input_ids.shape[1]).expand_as(doc_in)
     first_of_doc = torch.where(starts, index, 0).cummax(dim=1).values
     position_ids = index - first_of_doc
-    same_doc = doc_in.unsqueeze(2) == doc_in.unsqueeze(1)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": same_doc}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": doc_in}

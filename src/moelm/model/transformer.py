@@ -205,6 +205,7 @@ class MoELM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> MoELMOutput:
         """Logits for every position; with labels (HF convention, unshifted, -100 ignored) the LM + MTP loss.
 
@@ -212,6 +213,8 @@ class MoELM(nn.Module):
         matrix of allowed query->key pairs (e.g. block-diagonal for packed documents; causality is added).
         cache: a KVCache; the tokens are appended to it and attend to everything cached before them
         (positions continue per sequence). logits_to_keep: only the last N positions get logits (0 = all).
+        document_ids: [B, T] document index per position (packed rows): attention stays inside each document,
+        and the block-diagonal mask is built here, on the model's device, instead of travelling as [B, T, T].
         """
         batch, seq_len = input_ids.shape
         token_mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -225,6 +228,8 @@ class MoELM(nn.Module):
             all_valid = bool(cache.valid[:, : start + seq_len].all())
             needs_mask = not all_valid or (start > 0 and seq_len > 1)
             mask = cache.attention_mask(start, seq_len) if needs_mask else None
+        elif document_ids is not None:
+            mask = build_attention_mask(same_document(document_ids), seq_len, input_ids.device)
         else:
             mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
         if position_ids is None:
@@ -246,7 +251,7 @@ class MoELM(nn.Module):
             out.loss = out.lm_loss
             if len(self.mtp):
                 out.mtp_loss = self._mtp_loss(
-                    input_ids, labels, hidden, position_ids, mask, token_mask, routing, out.mtp_terms
+                    input_ids, labels, hidden, position_ids, mask, token_mask, routing, out.mtp_terms, document_ids
                 )
                 out.loss = out.lm_loss + self.options.mtp_loss_weight * out.mtp_loss
         out.aux_losses = average_layer_losses(routing)
@@ -295,6 +300,7 @@ class MoELM(nn.Module):
         token_mask: torch.Tensor | None,
         routing: dict[int, Routing],
         terms: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over depths of the CE of depth k predicting t_{i+k+1} (the λ weight is applied by forward)."""
         seq_len = input_ids.shape[1]
@@ -312,10 +318,14 @@ class MoELM(nn.Module):
                 routing[module.block.layer_idx] = layer_routing
             logits = self.lm_head(module.shared_head_norm(hidden))
             targets = labels[:, depth:]
-            if mask is not None:
-                # Position i predicts t_{i+depth+1}: ignore it when that token lies in another document, i.e.
-                # when query i+depth+1 may not attend to key i under the (block-diagonal) mask.
+            # Position i predicts t_{i+depth+1}: ignore it when that token lies in another document, i.e.
+            # when query i+depth+1 may not attend to key i under the (block-diagonal) mask.
+            visible = None
+            if document_ids is not None:
+                visible = document_ids[:, depth + 1 :] == document_ids[:, : seq_len - depth - 1]
+            elif mask is not None:
                 visible = mask[:, 0].diagonal(offset=-(depth + 1), dim1=1, dim2=2)  # [B, T-depth-1]
+            if visible is not None:
                 shifted = targets[:, 1:].masked_fill(~visible, IGNORE_INDEX)
                 targets = torch.cat((targets[:, :1], shifted), dim=1)
             losses.append(causal_lm_loss(logits, targets))
@@ -415,6 +425,11 @@ class MoELM(nn.Module):
         the 'moelm' config key; quantization="fp8" writes DeepSeek's block-scaled FP8 projection weights.
         """
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, strict_hf=strict_hf, quantization=quantization)
+
+
+def same_document(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, T]: query and key positions that belong to the same document."""
+    return document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
 
 
 def build_attention_mask(
