@@ -10,9 +10,9 @@ import torch
 
 from moelm.data.builtin import DOMAINS, builtin_corpus
 from moelm.data.packing import batch_inputs, pack_documents_to_files
-from moelm.model.transformer import same_document
 from moelm.data.sources import DataError, iter_documents
 from moelm.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from moelm.model.transformer import same_document
 
 
 def test_builtin_corpus_is_deterministic_and_covers_every_domain():
