@@ -155,6 +155,7 @@ DCP_WORKER = str(Path(__file__).with_name("dcp_worker.py"))
 BIAS = "moe.bias_update_rate=0.01"
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_reshard_from_four_ranks_to_two_to_one(single, tmp_path):
     """Each rank writes its own shards (no model directory in the checkpoint); FSDP x EP2 on 4 ranks resumes on 2
     ranks without expert parallelism, then in one process, and ends at the one-process weights. The step-4
@@ -207,6 +208,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint_resu
     assert_same_model(out / "model", single / "model")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
 def test_rank_zero_memory_during_a_four_rank_save_and_load_stays_below_its_share(tmp_path):
     """Rank 0's resident memory rises by at most 0.4x the full training state while 4 ranks save a sharded
