@@ -147,7 +147,7 @@ def export_hf(
     cache: dict[str, torch.Tensor] = {}
 
     def stored_dtype(name: str) -> torch.dtype:
-        return torch.float32 if ".mlp.gate." in name or meta[name].dim() == 1 and "norm" in name else dtype
+        return torch.float32 if ".mlp.gate." in name else dtype  # routers stay float32, as from_pretrained keeps them
 
     def fetch(hf_name: str) -> torch.Tensor:
         name, take = sources[hf_name]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelm.dist.runtime import ParallelContext, init_parallel
+from moelm.dist.runtime import ParallelContext
 from moelm.model.init import LocalRows, seeded_init_
 from moelm.model.transformer import MoELM
 
@@ -29,22 +29,6 @@ class ParallelStrategy:
     def __init__(self, context: ParallelContext, mixed_precision: torch.dtype | None = None) -> None:
         self.context = context
         self.mixed_precision = mixed_precision  # FSDP2's gather dtype (bf16 training); None: float32 gathers
-
-    @classmethod
-    def launch(
-        cls,
-        device: str = "auto",
-        expert_degree: int = 1,
-        fsdp: bool | None = None,
-        reshard_after_forward: bool = True,
-        backend: str | None = None,
-        timeout_s: float = 300.0,
-        num_experts: int | None = None,
-        dtype: str = "float32",
-    ) -> ParallelStrategy:
-        """Join the torchrun group (one process without torchrun) and build the meshes."""
-        context = init_parallel(device, expert_degree, fsdp, reshard_after_forward, backend, timeout_s, num_experts)
-        return cls(context, torch.bfloat16 if dtype == "bfloat16" else None)
 
     # ------------------------------------------------------------------ where this rank stands
     @property

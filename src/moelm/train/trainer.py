@@ -32,6 +32,7 @@ from moelm.data.pretraining import CorpusSpec, packed_batches
 from moelm.data.sources import iter_documents
 from moelm.data.tokenizer import EOS, load_tokenizer_file, save_tokenizer_file, special_id, train_tokenizer
 from moelm.dist.checkpoint import SHARDS_DIR
+from moelm.dist.runtime import init_parallel
 from moelm.dist.strategy import ParallelStrategy
 from moelm.files import atomic_write_text
 from moelm.model.lora import attach_lora, lora_merged, lora_parameters, merge_lora
@@ -320,7 +321,7 @@ class Trainer:
         self.recipe_changes = self._check_recipe(latest, allow_recipe_change)
         if train.reuse_freed_memory:
             reuse_freed_memory()
-        self.parallel = ParallelStrategy.launch(
+        context = init_parallel(
             train.device,
             parallel.expert_degree,
             parallel.fsdp,
@@ -328,8 +329,8 @@ class Trainer:
             parallel.backend,
             parallel.timeout_s,
             recipe.model.n_routed_experts,
-            train.dtype,
         )
+        self.parallel = ParallelStrategy(context, torch.bfloat16 if train.dtype == "bfloat16" else None)
         self.context = self.parallel.context
         if not self.context.is_main:
             self.echo = lambda _line: None  # rank 0 alone prints, logs and writes
