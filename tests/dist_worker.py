@@ -1,6 +1,7 @@
 """Run under torchrun (or alone) by test_dist.py: a held-out evaluation, then one optimizer step of the tiny
 recipe; writes rank 0's view of the full (unsharded) initial weights and gradients, the step's loss, the routing
-biases after it and the dtype the first block's attention weight had inside its forward."""
+biases after it and the dtype the first block's attention weight had inside its forward. Under pipeline
+parallelism the first data-parallel rank of each stage writes its stage's part to RESULT.stage<N>."""
 
 from __future__ import annotations
 
@@ -20,21 +21,33 @@ def main(out: str, result: str, *overrides: str) -> None:
     trainer = Trainer(recipe, Path(out), echo=lambda line: None)
     trainer.setup()
     grads = capture_gradients(trainer)
-    initial = {k: v.clone() for k, v in trainer.parallel.full_model(trainer.model).state_dict().items()}
+    initial = gathered_state(trainer)
     seen = {}
-    block = trainer.model.layers[0]
+    block = next(module for module in trainer.model.layers if not isinstance(module, torch.nn.Identity))
 
     def record_dtype(module, _args) -> None:  # noqa: ANN001
         seen.setdefault("dtype", str(module.self_attn.o_proj.weight.dtype))
 
     block.register_forward_pre_hook(record_dtype)
-    trainer.evaluate(trainer.model, trainer.batches)  # a forward outside training first, as runs do
+    evaluation = trainer.evaluate(trainer.model, trainer.batches)  # a forward outside training first, as runs do
     batch = [trainer.batches.train_batch(i) for i in range(recipe.train.grad_accum)]
     record = trainer.train_step(batch, trainer.loss)
     biases = {n: b.clone() for n, b in trainer.model.named_buffers() if n.endswith("e_score_correction_bias")}
-    if trainer.context.is_main:
+    context = trainer.context
+    if context.dp_rank == 0:
         saved = {"grads": grads, "loss": record["loss"], "grad_norm": record["grad_norm"], "biases": biases}
-        torch.save({**saved, "initial": initial, "gathered_dtype": seen["dtype"]}, result)
+        saved.update(initial=initial, gathered_dtype=seen["dtype"], val_loss=evaluation["val_loss"])
+        saved["record"] = {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        torch.save(saved, f"{result}.stage{context.pp_rank}" if context.pipeline_degree > 1 else result)
+
+
+def gathered_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer this rank's stage holds, gathered over its data-parallel ranks."""
+    from moelm.dist.sharding import full_model_state
+
+    if not trainer.context.distributed:
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.clone() for k, v in full_model_state(trainer.model, trainer.context).items()}
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def one_step(tmp_path, name: str, *overrides: str, ranks: int = 1) -> dict:
     command = [*torchrun(ranks), *command] if ranks > 1 else [sys.executable, *command]
     completed = run(command)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return torch.load(result, weights_only=True)
+    return torch.load(result, weights_only=True) if result.is_file() else {}  # else per pipeline stage
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,109 @@ def test_bf16_fsdp_gathers_bf16_parameters_and_matches_one_process(tmp_path):
     for name, grad in single["grads"].items():
         assert two["grads"][name].dtype == torch.float32
         torch.testing.assert_close(two["grads"][name], grad, atol=2e-3, rtol=5e-2, msg=name)
+
+
+# Pipeline stages need blocks to cut (4) and no MTP (it reads the embedding on the last stage).
+PIPELINE = ["model.num_nextn_predict_layers=0", "model.num_hidden_layers=4"]
+
+
+def pipeline_step(tmp_path, name: str, *overrides: str, ranks: int) -> dict:
+    """One step under pipelining: every stage's part (written by its first data-parallel rank) merged."""
+    one_step(tmp_path, name, *overrides, ranks=ranks)
+    parts = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob(f"{name}.pt.stage*"))]
+    merged = {**parts[-1], "grads": {}, "initial": {}, "biases": {}}
+    for part in parts:
+        for key in ("grads", "initial", "biases"):
+            assert not merged[key].keys() & part[key].keys()  # every tensor lives on one stage
+            merged[key].update(part[key])
+    assert all(part["loss"] == merged["loss"] for part in parts)  # every stage logs the pipeline's loss
+    return merged
+
+
+@pytest.fixture(scope="module")
+def pipeline_reference(tmp_path_factory):
+    """One process, 4 micro-batches, the balance losses on (they enter the backward on every stage)."""
+    path = tmp_path_factory.mktemp("pipeline")
+    return {
+        "aux": one_step(path, "aux", *PIPELINE, "train.grad_accum=4", "moe.aux_loss_alpha=0.01"),
+        "plain": one_step(path, "plain", *PIPELINE, "train.grad_accum=4"),
+    }
+
+
+def assert_same_step(step: dict, reference: dict, rel: float = 1e-5) -> None:
+    assert step["loss"] == pytest.approx(reference["loss"], rel=rel)
+    assert step["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-6)
+    assert step["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+    assert step["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(step["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for name, value in reference["initial"].items():
+        assert torch.equal(step["initial"][name], value), name
+    for name, bias in reference["biases"].items():
+        torch.testing.assert_close(step["biases"][name], bias, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ["parallel.pipeline_schedule=1f1b"],
+        ["parallel.pipeline_schedule=interleaved_1f1b"],
+        ["parallel.pipeline_schedule=dualpipev", "parallel.fsdp=false"],
+    ],
+    ids=["1f1b", "interleaved", "dualpipev"],
+)
+def test_two_pipeline_stages_take_the_step_of_one_process(pipeline_reference, tmp_path, schedule):
+    """PP2 (one rank per stage, 4 micro-batches): seeded init, the evaluation forward, the balance losses of both
+    stages, every gradient, the clipped norm and the bias update equal the one-process step."""
+    step = pipeline_step(
+        tmp_path,
+        "pp",
+        *PIPELINE,
+        "train.grad_accum=4",
+        "moe.aux_loss_alpha=0.01",
+        "parallel.pipeline_degree=2",
+        *schedule,
+        ranks=2,
+    )
+    assert_same_step(step, pipeline_reference["aux"])
+    assert step["record"]["aux_loss"] == pytest.approx(pipeline_reference["aux"]["record"]["aux_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.expert_degree=2"], ["parallel.pipeline_schedule=interleaved_1f1b"]],
+    ids=["pp2xep2xfsdp", "pp2xfsdp2-interleaved"],
+)
+def test_pipeline_stages_compose_with_expert_parallelism_and_fsdp_on_four_ranks(pipeline_reference, tmp_path, layout):
+    """PP2 x (EP2 or FSDP over 2): each stage's two ranks split the batch; the step equals one process's
+    (without balance losses, which data parallelism computes per rank's rows)."""
+    step = pipeline_step(
+        tmp_path, "pp", *PIPELINE, "train.grad_accum=4", "parallel.pipeline_degree=2", *layout, ranks=4
+    )
+    assert_same_step(step, pipeline_reference["plain"])
+
+
+def test_pipeline_layouts_that_cannot_work_fail_with_one_line(tmp_path):
+    cases = [
+        ([], "model.num_nextn_predict_layers=0"),
+        (["model.num_nextn_predict_layers=0", "parallel.pipeline_schedule=dualpipev"], "parallel.fsdp=false"),
+        (
+            [
+                "model.num_nextn_predict_layers=0",
+                "model.num_hidden_layers=3",
+                "parallel.pipeline_schedule=dualpipev",
+                "parallel.fsdp=false",
+            ],
+            "needs 4 stages",
+        ),
+        (["model.num_nextn_predict_layers=0", "train.grad_accum=1"], "train.grad_accum >= 2"),
+    ]
+    for extra, message in cases:
+        command = pretrain_command(tmp_path / "run", 2, "parallel.pipeline_degree=2", *extra)
+        result = run([*torchrun(2), "-m", "moelm", *command[3:]])
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("moelm: error:")]
+        assert errors and message in errors[0], result.stderr[-2000:]  # the workers' one line (torchrun adds its own)
 
 
 @pytest.fixture(scope="module")

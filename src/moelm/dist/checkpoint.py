@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moelm.config import ModelConfig
@@ -34,18 +33,6 @@ SHARDS_DIR = "shards"  # the DCP directory inside a checkpoint
 CONFIG_FILE = "config.json"  # the model's HF config beside it, so the shards can be read without the recipe
 
 
-def _ep_major_mesh(context: ParallelContext) -> DeviceMesh:
-    """The expert mesh with its dimensions swapped: rank (replica r, ep p) sits at (p, r), so that Shard(0)
-    twice cuts dimension 0 by expert block first and by replica within the block, as the ranks hold it."""
-    cached = getattr(context, "_ep_major_mesh", None)
-    if cached is None:
-        world, degree = context.world_size, context.expert_degree
-        ranks = torch.arange(world).view(world // degree, degree).T.contiguous()
-        cached = DeviceMesh(context.device.type, ranks, mesh_dim_names=("ep", "expert_replica"))
-        context._ep_major_mesh = cached
-    return cached
-
-
 def _placed(name: str, tensor: torch.Tensor, context: ParallelContext) -> torch.Tensor:
     """`tensor` (a parameter or one of its moments) as DCP must see it: its rank's piece of the whole."""
     if not (context.expert_degree > 1 and is_expert_parameter(name)):
@@ -55,7 +42,7 @@ def _placed(name: str, tensor: torch.Tensor, context: ParallelContext) -> torch.
     shape = place.global_shape
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        place.local, _ep_major_mesh(context), placements, run_check=False, shape=shape, stride=stride
+        place.local, context.ep_major_mesh, placements, run_check=False, shape=shape, stride=stride
     )
 
 

@@ -6,6 +6,11 @@ P contiguous blocks and exchange tokens by all-to-all; the W/P ranks of an "expe
 experts and shard them among themselves (FSDP). Dense parameters (attention, shared experts, router, norms,
 embeddings) are sharded over all W ranks through a 1D mesh ("dp",). The inner "ep" dimension keeps an
 all-to-all group on neighbouring ranks, which on GPUs means inside one node.
+
+With pipeline degree S the world is first cut into S stages of D = W/S consecutive ranks ("pp" outermost, as
+torchtitan lays it out): rank = stage x D + data-parallel rank. Each stage holds a contiguous run of blocks and
+is itself the 2D layout above over its D ranks; the ranks with the same data-parallel rank in every stage form
+one "pp" group that passes activations forward and gradients back (point to point).
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ class ParallelContext:
     expert_degree: int = 1
     fsdp: bool = False
     reshard_after_forward: bool = True
-    dense_mesh: DeviceMesh | None = None  # ("dp",) over all ranks
-    expert_mesh: DeviceMesh | None = None  # ("expert_replica", "ep")
+    pipeline_degree: int = 1
+    dense_mesh: DeviceMesh | None = None  # ("dp",) over the ranks of this pipeline stage (all ranks without PP)
+    expert_mesh: DeviceMesh | None = None  # ("expert_replica", "ep") over the same ranks
+    pipeline_mesh: DeviceMesh | None = None  # ("pp",): this rank's peers in the other stages
+    ep_major_mesh: DeviceMesh | None = None  # ("ep", "expert_replica"): expert mesh transposed (DCP's view)
 
     @property
     def distributed(self) -> bool:
@@ -58,6 +66,28 @@ class ParallelContext:
     @property
     def ep_rank(self) -> int:
         return self.rank % self.expert_degree
+
+    @property
+    def dp_size(self) -> int:
+        """Ranks that split each batch: the ranks of one pipeline stage (the world without pipelining)."""
+        return self.world_size // self.pipeline_degree
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline stage (its first stage where it holds several)."""
+        return self.rank // self.dp_size
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.dense_mesh.get_group("dp") if self.dense_mesh is not None else None
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        return self.pipeline_mesh.get_group("pp") if self.pipeline_mesh is not None else None
 
     @property
     def replica_group(self) -> dist.ProcessGroup | None:
@@ -79,6 +109,7 @@ def init_parallel(
     backend: str | None = None,
     timeout_s: float = 300.0,
     num_experts: int | None = None,
+    pipeline_degree: int = 1,
 ) -> ParallelContext:
     """Join the torchrun process group (when WORLD_SIZE > 1) and build the meshes; one process otherwise.
 
@@ -87,19 +118,26 @@ def init_parallel(
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        if expert_degree != 1:
-            raise ParallelSetupError(
-                f"parallel.expert_degree={expert_degree} needs {expert_degree} processes: launch with "
-                f"torchrun --nproc-per-node {expert_degree} -m moelm ..."
-            )
+        for key, degree in (("expert_degree", expert_degree), ("pipeline_degree", pipeline_degree)):
+            if degree != 1:
+                raise ParallelSetupError(
+                    f"parallel.{key}={degree} needs {degree} processes: launch with "
+                    f"torchrun --nproc-per-node {degree} -m moelm ..."
+                )
         return ParallelContext(device=resolve_device(device_spec, 0))
     missing = [name for name in RENDEZVOUS_VARIABLES if name not in os.environ]
     if missing:
         raise ParallelSetupError(f"WORLD_SIZE={world} but {missing} are not set: launch with torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if world % expert_degree:
+    if world % pipeline_degree:
         raise ParallelSetupError(
-            f"parallel.expert_degree={expert_degree} must divide the world size {world} (ranks per expert group)"
+            f"parallel.pipeline_degree={pipeline_degree} must divide the world size {world} (ranks per stage)"
+        )
+    stage_ranks = world // pipeline_degree
+    if stage_ranks % expert_degree:
+        raise ParallelSetupError(
+            f"parallel.expert_degree={expert_degree} must divide the ranks of a pipeline stage {stage_ranks} "
+            "(world size / parallel.pipeline_degree)"
         )
     if num_experts is not None and num_experts % expert_degree:
         raise ParallelSetupError(
@@ -112,9 +150,16 @@ def init_parallel(
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         atexit.register(_destroy_at_exit)
-    dense_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    expert_mesh = init_device_mesh(
-        device.type, (world // expert_degree, expert_degree), mesh_dim_names=("expert_replica", "ep")
+    stages, replicas = pipeline_degree, stage_ranks // expert_degree
+    dense = init_device_mesh(device.type, (stages, stage_ranks), mesh_dim_names=("pp", "dp"))
+    experts = init_device_mesh(
+        device.type, (stages, replicas, expert_degree), mesh_dim_names=("pp", "expert_replica", "ep")
+    )
+    # Rank (stage s, replica r, ep p) at (s, p, r): DCP cuts an expert bank by block first, then by replica.
+    ep_major = DeviceMesh(
+        device.type,
+        torch.arange(world).view(stages, replicas, expert_degree).transpose(1, 2).contiguous(),
+        mesh_dim_names=("pp", "ep", "expert_replica"),
     )
     return ParallelContext(
         device=device,
@@ -123,8 +168,11 @@ def init_parallel(
         expert_degree=expert_degree,
         fsdp=True if fsdp is None else fsdp,
         reshard_after_forward=reshard_after_forward,
-        dense_mesh=dense_mesh,
-        expert_mesh=expert_mesh,
+        pipeline_degree=pipeline_degree,
+        dense_mesh=dense["dp"],
+        expert_mesh=experts["expert_replica", "ep"],
+        pipeline_mesh=dense["pp"],
+        ep_major_mesh=ep_major["ep", "expert_replica"],
     )
 
 

@@ -33,8 +33,14 @@ from moelm.model.init import LocalRows
 from moelm.model.router import Router
 
 
-def apply_fsdp(model: nn.Module, context: ParallelContext, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2 over the meshes: routed experts over their replica ranks, each block and the root over all ranks.
+def apply_fsdp(
+    model: nn.Module,
+    context: ParallelContext,
+    param_dtype: torch.dtype | None = None,
+    roots: list[nn.Module] | None = None,
+) -> None:
+    """FSDP2 over the meshes: routed experts over their replica ranks, each block and the root over the
+    data-parallel ranks. roots: the modules whose forward runs (pipeline stages); default the model itself.
 
     param_dtype (bf16 training): the dtype parameters are gathered in; gradients are reduced in float32 into
     float32 shards. Forward inputs are not cast, so the residual stream stays what autocast makes it, as in one
@@ -51,8 +57,10 @@ def apply_fsdp(model: nn.Module, context: ParallelContext, param_dtype: torch.dt
             fully_shard(module, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=float32)
     # MTP: only its transformer block is a unit; its norms and projection are also used outside its forward.
     for block in [*model.layers, *(module.block for module in model.mtp)]:
-        fully_shard(block, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=policy)
-    fully_shard(model, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        if not isinstance(block, nn.Identity):  # a block another pipeline stage holds
+            fully_shard(block, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=policy)
+    for root in roots if roots is not None else [model]:
+        fully_shard(root, mesh=context.dense_mesh, reshard_after_forward=reshard, mp_policy=policy)
 
 
 def local_rows(name: str, tensor: torch.Tensor, context: ParallelContext) -> LocalRows:
@@ -86,8 +94,8 @@ def average_gradients(model: nn.Module, context: ParallelContext) -> None:
         if param.grad is None:
             continue
         group = context.replica_group if is_expert_parameter(name) else None
-        dist.all_reduce(param.grad, group=group)
-        param.grad /= context.world_size
+        dist.all_reduce(param.grad, group=group if group is not None else context.dp_group)
+        param.grad /= context.dp_size
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, context: ParallelContext) -> torch.Tensor:
@@ -103,9 +111,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, context: ParallelContext) 
         total = grad.double().pow(2).sum()
         if not context.fsdp:  # replicated copies of the same values: count each once
             expert = is_expert_parameter(name)
-            total = total / (context.world_size // context.expert_degree if expert else context.world_size)
+            total = total / (context.dp_size // context.expert_degree if expert else context.dp_size)
         squares += total
-    dist.all_reduce(squares)
+    dist.all_reduce(squares)  # every rank: the stages of a pipeline hold different parameters
     norm = squares.sqrt().float()
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     if math.isfinite(float(norm)):
@@ -191,9 +199,9 @@ def shard_batch(inputs: dict[str, torch.Tensor], context: ParallelContext) -> di
     """This rank's rows of a global micro-batch (every [B, ...] tensor cut into world-size equal parts)."""
     out = {}
     for key, value in inputs.items():
-        if torch.is_tensor(value) and value.dim() and value.shape[0] % context.world_size == 0:
-            rows = value.shape[0] // context.world_size
-            out[key] = value[context.rank * rows : (context.rank + 1) * rows]
+        if torch.is_tensor(value) and value.dim() and value.shape[0] % context.dp_size == 0:
+            rows = value.shape[0] // context.dp_size
+            out[key] = value[context.dp_rank * rows : (context.dp_rank + 1) * rows]
         else:
             out[key] = value
     return out
@@ -208,8 +216,8 @@ def token_share(context: ParallelContext):  # noqa: ANN201 - Callable[[Tensor], 
     def weight(tokens: torch.Tensor) -> torch.Tensor:
         local = tokens.detach().to(torch.float64)
         total = local.clone()
-        dist.all_reduce(total)
-        return (local * context.world_size / total.clamp(min=1)).float()
+        dist.all_reduce(total, group=context.dp_group)
+        return (local * context.dp_size / total.clamp(min=1)).float()
 
     return weight
 
@@ -219,6 +227,6 @@ def reduce_mean(values: dict[str, float], context: ParallelContext) -> dict[str,
     if not values:
         return values
     tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=context.device)
-    dist.all_reduce(tensor)
-    return dict(zip(values, (tensor / context.world_size).tolist(), strict=True))
+    dist.all_reduce(tensor, group=context.dp_group)
+    return dict(zip(values, (tensor / context.dp_size).tolist(), strict=True))
 

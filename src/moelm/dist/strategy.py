@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,13 +22,24 @@ from moelm.dist.runtime import ParallelContext
 from moelm.model.init import LocalRows, seeded_init_
 from moelm.model.transformer import MoELM
 
+if TYPE_CHECKING:
+    from moelm.dist.pipeline import PipelineRunner
+
 
 class ParallelStrategy:
     """Layout, collectives and checkpoint format of one run (see the module docstring)."""
 
-    def __init__(self, context: ParallelContext, mixed_precision: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        context: ParallelContext,
+        mixed_precision: torch.dtype | None = None,
+        pipeline_schedule: str = "1f1b",
+        virtual_stages: int = 2,
+    ) -> None:
         self.context = context
         self.mixed_precision = mixed_precision  # FSDP2's gather dtype (bf16 training); None: float32 gathers
+        self.pipeline_schedule, self.virtual_stages = pipeline_schedule, virtual_stages
+        self.pipeline: PipelineRunner | None = None  # this rank's stages, once a model is laid out over them
 
     # ------------------------------------------------------------------ where this rank stands
     @property
@@ -59,16 +70,24 @@ class ParallelStrategy:
         return model
 
     def _lay_out(self, model: MoELM) -> None:
+        """Pipeline stages (this rank keeps its own blocks), then expert parallelism, then FSDP2."""
         if not self.distributed:
             return
         from moelm.dist.expert_parallel import shard_experts
         from moelm.dist.sharding import apply_fsdp
 
         context = self.context
+        roots = None
+        if context.pipeline_degree > 1:
+            from moelm.dist.pipeline import PipelineRunner, keep_own_parts
+
+            self.pipeline = PipelineRunner(model, context, self.pipeline_schedule, self.virtual_stages)
+            keep_own_parts(model, self.pipeline.plans)
+            roots = self.pipeline.modules
         if context.expert_degree > 1:
             shard_experts(model, context.ep_group, context.expert_degree, context.ep_rank)
         if context.fsdp:
-            apply_fsdp(model, context, self.mixed_precision)
+            apply_fsdp(model, context, self.mixed_precision, roots)
 
     def local_rows(self, name: str, tensor: torch.Tensor) -> LocalRows:
         """Which rows of the whole tensor `name` this rank holds (expert block, then FSDP shard)."""
@@ -83,9 +102,11 @@ class ParallelStrategy:
     # ------------------------------------------------------------------ a step
     def check_batch_size(self, batch_size: int) -> None:
         """Each rank reads an equal share of the global batch."""
-        if batch_size % self.context.world_size:
+        ranks = self.context.dp_size
+        if batch_size % ranks:
+            what = "world size" if ranks == self.context.world_size else "data-parallel ranks of a pipeline stage"
             raise ValueError(
-                f"train.batch_size={batch_size} must be a multiple of the world size {self.context.world_size}"
+                f"train.batch_size={batch_size} must be a multiple of the {what} {ranks}"
                 " (each rank reads an equal share of the global batch)"
             )
 
@@ -182,12 +203,24 @@ class ParallelStrategy:
             from moelm.dist.sharding import reshard_all
 
             reshard_all(model)
+            for stage in self.pipeline.modules if self.pipeline is not None else ():
+                reshard_all(stage)
+
+    def evaluation_model(self, model: MoELM) -> Callable:
+        """What held-out evaluation calls as `model(**batch)`: the model, or its stages run forward in turn."""
+        if self.pipeline is None:
+            return model
+        from moelm.dist.pipeline import PipelinedModel
+
+        return PipelinedModel(self.pipeline)
 
     def full_model(self, model: MoELM) -> MoELM:
         """An unsharded CPU copy of the model (every rank takes part in the gathers); the model itself in one
         process. Only sample generation under torchrun asks for it."""
         if not self.distributed:
             return model
+        if self.pipeline is not None:
+            raise ValueError("a pipelined model is never gathered whole: read its exported model directory instead")
         from moelm.dist.sharding import full_model_state
 
         state = full_model_state(model, self.context)

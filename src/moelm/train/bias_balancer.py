@@ -24,9 +24,12 @@ class BiasBalancer:
     routing values, so activation-checkpoint recomputation cannot double them.
     """
 
-    def __init__(self, model: MoELM, rate: float, centered: bool = False) -> None:
+    def __init__(
+        self, model: MoELM, rate: float, centered: bool = False, group: dist.ProcessGroup | None = None
+    ) -> None:
         self.rate = rate
         self.centered = centered
+        self.group = group  # the ranks that split each batch (a pipeline stage's ranks hold the same layers)
         self.biases: dict[int, torch.Tensor] = model.balancing_biases()
         self.counts: dict[int, torch.Tensor] = {}
 
@@ -46,7 +49,7 @@ class BiasBalancer:
         updates = {}
         for layer_idx, counts in self.counts.items():
             if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(counts)
+                dist.all_reduce(counts, group=self.group)
             update = self.rate * torch.sign(counts.mean() - counts)
             if self.centered:
                 update = update - update.mean()

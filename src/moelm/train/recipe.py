@@ -98,6 +98,9 @@ class ParallelSection:
     """Multi-process training under torchrun; ignored (one process, no process group) without it."""
 
     expert_degree: int = setting(1, check=POSITIVE_INT)  # ranks one expert layer is spread over; divides experts
+    pipeline_degree: int = setting(1, check=POSITIVE_INT)  # pipeline stages' ranks (pre-training); divides the world
+    pipeline_schedule: str = setting("1f1b", check=one_of("1f1b", "interleaved_1f1b", "dualpipev"))
+    virtual_stages: int = setting(2, check=POSITIVE_INT)  # stages per rank under interleaved_1f1b
     fsdp: bool | None = None  # shard parameters, gradients and optimizer state; default: on when world > 1
     reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)
     backend: str | None = setting(None, check=one_of("gloo", "nccl"))  # default: nccl on CUDA, gloo on CPU

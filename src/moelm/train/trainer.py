@@ -329,8 +329,19 @@ class Trainer:
             parallel.backend,
             parallel.timeout_s,
             recipe.model.n_routed_experts,
+            parallel.pipeline_degree,
         )
-        self.parallel = ParallelStrategy(context, torch.bfloat16 if train.dtype == "bfloat16" else None)
+        if context.pipeline_degree > 1 and type(self).loss is not Trainer.loss:
+            raise ConfigError(
+                f"parallel.pipeline_degree={context.pipeline_degree}: pipeline stages run pre-training's LM loss "
+                "only (moelm train); fine-tuning and GRPO shard with parallel.expert_degree and FSDP"
+            )
+        self.parallel = ParallelStrategy(
+            context,
+            torch.bfloat16 if train.dtype == "bfloat16" else None,
+            parallel.pipeline_schedule,
+            parallel.virtual_stages,
+        )
         self.context = self.parallel.context
         if not self.context.is_main:
             self.echo = lambda _line: None  # rank 0 alone prints, logs and writes
@@ -353,7 +364,9 @@ class Trainer:
         if recipe.moe.bias_update_rate > 0 and self.lora is not None:
             self.echo("lora: moe.bias_update_rate ignored (the routing biases belong to the frozen base model)")
         elif recipe.moe.bias_update_rate > 0:
-            self.balancer = BiasBalancer(self.model, recipe.moe.bias_update_rate, recipe.moe.bias_update_centered)
+            self.balancer = BiasBalancer(
+                self.model, recipe.moe.bias_update_rate, recipe.moe.bias_update_centered, self.context.dp_group
+            )
             self.balancer.register(self.optimizer)
         self.state = TrainState()
         self.saved_step: int | None = None
@@ -362,7 +375,6 @@ class Trainer:
         if self.context.is_main:
             atomic_write_text(self.out_dir / RUN_FILE, self.run_json())
         self.peak_flops = measured_peak_flops(device=self.context.device)
-        self.flops_per_token = flops_per_token(self.model, recipe.data.seq_len)
         self.monitor = CollapseMonitor()
         self.forward = torch.compile(self.model) if train.compile else self.model
 
@@ -371,6 +383,7 @@ class Trainer:
         otherwise the loaded model (a base, or an older full-state checkpoint) distributed. A sharded
         checkpoint's values are read later, with the optimizer's (`_resume`)."""
         model = self.build_model(self.tokenizer).train()
+        self.flops_per_token = flops_per_token(model, self.recipe.data.seq_len)  # the whole model's, before layout
         if self.lora is not None:
             self.model = model
             self._attach_lora(latest)
@@ -440,6 +453,7 @@ class Trainer:
         world = {
             "world_size": context.world_size,
             "expert_degree": context.expert_degree,
+            "pipeline_degree": context.pipeline_degree,
             "fsdp": context.fsdp,
             "device": str(context.device),
         }
@@ -483,7 +497,7 @@ class Trainer:
         totals: dict[str, float] = {}
         tokens = 0.0
         autocast = torch.autocast(
-            self.model.embed_tokens.weight.device.type,
+            self.context.device.type,
             dtype=torch.bfloat16,
             enabled=recipe.train.dtype == "bfloat16",
         )
@@ -492,7 +506,20 @@ class Trainer:
         token_weight = self.parallel.token_weight()
         if "token_weight" not in inspect.signature(loss_fn).parameters:
             token_weight = None
-        for inputs, batch_metrics in micro_batches:
+        if self.parallel.pipeline is not None:  # the schedule runs every micro-batch through the stages
+            local = [self.parallel.local_batch(inputs) for inputs, _ in micro_batches]
+            with autocast:
+                record = self.parallel.pipeline.step(local, self.parallel.token_weight())
+            totals = dict(record.values)
+            for index, (_, batch_metrics) in enumerate(micro_batches):
+                batch_metrics = dict(batch_metrics)
+                tokens += batch_metrics.pop("tokens")
+                for name, value in batch_metrics.items():
+                    totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
+                routing = record.routings[index]
+                if self.balancer is not None:
+                    self.balancer.observe(routing)
+        for inputs, batch_metrics in micro_batches if self.parallel.pipeline is None else ():
             batch_metrics = dict(batch_metrics)
             tokens += batch_metrics.pop("tokens")
             inputs = self.parallel.local_batch(inputs)  # this rank's rows, cut before they travel to the device
@@ -582,6 +609,8 @@ class Trainer:
                 export_hf(self.out_dir / "checkpoints" / f"step-{self.saved_step}", target)
                 self._describe_model_dir(target, model)
             self.print_samples(model, self.tokenizer)
+            if self.parallel.pipeline is not None and self.context.is_main and self.recipe.log.sample_tokens:
+                self._print_samples(MoELM.from_pretrained(self.out_dir / "model"), self.tokenizer)
             return model
         if self.lora is not None:  # the adapters alone, in PEFT's format; the caller gets the merged model
             target = self.out_dir / ADAPTER_DIR
@@ -614,7 +643,7 @@ class Trainer:
         """The data's held-out metrics, computed in eval mode (no noise, eval capacity)."""
         was_training = model.training
         model.eval()
-        metrics = batches.evaluate(model)
+        metrics = batches.evaluate(self.parallel.evaluation_model(model))
         model.train(was_training)
         self.parallel.reshard(model)
         return metrics
@@ -623,6 +652,8 @@ class Trainer:
         """Greedy continuations of the recipe's sample prompts (under torchrun: rank 0 generates with a gathered
         copy, since sharded layers cannot run in inference mode and generation lengths differ per prompt)."""
         if not self.recipe.log.sample_prompts or not self.recipe.log.sample_tokens:
+            return
+        if self.parallel.pipeline is not None:  # never gathered whole; the final samples read OUT/model
             return
         full = self.parallel.full_model(model)
         if self.context.is_main:
