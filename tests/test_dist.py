@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +253,39 @@ def test_checkpoints_reshard_between_two_ranks_and_one(single, tmp_path):
     pretrain(one_then_four, 2, "moe.bias_update_rate=0.01")
     pretrain(one_then_four, 4, "moe.bias_update_rate=0.01", "parallel.expert_degree=2", ranks=4, resume=True)
     assert_same_model(one_then_four / "model", single / "model")
+
+
+PIPELINE_RUN = [*PIPELINE, "moe.bias_update_rate=0.01", "train.grad_accum=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline-single") / "run"
+    pretrain(out, 4, *PIPELINE_RUN)
+    return out
+
+
+def test_a_pipelined_run_checkpoints_and_resumes_across_layouts(pipeline_single, tmp_path):
+    """`moelm train` on 2 pipeline stages logs the one-process losses and exports the one-process model; its
+    step-2 sharded checkpoint (each stage wrote its own blocks) resumes in one process, and a one-process
+    checkpoint resumes on PP2 x EP2 (4 ranks): all three end at the one-process weights."""
+    out = tmp_path / "pp"
+    pretrain(out, 4, *PIPELINE_RUN, "parallel.pipeline_degree=2", ranks=2)
+    assert losses(out) == pytest.approx(losses(pipeline_single), rel=1e-4)
+    assert_same_model(out / "model", pipeline_single / "model")
+    assert json.loads((out / "run.json").read_text())["world"]["pipeline_degree"] == 2
+    resumed = tmp_path / "pp-then-one"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    shutil.rmtree(resumed / "model")
+    pretrain(resumed, 4, *PIPELINE_RUN, resume=True)
+    assert_same_model(resumed / "model", pipeline_single / "model")
+    one_then_pp = tmp_path / "one-then-pp"
+    pretrain(one_then_pp, 2, *PIPELINE_RUN)
+    pretrain(
+        one_then_pp, 4, *PIPELINE_RUN, "parallel.pipeline_degree=2", "parallel.expert_degree=2", ranks=4, resume=True
+    )
+    assert_same_model(one_then_pp / "model", pipeline_single / "model")
 
 
 DCP_WORKER = str(Path(__file__).with_name("dcp_worker.py"))

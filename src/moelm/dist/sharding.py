@@ -178,21 +178,36 @@ def _shard_like(full: torch.Tensor, param: torch.Tensor, name: str, context: Par
 
 
 def load_full_optimizer_state(
-    optimizer: torch.optim.Optimizer, model: nn.Module, state: dict, context: ParallelContext
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    state: dict,
+    context: ParallelContext,
+    full_names: list[str] | None = None,
 ) -> None:
-    """Load a full (single-process layout) optimizer state into this rank's sharded optimizer."""
+    """Load a full (single-process layout) optimizer state into this rank's sharded optimizer.
+
+    full_names: the one-process model's parameter names in order, where this rank holds only some of them (a
+    pipeline stage): the saved state numbers parameters by that order."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    position = {name: index for index, name in enumerate(full_names)} if full_names is not None else None
     sharded = {}
+    groups = [dict(group) for group in state["param_groups"]]
+    if position is not None:  # each group lists this rank's parameters only
+        first = 0
+        for group, local in zip(groups, optimizer.param_groups, strict=True):
+            group["params"] = list(range(first, first + len(local["params"])))
+            first += len(local["params"])
     for index, param in enumerate(params):
-        entry = state["state"].get(index, state["state"].get(str(index), {}))
+        saved = position[names[id(param)]] if position is not None else index
+        entry = state["state"].get(saved, state["state"].get(str(saved), {}))
         sharded[index] = {
             key: _shard_like(value, param, names[id(param)], context)
             if torch.is_tensor(value) and value.dim()
             else value
             for key, value in entry.items()
         }
-    optimizer.load_state_dict({"state": sharded, "param_groups": state["param_groups"]})
+    optimizer.load_state_dict({"state": sharded, "param_groups": groups})
 
 
 def shard_batch(inputs: dict[str, torch.Tensor], context: ParallelContext) -> dict[str, torch.Tensor]:

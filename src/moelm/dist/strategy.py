@@ -239,7 +239,11 @@ class ParallelStrategy:
             return
         from moelm.dist.sharding import load_full_optimizer_state
 
-        load_full_optimizer_state(optimizer, model, state, self.context)
+        full_names = None
+        if self.pipeline is not None:  # this rank holds some parameters: the saved state numbers all of them
+            with torch.device("meta"):
+                full_names = [name for name, _ in MoELM(model.config, model.options).named_parameters()]
+        load_full_optimizer_state(optimizer, model, state, self.context, full_names)
 
     # ------------------------------------------------------------------ sharded checkpoints
     @property
