@@ -585,3 +585,57 @@ def test_grpo_on_two_ranks_samples_its_share_and_equals_one_process(tmp_path):
     for key in ("loss", "reward", "frac_reward_zero_std_drawn", "sampling_rounds"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6), key
     assert_same_model(tmp_path / "one" / "model", tmp_path / "two" / "model")
+
+
+@pytest.mark.parametrize(
+    ("ranks", "parallel"),
+    [
+        (2, ["parallel.fsdp=true"]),
+        (2, ["parallel.expert_degree=2", "parallel.fsdp=false"]),
+        (2, ["parallel.pipeline_degree=2"]),
+        (4, ["parallel.pipeline_degree=2", "parallel.expert_degree=2"]),
+    ],
+    ids=["fsdp2", "ep2", "pp2", "pp2xep2xfsdp"],
+)
+def test_the_plan_predicts_what_each_rank_holds_and_sends(tmp_path, ranks, parallel):
+    """`moelm plan`'s per-rank figures against a real gloo step of the same layout: parameter, gradient and
+    moment bytes as allocated, the peak bytes autograd saved for the backward, and the all-to-all bytes sent,
+    each within 10%."""
+    from conftest import TINY_RUN
+
+    from moelm.cli.planning import layout_from_recipe
+    from moelm.dist.plan import make_plan
+    from moelm.train.recipe import load_recipe
+
+    overrides = [*PIPELINE, "train.grad_accum=4", *parallel]
+    # The second step is measured: torch's pipeline stages keep their first step's shape-learning forward (one
+    # micro-batch of activations on stage 0) alive through that step.
+    ENV["MOELM_TEST_WARM_STEP"] = "1"
+    try:
+        result = one_step(tmp_path, "step", *overrides, ranks=ranks)
+    finally:
+        del ENV["MOELM_TEST_WARM_STEP"]
+    parts = [torch.load(path, weights_only=True) for path in sorted(tmp_path.glob("step.pt.stage*"))] or [result]
+    recipe = load_recipe(None, [*TINY_RUN, *STEP, *overrides])
+    model_config = recipe.model.replace(vocab_size=_vocab(tmp_path / "step"))
+    plan = make_plan(model_config, layout_from_recipe(recipe, ranks, None, 8))
+    checks = []
+    for part, rank in zip(parts, plan.ranks, strict=True):
+        measured = part["measured"]
+        predicted = {
+            "parameters": rank.state.parameters,
+            "gradients": rank.state.gradients,
+            "optimizer": rank.state.optimizer,
+            "activations": rank.activations,
+            "a2a_bytes": rank.a2a_bytes,
+        }
+        for key, value in predicted.items():
+            checks.append((value, measured[key], rank.pp_rank, key))
+    for value, measured_value, *where in checks:
+        assert value == pytest.approx(measured_value, rel=0.10, abs=1.0), (*where, value, measured_value)
+
+
+def _vocab(out: Path) -> int:
+    from moelm.data.tokenizer import load_tokenizer_file
+
+    return load_tokenizer_file(out / "tokenizer.json").get_vocab_size()

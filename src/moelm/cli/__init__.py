@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from moelm import __version__
-from moelm.cli import analysis, common, data, evaluation, generation, models, training
+from moelm.cli import analysis, common, data, evaluation, generation, models, planning, training
 
-GROUPS = (models, generation, training, analysis, evaluation, data)
+GROUPS = (models, generation, training, planning, analysis, evaluation, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
