@@ -28,6 +28,7 @@ def layout_from_recipe(recipe, gpus: int, sharding: str | None, gpus_per_node: i
         grad_accum=train.grad_accum,
         seq_len=recipe.data.seq_len,
         checkpointing=recipe.moe.activation_checkpointing,
+        activation_bytes=2 if train.dtype == "bfloat16" else 4,
         reshard_after_forward=parallel.reshard_after_forward,
         gpus_per_node=gpus_per_node,
     )
