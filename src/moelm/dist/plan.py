@@ -18,7 +18,6 @@ thumb:
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -257,8 +256,11 @@ class RankPlan:
         return self.state.total + self.activations + self.recompute + self.gather_buffer
 
 
-def _flops_per_token(config: ModelConfig, layers: list[int], tensors: list[TensorInfo], last: bool) -> float:
-    """Training FLOPs per token of these blocks (6 x active weights + causal attention), as the trainer's MFU."""
+def _flops_per_token(
+    config: ModelConfig, layers: list[int], tensors: list[TensorInfo], last: bool
+) -> tuple[float, float]:
+    """Training FLOPs per token of these blocks: 6 x active weights, and the causal attention term per unit of
+    sequence length (as the trainer's MFU counts them)."""
     active = 0.0
     k, experts = config.num_experts_per_tok, config.n_routed_experts
     owned = set(layers)
@@ -533,7 +535,3 @@ def measured_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimize
             if torch.is_tensor(value) and value.dim():
                 moments += local(value).numel() * local(value).element_size()
     return {"parameters": float(params), "gradients": float(grads), "optimizer": float(moments)}
-
-
-def rounded(value: float) -> float:
-    return float(f"{value:.4g}") if math.isfinite(value) else value
