@@ -8,7 +8,12 @@ run the trainer logs the all-to-all bytes that left each rank and the share of t
 the analytical count per step is 4 exchanges (dispatch + combine, forward + backward) x tokens per rank x k x
 hidden x 4 bytes x (P-1)/P per MoE layer, for uniform routing.
 
-    python benchmarks/scaling.py [--preset small --ranks 2 --steps 8 --batch 8 --seq 256]
+Pipeline parallelism (PP = ranks, 1F1B over `--micro-batches` micro-batches) is timed against one process on the
+same model without MTP (a pipeline refuses it) and the same accumulation. Sharded checkpoints: under FSDP x EP each
+rank's save and load time, its peak resident-memory rise and its shard bytes (benchmarks/dcp_roundtrip.py),
+beside the full float32 training state (weights and two AdamW moments) a gathered save would hold on rank 0.
+
+    python benchmarks/scaling.py [--preset small --ranks 2 --steps 8 --batch 8 --seq 256 --micro-batches 4]
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from pathlib import Path
 from moelm import load_config
 
 
-def run(out: Path, args: argparse.Namespace, ranks: int, *extra: str) -> dict[str, float]:
-    settings = [
+def settings(args: argparse.Namespace, *extra: str) -> list[str]:
+    return [
         f"model.preset={args.preset}",
         f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch}",
@@ -40,9 +45,10 @@ def run(out: Path, args: argparse.Namespace, ranks: int, *extra: str) -> dict[st
         "log.sample_tokens=0",
         *extra,
     ]
-    command = ["-m", "moelm", "pretrain", "--out", str(out)]
-    for item in settings:
-        command += ["--set", item]
+
+
+def launch(command: list[str], args: argparse.Namespace, ranks: int) -> None:
+    """`python -m ...` in one process with all threads, or under torchrun with one thread per rank."""
     env = dict(os.environ)
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"
@@ -53,6 +59,13 @@ def run(out: Path, args: argparse.Namespace, ranks: int, *extra: str) -> dict[st
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
+
+
+def run(out: Path, args: argparse.Namespace, ranks: int, *extra: str) -> dict[str, float]:
+    command = ["-m", "moelm", "pretrain", "--out", str(out)]
+    for item in settings(args, *extra):
+        command += ["--set", item]
+    launch(command, args, ranks)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = records[2:] or records
     summary = {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1)}
@@ -62,6 +75,16 @@ def run(out: Path, args: argparse.Namespace, ranks: int, *extra: str) -> dict[st
     return summary
 
 
+def checkpoint_roundtrip(root: Path, args: argparse.Namespace, *extra: str) -> list[dict[str, float]]:
+    """Every rank's save / load seconds, resident-memory rise and shard size (benchmarks/dcp_roundtrip.py)."""
+    worker = Path(__file__).with_name("dcp_roundtrip.py")
+    command = [str(worker), str(root / "dcp"), str(root / "dcp-result")]
+    for item in settings(args, *extra):
+        command += ["--set", item]
+    launch(command, args, args.ranks)
+    return [json.loads((root / f"dcp-result.rank{rank}.json").read_text()) for rank in range(args.ranks)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -69,6 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--micro-batches", type=int, default=4)
     args = parser.parse_args()
     config = load_config(args.preset)
     with tempfile.TemporaryDirectory() as root:
@@ -79,6 +103,10 @@ def main() -> None:
         )
         replicated = run(Path(root) / "replicated", args, args.ranks, "parallel.fsdp=false")
         ep = run(Path(root) / "ep", args, args.ranks, "parallel.fsdp=true", f"parallel.expert_degree={args.ranks}")
+        no_mtp = ("model.num_nextn_predict_layers=0", f"train.grad_accum={args.micro_batches}")
+        one_accum = run(Path(root) / "one-accum", args, 1, *no_mtp)
+        pp = run(Path(root) / "pp", args, args.ranks, *no_mtp, f"parallel.pipeline_degree={args.ranks}")
+        dcp = checkpoint_roundtrip(Path(root), args, "parallel.fsdp=true", f"parallel.expert_degree={args.ranks}")
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
     tokens_per_rank = args.batch * args.seq // args.ranks
     analytical = (
@@ -97,6 +125,11 @@ def main() -> None:
         "a2a_bytes_per_step_measured": ep.get("a2a_bytes_per_step"),
         "a2a_bytes_per_step_analytical": int(analytical),
         "a2a_time_share": ep.get("a2a_time_share"),
+        f"1x{args.ranks}_threads_no_mtp_accum{args.micro_batches}_tok_s": one_accum["tokens_per_s"],
+        f"{args.ranks}x1_pp{args.ranks}_1f1b_tok_s": pp["tokens_per_s"],
+        "pp_over_threads": round(pp["tokens_per_s"] / one_accum["tokens_per_s"], 3),
+        f"dcp_per_rank_ep{args.ranks}_fsdp": dcp,
+        "full_training_state_mb": dcp[0]["full_state_mb"],
     }
     print(json.dumps(summary))
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 from conftest import TINY_RUN
 
 from moelm.dist.checkpoint import SHARDS_DIR
+from moelm.dist.meters import ResidentPeak
 from moelm.dist.runtime import end_process
 from moelm.dist.sharding import full_optimizer_state
 from moelm.dist.strategy import ParallelStrategy
@@ -37,31 +36,6 @@ def die_in_save(out: str, steps: str, die_at: str, *overrides: str) -> None:
     Trainer(recipe, Path(out), echo=lambda line: None).run()
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRise:
-    """The highest resident memory above the level at entry, sampled every millisecond."""
-
-    def __enter__(self) -> PeakRise:
-        self.start, self.peak, self.running = resident_bytes(), 0, True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, resident_bytes() - self.start)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, resident_bytes() - self.start)
-
-
 def memory(out: str, result: str, *overrides: str) -> None:
     recipe = load_recipe(None, [*TINY_RUN, "train.max_steps=1", "log.sample_tokens=0", *overrides])
     trainer = Trainer(recipe, Path(out), echo=lambda line: None)
@@ -70,13 +44,13 @@ def memory(out: str, result: str, *overrides: str) -> None:
     trainer.state.step = 1
     named = trainer.model.named_parameters()
     parameters = sum(trainer.parallel.local_rows(name, p).global_shape.numel() for name, p in named)
-    with PeakRise() as save:
+    with ResidentPeak() as save:
         trainer.save()
-    with PeakRise() as load:
+    with ResidentPeak() as load:
         trainer.parallel.load_shards(
             Path(out) / "checkpoints" / "step-1" / SHARDS_DIR, trainer.model, trainer.optimizer
         )
-    with PeakRise() as gathered:  # the instrument's check: what a gathered (one-process layout) save holds
+    with ResidentPeak() as gathered:  # the instrument's check: what a gathered (one-process layout) save holds
         held = (
             trainer.parallel.full_model(trainer.model),
             full_optimizer_state(trainer.optimizer, trainer.model, trainer.context),

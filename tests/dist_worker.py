@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from conftest import TINY_RUN, capture_gradients
 
-from moelm.dist.plan import SavedTensorMeter, measured_state_bytes
+from moelm.dist.meters import SavedTensorMeter, measured_state_bytes
 from moelm.dist.runtime import end_process
 from moelm.train.recipe import load_recipe
 from moelm.train.trainer import Trainer

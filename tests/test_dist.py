@@ -192,7 +192,10 @@ def test_two_pipeline_stages_take_the_step_of_one_process(pipeline_reference, tm
 
 @pytest.mark.parametrize(
     "layout",
-    [["parallel.expert_degree=2"], ["parallel.pipeline_schedule=interleaved_1f1b"]],
+    [
+        ["parallel.expert_degree=2"],
+        pytest.param(["parallel.pipeline_schedule=interleaved_1f1b"], marks=pytest.mark.slow),
+    ],
     ids=["pp2xep2xfsdp", "pp2xfsdp2-interleaved"],
 )
 def test_pipeline_stages_compose_with_expert_parallelism_and_fsdp_on_four_ranks(pipeline_reference, tmp_path, layout):
@@ -204,27 +207,39 @@ def test_pipeline_stages_compose_with_expert_parallelism_and_fsdp_on_four_ranks(
     assert_same_step(step, pipeline_reference["plain"])
 
 
-def test_pipeline_layouts_that_cannot_work_fail_with_one_line(tmp_path):
-    cases = [
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
         ([], "model.num_nextn_predict_layers=0"),
-        (["model.num_nextn_predict_layers=0", "parallel.pipeline_schedule=dualpipev"], "parallel.fsdp=false"),
-        (
-            [
-                "model.num_nextn_predict_layers=0",
-                "model.num_hidden_layers=3",
-                "parallel.pipeline_schedule=dualpipev",
-                "parallel.fsdp=false",
-            ],
-            "needs 4 stages",
-        ),
         (["model.num_nextn_predict_layers=0", "train.grad_accum=1"], "train.grad_accum >= 2"),
-    ]
-    for extra, message in cases:
-        command = pretrain_command(tmp_path / "run", 2, "parallel.pipeline_degree=2", *extra)
-        result = run([*torchrun(2), "-m", "moelm", *command[3:]])
-        assert result.returncode != 0
-        errors = [line for line in result.stderr.splitlines() if line.startswith("moelm: error:")]
-        assert errors and message in errors[0], result.stderr[-2000:]  # the workers' one line (torchrun adds its own)
+        pytest.param(
+            ["model.num_nextn_predict_layers=0", "parallel.pipeline_schedule=dualpipev"],
+            "parallel.fsdp=false",
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["mtp", "too-few-micro-batches", "dualpipev-fsdp"],
+)
+def test_pipeline_layouts_that_cannot_work_fail_with_one_line(tmp_path, extra, message):
+    command = pretrain_command(tmp_path / "run", 2, "parallel.pipeline_degree=2", *extra)
+    result = run([*torchrun(2), "-m", "moelm", *command[3:]])
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moelm: error:")]
+    assert errors and message in errors[0], result.stderr[-2000:]  # the workers' one line (torchrun adds its own)
+
+
+def test_a_pipeline_needs_a_block_for_every_stage():
+    from moelm.config import ConfigError
+    from moelm.dist.pipeline import plan_stages
+
+    with pytest.raises(ConfigError, match="needs 4 stages of at least one block"):
+        plan_stages(3, 2, "dualpipev")
+    interleaved = plan_stages(6, 2, "interleaved_1f1b", virtual_stages=3)
+    assert [plan.rank for plan in interleaved] == [0, 1, 0, 1, 0, 1]
+    assert [list(plan.layers) for plan in interleaved] == [[0], [1], [2], [3], [4], [5]]
+    v_shape = plan_stages(5, 2, "dualpipev")
+    assert [plan.rank for plan in v_shape] == [0, 1, 1, 0]
+    assert [len(plan.layers) for plan in v_shape] == [2, 1, 1, 1]
 
 
 @pytest.fixture(scope="module")
@@ -590,8 +605,8 @@ def test_grpo_on_two_ranks_samples_its_share_and_equals_one_process(tmp_path):
 @pytest.mark.parametrize(
     ("ranks", "parallel"),
     [
-        (2, ["parallel.fsdp=true"]),
-        (2, ["parallel.expert_degree=2", "parallel.fsdp=false"]),
+        pytest.param(2, ["parallel.fsdp=true"], marks=pytest.mark.slow),
+        pytest.param(2, ["parallel.expert_degree=2", "parallel.fsdp=false"], marks=pytest.mark.slow),
         (2, ["parallel.pipeline_degree=2"]),
         (4, ["parallel.pipeline_degree=2", "parallel.expert_degree=2"]),
     ],
@@ -631,6 +646,8 @@ def test_the_plan_predicts_what_each_rank_holds_and_sends(tmp_path, ranks, paral
         }
         for key, value in predicted.items():
             checks.append((value, measured[key], rank.pp_rank, key))
+        # The README's plan-against-measured table is this line under `pytest -s -m "" -k plan_predicts`.
+        print(json.dumps({"layout": parallel, "pp_rank": rank.pp_rank, "plan": predicted, "measured": measured}))
     for value, measured_value, *where in checks:
         assert value == pytest.approx(measured_value, rel=0.10, abs=1.0), (*where, value, measured_value)
 

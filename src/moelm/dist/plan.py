@@ -9,7 +9,7 @@ thumb:
   keeps float32 master weights, float32 gradients and two float32 moments: 4 + 4 + 8 bytes per element.
 - Activations: the tensors autograd saves for the backward, per token and layer, as moelm's MLA attention,
   dense and MoE blocks save them (counted from the implementation, and checked against the saved-tensor bytes
-  of real runs, see `SavedTensorMeter`), times the micro-batches a pipeline schedule keeps in flight.
+  of real runs, see `moelm.dist.meters.SavedTensorMeter`), times the micro-batches a pipeline schedule keeps in flight.
 - Traffic per step: all-to-all rows of expert parallelism (uniform routing: (P-1)/P of the rows leave a rank,
   forward and backward, dispatch and combine), FSDP's all-gathers and reduce-scatters, and pipeline activations.
 - Step time: FLOPs at the GPU's dense bf16 peak plus traffic at link bandwidth (NVLink inside a node, the
@@ -18,7 +18,6 @@ thumb:
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -92,7 +91,9 @@ class Layout:
                 f"{config.n_routed_experts}"
             )
         if self.batch_size % self.dp:
-            raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of the data-parallel ranks {self.dp}")
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} must be a multiple of the data-parallel ranks {self.dp}"
+            )
         if self.pipeline_degree * self.chunks > config.num_hidden_layers:
             raise ConfigError(
                 f"{self.pipeline_degree * self.chunks} pipeline stages for model.num_hidden_layers="
@@ -454,84 +455,3 @@ def format_plan(plan: Plan) -> str:
     )
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- measurement
-class SavedTensorMeter:
-    """Bytes of the tensors autograd holds for backward, now and at their peak: what `layer_activation_bytes`
-    predicts, measured on a real step. Storages are counted once however many saved tensors view them, and
-    parameters (saved by every matmul) not at all."""
-
-    def __init__(self, parameters: list[torch.Tensor]) -> None:
-        self._parameters = set()
-        for p in parameters:
-            local = p.to_local() if hasattr(p, "to_local") else p
-            if local.device.type != "meta" and local.untyped_storage().size():
-                self._parameters.add(local.untyped_storage().data_ptr())
-        self._live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
-        self.current = 0
-        self.peak = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def __enter__(self) -> SavedTensorMeter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, tensor: torch.Tensor) -> object:
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
-            return tensor
-        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
-            return tensor  # a weight (FSDP's gathered ones included), not an activation
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        try:
-            pointer = local.untyped_storage().data_ptr()
-        except RuntimeError:  # a storage FSDP already freed
-            return tensor
-        if pointer in self._parameters or pointer == 0:
-            return tensor
-        entry = self._live.setdefault(pointer, [local.untyped_storage().nbytes(), 0])
-        if entry[1] == 0:
-            self.current += entry[0]
-            self.peak = max(self.peak, self.current)
-        entry[1] += 1
-        holder = _Held(tensor)
-        weakref.finalize(holder, self._release, pointer)
-        return holder
-
-    def _unpack(self, packed: object) -> torch.Tensor:
-        return packed.tensor if isinstance(packed, _Held) else packed
-
-    def _release(self, pointer: int) -> None:
-        entry = self._live.get(pointer)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self._live[pointer]
-
-
-class _Held:
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
-def measured_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """This rank's parameter, gradient and optimizer-moment bytes as allocated (local shards)."""
-
-    def local(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
-    grads = sum(local(p.grad).numel() * local(p.grad).element_size() for p in model.parameters() if p.grad is not None)
-    moments = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and value.dim():
-                moments += local(value).numel() * local(value).element_size()
-    return {"parameters": float(params), "gradients": float(grads), "optimizer": float(moments)}

@@ -135,10 +135,12 @@ def init_parallel(
         )
     stage_ranks = world // pipeline_degree
     if stage_ranks % expert_degree:
-        raise ParallelSetupError(
-            f"parallel.expert_degree={expert_degree} must divide the ranks of a pipeline stage {stage_ranks} "
-            "(world size / parallel.pipeline_degree)"
+        where = (
+            f"the world size {world}"
+            if pipeline_degree == 1
+            else f"the ranks of a pipeline stage {stage_ranks} (world size / parallel.pipeline_degree)"
         )
+        raise ParallelSetupError(f"parallel.expert_degree={expert_degree} must divide {where}")
     if num_experts is not None and num_experts % expert_degree:
         raise ParallelSetupError(
             f"parallel.expert_degree={expert_degree} must divide model.n_routed_experts={num_experts}"
