@@ -554,6 +554,8 @@ def _stage(command: str, base, out, overrides: list[str], ranks: int) -> list[di
 
 
 def test_sft_on_two_ranks_equals_one_process(tmp_path):
+    """Two ranks (experts split, everything else FSDP-sharded) read only their rows of the base model and take the
+    one-process steps."""
     from moelm.data.builtin import builtin_corpus
     from moelm.data.tokenizer import train_tokenizer
 
@@ -575,7 +577,8 @@ def test_sft_on_two_ranks_equals_one_process(tmp_path):
         "log.sample_tokens=0",
     ]
     one = _stage("sft", base, tmp_path / "one", overrides, ranks=1)
-    two = _stage("sft", base, tmp_path / "two", overrides, ranks=2)
+    # EP2 x FSDP: each rank reads its own experts' rows and its FSDP shard of every other tensor from the base.
+    two = _stage("sft", base, tmp_path / "two", [*overrides, "parallel.expert_degree=2"], ranks=2)
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
     assert_same_model(tmp_path / "one" / "model", tmp_path / "two" / "model")
 

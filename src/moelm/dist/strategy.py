@@ -63,6 +63,29 @@ class ParallelStrategy:
         seeded_init_(model, seed, model.config.initializer_range, self.local_rows)
         return model
 
+    @torch.no_grad()
+    def load_pretrained(self, model: MoELM, path: Path) -> MoELM:
+        """A model built on the meta device from the directory `path` (`MoELM.from_pretrained(..., device="meta")`),
+        laid out over the ranks, then given this rank's rows of each stored tensor, read one tensor at a time:
+        no rank holds the whole model (a pipeline rank does not even read other stages' tensors)."""
+        from moelm.model.hf import pretrained_tensors
+        from moelm.model.init import reset_buffers
+
+        tensors = pretrained_tensors(model, path, wanted=lambda name: name in held)  # whole shapes, before layout
+        self._lay_out(model)
+        model.to_empty(device=self.device)
+        reset_buffers(model)
+        held = dict(model.named_parameters()) | dict(model.named_buffers())
+        for name, whole in tensors:
+            target = held[name]
+            if isinstance(target, nn.Parameter):
+                place = self.local_rows(name, target)
+                rows = place.local.shape[0] if place.local.dim() else 0
+                place.local.copy_(whole[place.start : place.start + rows] if place.local.dim() else whole)
+            else:
+                target.copy_(whole)
+        return model
+
     def distribute(self, model: MoELM) -> MoELM:
         """A model with values (a loaded base model, a full-state checkpoint): moved, then laid out."""
         model.to(self.device)

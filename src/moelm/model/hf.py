@@ -322,6 +322,68 @@ def _moe_layers_as_stored(config: ModelConfig, reader: _TensorReader, path: Path
     return config.replace(moe_layer_freq=1)
 
 
+def open_pretrained(
+    model_cls: type[MoELM],
+    path: str | Path,
+    mtp: bool = True,
+    options: MoEOptions | None = None,
+) -> tuple[MoELM, _TensorReader, torch.dtype | None]:
+    """The directory's model built on the meta device (config and options resolved as for loading), its tensor
+    reader, and the dtype its tensors load in by default when that is not float32 (bf16 for FP8 checkpoints)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
+    config, legacy = ModelConfig.from_json_with_options(config_file)
+    if options is None and legacy:
+        options = options_from_legacy(legacy, str(config_file))
+    reader = tensor_reader(path)
+    first_mtp_key = f"model.layers.{config.num_hidden_layers}.eh_proj.weight"
+    if config.num_nextn_predict_layers and first_mtp_key not in reader:
+        # transformers saves num_mtp_layers=1 without MTP weights; the trunk is still complete.
+        warnings.warn(
+            f"{path}: config asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint has no "
+            f"{first_mtp_key!r}; loading without MTP",
+            stacklevel=4,
+        )
+        config = config.replace(num_nextn_predict_layers=0)
+    elif config.num_nextn_predict_layers and not mtp:
+        print(
+            f"note: skipping {config.num_nextn_predict_layers} MTP layer(s) of {path} (not used for inference)",
+            file=sys.stderr,
+        )
+        config = config.replace(num_nextn_predict_layers=0)
+    config = _moe_layers_as_stored(config, reader, path)
+    with torch.device("meta"):
+        model = model_cls(config, options)
+    return model, reader, (torch.bfloat16 if reader.fp8_block is not None else None)
+
+
+def pretrained_tensors(
+    model: MoELM, path: str | Path, wanted: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each of the model's tensors stored in `path` as float32, assembled from its HF parts one at a time, so a
+    caller that keeps only its rows of each never holds the whole model. Which parts make which tensor is fixed
+    from `model` now (its whole shapes; sharding it afterwards is fine); `wanted` skips names before they are read."""
+    meta_state = model.state_dict()
+    plan = [(name, parts, meta_state[name].shape) for name, parts in hf_tensor_plan(model)]
+    reader = tensor_reader(Path(path))
+    return (
+        (name, _assemble(name, parts, torch.empty(shape, dtype=torch.float32), reader))
+        for name, parts, shape in plan
+        if wanted(name)
+    )
+
+
+def tensor_reader(path: Path) -> _TensorReader:
+    """The directory's safetensors, read lazily (FP8 block scales applied)."""
+    try:
+        block = fp8.block_size(json.loads((path / "config.json").read_text()))
+    except fp8.FP8FormatError as error:
+        raise CheckpointError(f"{path / 'config.json'}: {error}") from None
+    return _TensorReader(_open_checkpoint(path), block)
+
+
 def load_pretrained(
     model_cls: type[MoELM],
     path: str | Path,
@@ -337,42 +399,16 @@ def load_pretrained(
     float32_norms keeps RMSNorm weights float32 whatever `dtype` is (llama.cpp's bf16 files keep them so; with a
     float32 residual stream, see MoELM.set_activation_dtype, a rounded norm weight is a systematic error).
     """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected an HF DeepseekV3 model directory)")
-    config, legacy = ModelConfig.from_json_with_options(config_file)
-    if options is None and legacy:
-        options = options_from_legacy(legacy, str(config_file))
-    try:
-        block = fp8.block_size(json.loads(config_file.read_text()))
-    except fp8.FP8FormatError as error:
-        raise CheckpointError(f"{config_file}: {error}") from None
-    reader = _TensorReader(_open_checkpoint(path), block)
-    first_mtp_key = f"model.layers.{config.num_hidden_layers}.eh_proj.weight"
-    if config.num_nextn_predict_layers and first_mtp_key not in reader:
-        # transformers saves num_mtp_layers=1 without MTP weights; the trunk is still complete.
-        warnings.warn(
-            f"{path}: config asks for {config.num_nextn_predict_layers} MTP layer(s) but the checkpoint has no "
-            f"{first_mtp_key!r}; loading without MTP",
-            stacklevel=3,
-        )
-        config = config.replace(num_nextn_predict_layers=0)
-    elif config.num_nextn_predict_layers and not mtp:
-        print(
-            f"note: skipping {config.num_nextn_predict_layers} MTP layer(s) of {path} (not used for inference)",
-            file=sys.stderr,
-        )
-        config = config.replace(num_nextn_predict_layers=0)
-    config = _moe_layers_as_stored(config, reader, path)
-    with torch.device("meta"):
-        model = model_cls(config, options)
-    dtype = dtype or (torch.bfloat16 if block is not None else torch.float32)  # FP8 checkpoints: bf16 default
+    model, reader, stored_dtype = open_pretrained(model_cls, path, mtp, options)
+    if torch.device(device).type == "meta":  # the shapes only: a parallel strategy fills each rank's rows
+        return model
+    config = model.config
+    dtype = dtype or stored_dtype or torch.float32
     state = {}
     meta_state = model.state_dict()
     for name, parts in hf_tensor_plan(model):
+        tensor = _assemble(name, parts, torch.empty(meta_state[name].shape, dtype=torch.float32), reader)
         target = meta_state[name]
-        tensor = _assemble(name, parts, torch.empty(target.shape, dtype=torch.float32), reader)
         keep_fp32 = name.endswith(("gate.weight", "e_score_correction_bias")) and ".mlp.gate." in name
         keep_fp32 = keep_fp32 or (float32_norms and "norm" in name.rsplit(".", 2)[-2] and target.dim() == 1)
         state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)

@@ -207,11 +207,15 @@ class SFTTrainer(Trainer):
     def chat_template(self) -> str:
         return load_chat_template(self.base_model)
 
-    def lora_base(self) -> Path:
+    def base_directory(self) -> Path:
         return Path(self.base_model)
 
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
-        model = MoELM.from_pretrained(self.base_model, dtype=torch.float32, options=self.recipe.moe)
+        # Under torchrun (without LoRA, which adapts a whole frozen base) the base is built on the meta device and
+        # the parallel strategy reads each rank's rows of it; one process loads it whole.
+        sliced = self.parallel.distributed and self.lora is None
+        device = "meta" if sliced else "cpu"
+        model = MoELM.from_pretrained(self.base_model, dtype=torch.float32, device=device, options=self.recipe.moe)
         if model.config.vocab_size < tokenizer.get_vocab_size():
             raise ConfigError(
                 f"base model vocab_size={model.config.vocab_size} is smaller than its tokenizer's "

@@ -393,17 +393,20 @@ class Trainer:
                 model = saved.train()
             else:
                 model.load_state_dict(saved.state_dict())
-        if model.embed_tokens.weight.is_meta:
-            return self.parallel.materialize(model, self.recipe.train.seed)
-        return self.parallel.distribute(model)
+        if not model.embed_tokens.weight.is_meta:
+            return self.parallel.distribute(model)
+        if self.base_directory() is not None:  # a base model built on meta: each rank reads its own rows of it
+            return self.parallel.load_pretrained(model, self.base_directory())
+        return self.parallel.materialize(model, self.recipe.train.seed)
 
-    def lora_base(self) -> Path | None:
-        """The base model directory LoRA adapters attach to; None where the trainer builds its own model."""
+    def base_directory(self) -> Path | None:
+        """The base model directory training starts from (LoRA adapters attach to it); None where the trainer
+        builds its own model."""
         return None
 
     def _attach_lora(self, latest: tuple[Path, dict[str, Any]] | None) -> None:
         """Freeze the base model and attach the recipe's adapters: fresh (seeded), or the checkpoint's."""
-        if self.lora_base() is None:
+        if self.base_directory() is None:
             raise ConfigError(
                 f"lora.rank={self.lora.rank}: LoRA adapts a base model (moelm sft, moelm grpo); pre-training trains "
                 "every weight (set lora.rank=0)"
@@ -614,7 +617,7 @@ class Trainer:
             return model
         if self.lora is not None:  # the adapters alone, in PEFT's format; the caller gets the merged model
             target = self.out_dir / ADAPTER_DIR
-            save_adapter(model, self.lora, target, self.lora_base())
+            save_adapter(model, self.lora, target, self.base_directory())
             merge_lora(model)
         else:
             target = self.out_dir / "model"
@@ -694,7 +697,7 @@ class Trainer:
             )
         else:
             state["optimizer"] = self.optimizer.state_dict()
-            adapter = (self.lora, self.lora_base()) if self.lora is not None else None
+            adapter = (self.lora, self.base_directory()) if self.lora is not None else None
             save_checkpoint(
                 self.out_dir, self.state.step, self.model, state, self.tokenizer_file, keep, texts, adapter=adapter
             )
