@@ -593,6 +593,7 @@ def test_grpo_on_two_ranks_samples_its_share_and_equals_one_process(tmp_path):
         "grpo.aggregation=dapo",
         "grpo.dynamic_sampling=true",
         "grpo.difficulty_sampling=true",
+        "grpo.beta=0.04",  # the frozen reference is sharded as the policy is
         "train.max_steps=3",
         "train.log_every=1",
         "train.eval_every=100",

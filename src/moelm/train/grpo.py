@@ -61,11 +61,13 @@ class GRPOTrainer(SFTTrainer):
         super().setup(resume, allow_recipe_change)
         self.reference = None
         if self.recipe.grpo.beta > 0:  # the frozen base model; none is held when beta is 0
-            self.reference = (
-                MoELM.from_pretrained(self.base_model, dtype=torch.float32, options=self.recipe.moe)
-                .eval()
-                .requires_grad_(False)
-            )
+            options = self.recipe.moe
+            if self.parallel.distributed:  # laid out as the policy is, each rank holding its rows only
+                reference = MoELM.from_pretrained(self.base_model, device="meta", options=options)
+                reference = self.parallel.load_pretrained(reference.requires_grad_(False), self.base_directory())
+            else:
+                reference = MoELM.from_pretrained(self.base_model, dtype=torch.float32, options=options)
+            self.reference = reference.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ rollouts
     def prompt_text(self, prompt: Prompt) -> str:
