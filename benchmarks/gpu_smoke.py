@@ -1,4 +1,5 @@
-"""One run for a lent GPU: parity with the CPU, a few training steps, decode speed, MoE-layer share of bf16 peak.
+"""One run for a lent GPU: parity with the CPU, a few training steps, decode speed, MoE-layer share of bf16 peak,
+and a 2-rank torchrun pre-training run (EP2 x FSDP, NCCL) where the machine has two GPUs.
 
 Prints one line per check on stderr and one JSON object last. `--device cpu` runs the same script on the CPU
 (parity is then CPU against itself), which is how it is kept working on machines without a GPU.
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -96,7 +101,38 @@ def main() -> None:
     results["gemm_peak_tflops"] = round(peak / 1e12, 3)
     results["moe_layer_share_of_peak"] = round(flops / moe_seconds / peak, 3)
     print(f"MoE layer: {results['moe_layer_share_of_peak']:.0%} of the measured {dtype} GEMM peak", file=sys.stderr)
+    results.update(two_rank_run(device))
     print(json.dumps(results))
+
+
+def two_rank_run(device: torch.device) -> dict[str, float | str]:
+    """`moelm pretrain` on 2 ranks (EP2 x FSDP, bf16 on CUDA) for a few steps: NCCL's collectives and the
+    expert all-to-all on real devices. On the CPU, gloo with one thread per rank, its twin."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        print("2-rank run: skipped (one GPU)", file=sys.stderr)
+        return {"two_rank": "skipped: one GPU"}
+    settings = ["model.preset=tiny", "train.max_steps=4", "train.batch_size=8", "data.seq_len=128"]
+    settings += ["data.builtin_records=600", "data.vocab_size=512", "train.log_every=1", "train.eval_every=1000"]
+    settings += ["log.progress=false", "log.sample_tokens=0", "parallel.expert_degree=2"]
+    settings += [f"train.device={device.type}", f"train.dtype={'bfloat16' if device.type == 'cuda' else 'float32'}"]
+    with tempfile.TemporaryDirectory() as root:
+        out = Path(root) / "run"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        command += ["-m", "moelm", "pretrain", "--out", str(out)]
+        for item in settings:
+            command += ["--set", item]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"2-rank run: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+            return {"two_rank": "failed"}
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_s = records[-1]["tokens_per_s"]
+    print(
+        f"2-rank EP2 run: {tokens_per_s} tok/s, loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}",
+        file=sys.stderr,
+    )
+    return {"two_rank": "ok", "two_rank_tok_s": tokens_per_s, "two_rank_loss_last": records[-1]["loss"]}
 
 
 if __name__ == "__main__":
