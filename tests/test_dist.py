@@ -280,6 +280,7 @@ def pipeline_single(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # ~60 s: three runs; the PP parity tests above cover the step
 def test_a_pipelined_run_checkpoints_and_resumes_across_layouts(pipeline_single, tmp_path):
     """`moelm train` on 2 pipeline stages logs the one-process losses and exports the one-process model; its
     step-2 sharded checkpoint (each stage wrote its own blocks) resumes in one process, and a one-process

@@ -217,6 +217,7 @@ def _wait_for_metrics(out: Path, process: subprocess.Popen, timeout: float = 180
     raise AssertionError("the run never logged a step")
 
 
+@pytest.mark.slow  # ~60 s; test_train.py's SIGKILL resume covers bitwise resumption in the default suite
 def test_sigterm_saves_a_checkpoint_and_resume_is_bitwise_identical(tmp_path):
     steps = 30
     env = reproducible_env()
