@@ -149,6 +149,43 @@ class ParallelStrategy:
 
         return token_share(self.context)
 
+    def accumulate(
+        self,
+        micro_batches: list[tuple[dict[str, torch.Tensor], dict[str, float]]],
+        loss_of: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], Any]],
+        autocast: contextlib.AbstractContextManager,
+        observe: Callable[[Any], None],
+    ) -> tuple[dict[str, float], float, Any]:
+        """Forward and backward of a step's micro-batches (each this rank's rows), gradients accumulated as the
+        mean over them: one by one through `loss_of`, or all at once through the pipeline schedule, whose last
+        stage computes the LM loss. `observe` sees each micro-batch's routing. Returns the metrics averaged over
+        the micro-batches, the step's token count and the last routing."""
+        totals: dict[str, float] = {}
+        tokens, routing, count = 0.0, {}, len(micro_batches)
+
+        def add(values: dict[str, float]) -> None:
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + value / count
+
+        routings = None
+        if self.pipeline is not None:
+            with autocast:
+                record = self.pipeline.step([self.local_batch(inputs) for inputs, _ in micro_batches], self.token_weight())
+            totals, routings = dict(record.values), record.routings
+        for index, (inputs, batch_metrics) in enumerate(micro_batches):
+            batch_metrics = dict(batch_metrics)
+            tokens += batch_metrics.pop("tokens")
+            if routings is None:
+                with autocast:
+                    loss, loss_metrics, routing = loss_of(self.local_batch(inputs))  # rows cut before they travel
+                (loss / count).backward()
+                add(loss_metrics)
+            else:
+                routing = routings[index]
+            observe(routing)
+            add(batch_metrics)
+        return totals, tokens, routing
+
     def reduce_gradients(self, model: nn.Module) -> None:
         """Gradients as one process would have them: plain data parallelism all-reduces here; FSDP reduce-scattered
         them in the backward (expert gradients get their last factor here)."""

@@ -13,6 +13,7 @@ weights as one that never stopped.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -497,45 +498,19 @@ class Trainer:
         lr = learning_rate(state.step, recipe)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals: dict[str, float] = {}
-        tokens = 0.0
         autocast = torch.autocast(
             self.context.device.type,
             dtype=torch.bfloat16,
             enabled=recipe.train.dtype == "bfloat16",
         )
-        routing: dict = {}
         self.begin_step(micro_batches)
         token_weight = self.parallel.token_weight()
         if "token_weight" not in inspect.signature(loss_fn).parameters:
-            token_weight = None
-        if self.parallel.pipeline is not None:  # the schedule runs every micro-batch through the stages
-            local = [self.parallel.local_batch(inputs) for inputs, _ in micro_batches]
-            with autocast:
-                record = self.parallel.pipeline.step(local, self.parallel.token_weight())
-            totals = dict(record.values)
-            for index, (_, batch_metrics) in enumerate(micro_batches):
-                batch_metrics = dict(batch_metrics)
-                tokens += batch_metrics.pop("tokens")
-                for name, value in batch_metrics.items():
-                    totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
-                routing = record.routings[index]
-                if self.balancer is not None:
-                    self.balancer.observe(routing)
-        for inputs, batch_metrics in micro_batches if self.parallel.pipeline is None else ():
-            batch_metrics = dict(batch_metrics)
-            tokens += batch_metrics.pop("tokens")
-            inputs = self.parallel.local_batch(inputs)  # this rank's rows, cut before they travel to the device
-            with autocast:
-                if token_weight is not None:
-                    loss, loss_metrics, routing = loss_fn(self.forward, inputs, token_weight)
-                else:
-                    loss, loss_metrics, routing = loss_fn(self.forward, inputs)
-            (loss / len(micro_batches)).backward()
-            if self.balancer is not None:
-                self.balancer.observe(routing)
-            for name, value in {**loss_metrics, **batch_metrics}.items():
-                totals[name] = totals.get(name, 0.0) + value / len(micro_batches)
+            loss_of = functools.partial(loss_fn, self.forward)
+        else:
+            loss_of = functools.partial(loss_fn, self.forward, token_weight=token_weight)
+        observe = self.balancer.observe if self.balancer is not None else lambda routing: None
+        totals, tokens, routing = self.parallel.accumulate(micro_batches, loss_of, autocast, observe)
         totals = self.parallel.reduce_metrics(totals)
         self.parallel.reduce_gradients(self.model)
         grad_norm = self.parallel.clip_grad_norm(self.model, recipe.optim.grad_clip)
