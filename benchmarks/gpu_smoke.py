@@ -101,8 +101,37 @@ def main() -> None:
     results["gemm_peak_tflops"] = round(peak / 1e12, 3)
     results["moe_layer_share_of_peak"] = round(flops / moe_seconds / peak, 3)
     print(f"MoE layer: {results['moe_layer_share_of_peak']:.0%} of the measured {dtype} GEMM peak", file=sys.stderr)
+    results.update(flex_against_sdpa(config, device))
     results.update(two_rank_run(device))
     print(json.dumps(results))
+
+
+def flex_against_sdpa(config, device: torch.device) -> dict[str, float | str]:  # noqa: ANN001
+    """A packed batch's training step with flex_attention's document mask against SDPA's boolean mask: loss and
+    gradient difference, and step times (flex has no CPU backward in torch 2.13: skipped there)."""
+    if device.type != "cuda":
+        print("flex vs SDPA: skipped (no CPU backward)", file=sys.stderr)
+        return {"flex": "skipped: CPU"}
+    torch.manual_seed(0)
+    model = MoELM(config).to(device).train()
+    ids = torch.randint(0, config.vocab_size, (4, 1024), device=device)
+    documents = (torch.arange(1024, device=device) // 256).expand(4, -1)  # four 256-token documents per row
+    positions = (torch.arange(1024, device=device) % 256).expand(4, -1)
+    grads, times = {}, {}
+    for kernel in ("sdpa", "flex"):
+        model.attention_kernel = kernel
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids, position_ids=positions, document_ids=documents).loss.backward()
+
+        times[kernel] = timed(step, device)
+        grads[kernel] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    diff = ((grads["flex"] - grads["sdpa"]).norm() / grads["sdpa"].norm()).item()
+    print(
+        f"flex vs SDPA: grad rel diff {diff:.2e}, step {times['flex']:.4f} s vs {times['sdpa']:.4f} s", file=sys.stderr
+    )
+    return {"flex_grad_rel_diff": diff, "flex_step_s": times["flex"], "sdpa_step_s": times["sdpa"]}
 
 
 def two_rank_run(device: torch.device) -> dict[str, float | str]:

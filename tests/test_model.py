@@ -163,3 +163,40 @@ def test_linear_for_a_few_rows_matches_the_float64_product(rows, bias):
     with torch.no_grad():  # bf16 takes the same path after its upcast
         low = linear(x.bfloat16(), weight.bfloat16(), None if b is None else b.bfloat16())
     torch.testing.assert_close(low.double(), expected, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_flex_attention_document_mask_equals_the_sdpa_mask(attention):
+    """Packed documents through flex_attention's block mask give SDPA's logits and LM + MTP loss (forward: torch
+    2.13's flex_attention has no CPU backward, so CPU training keeps SDPA; see the next test)."""
+    torch.manual_seed(0)
+    extra = {"num_key_value_heads": 2} if attention == "gqa" else {}
+    model = MoELM(tiny_config(attention=attention, num_nextn_predict_layers=1, **extra)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    documents = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7, [0] * 40])
+    positions = torch.cat([torch.arange(13), torch.arange(20), torch.arange(7)]).expand(1, -1)
+    positions = torch.cat([positions, torch.arange(40)[None]])
+    outputs = {}
+    with torch.no_grad():
+        for kernel in ("sdpa", "flex"):
+            model.attention_kernel = kernel
+            outputs[kernel] = model(ids, labels=ids, position_ids=positions, document_ids=documents)
+    sdpa, flex = outputs["sdpa"], outputs["flex"]
+    assert torch.allclose(flex.logits, sdpa.logits, atol=1e-5)
+    assert float(flex.loss) == pytest.approx(float(sdpa.loss), rel=1e-6)
+    assert float(flex.mtp_loss) == pytest.approx(float(sdpa.mtp_loss), rel=1e-6)
+    model.attention_kernel = "sdpa"
+    with torch.no_grad():  # the mask matters: one document over the whole row is another answer
+        whole = model(ids, position_ids=positions, document_ids=torch.zeros_like(documents)).logits
+    assert not torch.allclose(whole, sdpa.logits, atol=1e-3)
+
+
+def test_train_attention_picks_flex_on_cuda_and_refuses_it_where_it_has_no_backward():
+    from moelm.config import ConfigError
+    from moelm.train.trainer import attention_kernel
+
+    assert attention_kernel("auto", torch.device("cpu")) == "sdpa"
+    assert attention_kernel("auto", torch.device("cuda", 0)) == "flex"
+    assert attention_kernel("sdpa", torch.device("cuda", 0)) == "sdpa"
+    with pytest.raises(ConfigError, match="train.attention=flex needs a CUDA device"):
+        attention_kernel("flex", torch.device("cpu"))

@@ -31,7 +31,7 @@ from moelm.config import ConfigError
 from moelm.constants import IGNORE_INDEX
 from moelm.dist.runtime import ParallelContext
 from moelm.model.router import Routing
-from moelm.model.transformer import MoELM, build_attention_mask, causal_lm_loss, same_document
+from moelm.model.transformer import MoELM, causal_lm_loss, document_mask
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "dualpipev")
 
@@ -114,6 +114,7 @@ class PipelineStageModule(nn.Module):
         self.norm = model.norm if self.is_last else None
         self.lm_head = model.lm_head if self.is_last else None
         self.rotary = model.rotary
+        self.attention_kernel = model.attention_kernel
         self.num_moe_layers = max(num_moe_layers, 1)
         self.routings: list[dict[int, Routing]] = []  # per training micro-batch, in the order they ran
         self.balance_values: list[dict[str, float]] = []
@@ -122,8 +123,7 @@ class PipelineStageModule(nn.Module):
         self, x: torch.Tensor, position_ids: torch.Tensor, document_ids: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden = self.embed_tokens(x) if self.is_first else x
-        seq_len = hidden.shape[1]
-        mask = build_attention_mask(same_document(document_ids), seq_len, hidden.device)
+        mask = document_mask(document_ids, self.attention_kernel)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         routing: dict[int, Routing] = {}
         for block in self.layers:

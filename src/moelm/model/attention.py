@@ -1,10 +1,14 @@
 """Attention: Multi-head Latent Attention (DeepSeek-V2/V3) and grouped-query attention as the cheap option.
 
 Both take hidden states [B, T, H], cos/sin for the positions, and an optional boolean mask [B, 1, T, T]
-(True = may attend). Without a mask they use the causal fast path of `scaled_dot_product_attention`.
+(True = may attend), or a `DocumentMask` (packed documents, run by flex_attention's block-sparse kernel, which
+skips the blocks no query of a document sees). Without a mask they use the causal fast path of
+`scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +20,53 @@ from moelm.model.kernels.cpu import weight_product
 from moelm.model.layers import Linear, RMSNorm, apply_rope, softmax_scale
 
 
+class DocumentMask:
+    """Causal attention inside each packed document, for flex_attention: the document ids per position and the
+    BlockMask built from them, once per length and shared by every layer of a forward (MTP layers see a prefix).
+    torch 2.13's flex_attention has no CPU backward, so training selects it on CUDA only (train.attention)."""
+
+    def __init__(self, document_ids_BT: torch.Tensor) -> None:
+        self.document_ids = document_ids_BT
+        self._blocks: dict[int, object] = {}
+
+    def prefix(self, length: int) -> DocumentMask:
+        """The mask of the first `length` positions (queries and keys)."""
+        if length == self.document_ids.shape[1]:
+            return self
+        return DocumentMask(self.document_ids[:, :length])
+
+    def block_mask(self):  # noqa: ANN201 - torch's BlockMask
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batch, length = self.document_ids.shape
+        if length not in self._blocks:
+            ids = self.document_ids
+
+            def same_document_causal(b, h, q, kv):  # noqa: ANN001, ANN202 - flex's mask_mod signature
+                return (q >= kv) & (ids[b, q] == ids[b, kv])
+
+            # Compiled on CUDA (as torchtitan builds it): the eager builder materialises the whole [B, T, T] mask.
+            self._blocks[length] = create_block_mask(
+                same_document_causal, batch, None, length, length, device=ids.device, _compile=ids.is_cuda
+            )
+        return self._blocks[length]
+
+
+@functools.cache
+def _flex_attention(compiled: bool):  # noqa: ANN202 - flex_attention, compiled or not
+    """flex_attention compiled into its fused kernel (on CUDA; eager it materialises every score), or the eager
+    reference (the CPU forward the tests compare against SDPA)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
 def attend(
-    q_BNTd: torch.Tensor, k_BnTd: torch.Tensor, v_BnTe: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q_BNTd: torch.Tensor,
+    k_BnTd: torch.Tensor,
+    v_BnTe: torch.Tensor,
+    mask: torch.Tensor | DocumentMask | None,
+    scale: float,
 ) -> torch.Tensor:
     """Scaled dot-product attention, causal when no explicit mask is given.
 
@@ -25,6 +74,11 @@ def attend(
     widths, so values are zero-padded and the padding sliced off: several times faster on CPU than the unfused
     math path that mismatched widths fall back to (benchmarks/probes/attention_padding.py).
     """
+    if isinstance(mask, DocumentMask):  # flex_attention takes a narrower value width as it is
+        grouped = k_BnTd.shape[1] != q_BNTd.shape[1]
+        return _flex_attention(q_BNTd.is_cuda)(
+            q_BNTd, k_BnTd, v_BnTe, block_mask=mask.block_mask(), scale=scale, enable_gqa=grouped
+        )
     value_dim = v_BnTe.shape[-1]
     if value_dim != q_BNTd.shape[-1]:
         v_BnTe = F.pad(v_BnTe, (0, q_BNTd.shape[-1] - value_dim))

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moelm.config import ConfigError, ModelConfig, MoEOptions
 from moelm.constants import IGNORE_INDEX
-from moelm.model.attention import build_attention
+from moelm.model.attention import DocumentMask, build_attention
 from moelm.model.cache import KVCache
 from moelm.model.experts import RoutedExperts
 from moelm.model.hf import load_pretrained, save_pretrained
@@ -153,6 +153,9 @@ class MoELM(nn.Module):
         self.rotary = RotaryEmbedding(config, rope_dim)
         # The residual stream's dtype when it differs from the weights' (set_activation_dtype); None: the same.
         self.activation_dtype: torch.dtype | None = None
+        # How packed documents are masked: "sdpa" (a boolean [B, 1, T, T] mask) or "flex" (flex_attention's
+        # block mask; see DocumentMask). A run setting (train.attention), never saved.
+        self.attention_kernel = "sdpa"
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
@@ -229,7 +232,7 @@ class MoELM(nn.Module):
             needs_mask = not all_valid or (start > 0 and seq_len > 1)
             mask = cache.attention_mask(start, seq_len) if needs_mask else None
         elif document_ids is not None:
-            mask = build_attention_mask(same_document(document_ids), seq_len, input_ids.device)
+            mask = document_mask(document_ids, self.attention_kernel)
         else:
             mask = build_attention_mask(attention_mask, seq_len, input_ids.device)
         if position_ids is None:
@@ -311,7 +314,10 @@ class MoELM(nn.Module):
                 break
             next_embeds = self.embed(input_ids[:, depth:])
             cos, sin = self.rotary(position_ids[:, :keep], hidden.dtype)
-            sub_mask = None if mask is None else mask[..., :keep, :keep]
+            if isinstance(mask, DocumentMask):
+                sub_mask = mask.prefix(keep)
+            else:
+                sub_mask = None if mask is None else mask[..., :keep, :keep]
             sub_tokens = None if token_mask is None else token_mask[:, :keep]
             hidden, layer_routing = module(next_embeds, hidden[:, :keep], cos, sin, sub_mask, sub_tokens)
             if layer_routing is not None:
@@ -425,6 +431,14 @@ class MoELM(nn.Module):
         the 'moelm' config key; quantization="fp8" writes DeepSeek's block-scaled FP8 projection weights.
         """
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, strict_hf=strict_hf, quantization=quantization)
+
+
+def document_mask(document_ids: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor | DocumentMask:
+    """Causal attention inside each packed document: a boolean [B, 1, T, T] mask for SDPA, or a DocumentMask
+    for flex_attention; built on the ids' device either way."""
+    if kernel == "flex":
+        return DocumentMask(document_ids)
+    return build_attention_mask(same_document(document_ids), document_ids.shape[1], document_ids.device)
 
 
 def same_document(document_ids: torch.Tensor) -> torch.Tensor:

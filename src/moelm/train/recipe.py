@@ -90,6 +90,9 @@ class TrainSection:
     dtype: str = setting("float32", check=one_of("float32", "bfloat16"))  # bf16 autocast; weights stay float32
     device: str = setting("auto", check=DEVICE)  # auto (CUDA when available); under torchrun cuda:LOCAL_RANK
     compile: bool = False  # torch.compile the model for training
+    # Packed documents' mask: auto = flex_attention on CUDA, SDPA with a boolean mask elsewhere (flex has no CPU
+    # backward in torch 2.13); sdpa or flex force one.
+    attention: str = setting("auto", check=one_of("auto", "sdpa", "flex"))
     reuse_freed_memory: bool = True  # glibc: keep freed step buffers for reuse (moelm.train.allocator)
 
 

@@ -100,6 +100,18 @@ def remove_run_files(out_dir: Path, names: Sequence[str]) -> None:
             path.unlink()
 
 
+def attention_kernel(setting: str, device: torch.device) -> str:
+    """train.attention resolved for the training device: flex_attention where it has a backward (CUDA)."""
+    if setting == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if setting == "flex" and device.type != "cuda":
+        raise ConfigError(
+            f"train.attention=flex needs a CUDA device (torch {torch.__version__.split('+')[0]}'s flex_attention has "
+            f"no backward on {device.type}); use train.attention=sdpa or auto"
+        )
+    return setting
+
+
 def learning_rate(step: int, recipe: Recipe) -> float:
     """Warmup to optim.lr, then cosine to lr * min_lr_ratio, or WSD: stable, then a linear decay."""
     optim, total = recipe.optim, recipe.train.max_steps
@@ -384,6 +396,7 @@ class Trainer:
         otherwise the loaded model (a base, or an older full-state checkpoint) distributed. A sharded
         checkpoint's values are read later, with the optimizer's (`_resume`)."""
         model = self.build_model(self.tokenizer).train()
+        model.attention_kernel = attention_kernel(self.recipe.train.attention, self.context.device)
         self.flops_per_token = flops_per_token(model, self.recipe.data.seq_len)  # the whole model's, before layout
         if self.lora is not None:
             self.model = model
