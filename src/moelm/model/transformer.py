@@ -401,7 +401,9 @@ class MoELM(nn.Module):
         pickles; mtp=False skips the MTP layers (inference does not run them). `options` are the run settings
         (default: MoEOptions(), or those an older moelm stored in the directory's config.json, with a note);
         float32_norms keeps norm weights float32 under a half-precision `dtype` (see set_activation_dtype).
-        A PEFT LoRA directory (adapter_config.json) loads its base model with the adapters merged in."""
+        A PEFT LoRA directory (adapter_config.json) loads its base model with the adapters merged in.
+        device="meta" builds the model without reading a tensor: a parallel strategy then reads each rank's rows
+        (ParallelStrategy.load_pretrained)."""
         if is_adapter_dir(path):
             model = load_pretrained(
                 cls,
