@@ -192,3 +192,19 @@ def test_streamed_packing_to_disk_equals_the_plain_definition(tmp_path):
     np.testing.assert_array_equal(tokens, expected_tokens)
     np.testing.assert_array_equal(docs, expected_docs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy", "t.npy"]  # no raw files left behind
+
+
+def test_split_digits_tokenizer_never_merges_two_digits_and_round_trips():
+    docs = [record.text for record in builtin_corpus(300, seed=1)]
+    plain = train_tokenizer(docs, 600)
+    split = train_tokenizer(docs, 600, split_digits=True)
+
+    def multi_digit(tokenizer) -> list[str]:  # noqa: ANN001
+        return [t for t in tokenizer.get_vocab() if sum(c.isdigit() for c in t) > 1]
+
+    assert multi_digit(plain)  # the corpus's numbers do get merged without the split
+    assert not multi_digit(split)
+    text = "What is 347 + 28? The answer is 375."
+    assert split.decode(split.encode(text).ids) == text
+    digits = [t for t in split.encode(text).tokens if any(c.isdigit() for c in t)]
+    assert digits == ["3", "4", "7", "2", "8", "3", "7", "5"]

@@ -35,12 +35,19 @@ SPECIAL_TOKENS = (
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
-    """Byte-level BPE trained on `texts`; special tokens get the first ids (BOS 0, EOS 1, PAD 2)."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2, split_digits: bool = False
+) -> Tokenizer:
+    """Byte-level BPE trained on `texts`; special tokens get the first ids (BOS 0, EOS 1, PAD 2). split_digits
+    makes every digit its own pre-token first, so no merge ever joins two digits."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"invalid vocab_size={vocab_size}: must be at least {MIN_VOCAB_SIZE} (bytes + specials)")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -153,7 +153,7 @@ def _write_vocabulary(writer, model_dir: Path, config) -> None:  # noqa: ANN001 
     if bpe.get("type") != "BPE" or not _is_gpt2_byte_level(spec.get("pre_tokenizer")):
         raise CheckpointError(
             f"{model_dir}/tokenizer.json: cannot be written as GGUF: only byte-level BPE with the GPT-2 split "
-            "(what moelm trains) is supported"
+            "(what moelm trains unless data.split_digits) is supported"
         )
     by_id = {index: token for token, index in bpe["vocab"].items()}
     specials = {entry["id"]: entry for entry in spec.get("added_tokens", [])}

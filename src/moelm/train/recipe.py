@@ -60,6 +60,9 @@ class DataSection:
     seq_len: int = setting(256, check=at_least(2, "an integer >= 2"))
     val_fraction: float = setting(0.05, check=UNIT_OPEN_HIGH)
     fim_rate: float = setting(0.0, check=UNIT)  # share of documents rewritten fill-in-the-middle; DeepSeek uses 0.1
+    # Each digit its own pre-token before BPE (LLaMA's choice): numbers become digit sequences, so arithmetic is
+    # learned per digit instead of per memorised multi-digit token.
+    split_digits: bool = False
 
 
 @dataclass

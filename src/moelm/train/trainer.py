@@ -237,7 +237,7 @@ class Trainer:
             tokenizer = load_tokenizer_file(data.tokenizer)
         else:
             docs = iter_documents(data.source, data.text_field, data.builtin_records, self.recipe.train.seed)
-            tokenizer = train_tokenizer(docs, vocab_size=data.vocab_size)
+            tokenizer = train_tokenizer(docs, vocab_size=data.vocab_size, split_digits=data.split_digits)
             got = tokenizer.get_vocab_size()
             if got < data.vocab_size:
                 self.echo(
