@@ -208,3 +208,15 @@ def test_split_digits_tokenizer_never_merges_two_digits_and_round_trips():
     assert split.decode(split.encode(text).ids) == text
     digits = [t for t in split.encode(text).tokens if any(c.isdigit() for c in t)]
     assert digits == ["3", "4", "7", "2", "8", "3", "7", "5"]
+
+
+def test_the_recipe_key_split_digits_reaches_the_trained_tokenizer(tmp_path):
+    from moelm.train.recipe import load_recipe
+    from moelm.train.trainer import Trainer
+
+    def vocabulary(split: str) -> dict:
+        recipe = load_recipe(None, ["data.builtin_records=300", "data.vocab_size=600", f"data.split_digits={split}"])
+        return Trainer(recipe, tmp_path / split, echo=lambda line: None).prepare_tokenizer().get_vocab()
+
+    assert any(sum(c.isdigit() for c in token) > 1 for token in vocabulary("false"))
+    assert not any(sum(c.isdigit() for c in token) > 1 for token in vocabulary("true"))

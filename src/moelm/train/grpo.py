@@ -26,6 +26,7 @@ from moelm.infer.generate import left_pad, stream
 from moelm.infer.prefix_cache import PrefixCache
 from moelm.infer.sampling import SamplingParams
 from moelm.model.lora import lora_merged
+from moelm.model.peft_format import is_adapter_dir
 from moelm.model.replay import drift, moe_layers, replay_routing, routed_experts
 from moelm.model.transformer import MoELM
 from moelm.train.grpo_loss import clip_fractions, grpo_loss, k3_kl
@@ -62,7 +63,7 @@ class GRPOTrainer(SFTTrainer):
         self.reference = None
         if self.recipe.grpo.beta > 0:  # the frozen base model; none is held when beta is 0
             options = self.recipe.moe
-            if self.parallel.distributed:  # laid out as the policy is, each rank holding its rows only
+            if self.parallel.distributed and not is_adapter_dir(self.base_model):  # laid out as the policy is
                 reference = MoELM.from_pretrained(self.base_model, device="meta", options=options)
                 reference = self.parallel.load_pretrained(reference.requires_grad_(False), self.base_directory())
             else:

@@ -25,6 +25,7 @@ from moelm.data.sft import SFTExample, length_difficulty, load_source
 from moelm.data.sources import DataError
 from moelm.data.tokenizer import EOS, PAD, load_tokenizer_file, save_tokenizer_file, special_id
 from moelm.eval.exact_match import chat_exact_match
+from moelm.model.peft_format import is_adapter_dir
 from moelm.model.transformer import MoELM
 from moelm.train.curriculum import CurriculumSampler
 from moelm.train.trainer import Trainer
@@ -213,7 +214,8 @@ class SFTTrainer(Trainer):
     def build_model(self, tokenizer) -> MoELM:  # noqa: ANN001
         # Under torchrun (without LoRA, which adapts a whole frozen base) the base is built on the meta device and
         # the parallel strategy reads each rank's rows of it; one process loads it whole.
-        sliced = self.parallel.distributed and self.lora is None
+        # A PEFT adapter directory as the base loads whole: its weights are the base's with the adapters merged.
+        sliced = self.parallel.distributed and self.lora is None and not is_adapter_dir(self.base_model)
         device = "meta" if sliced else "cpu"
         model = MoELM.from_pretrained(self.base_model, dtype=torch.float32, device=device, options=self.recipe.moe)
         if model.config.vocab_size < tokenizer.get_vocab_size():
